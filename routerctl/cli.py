@@ -1,0 +1,269 @@
+"""routerctl: manage a running routerd over its control socket.
+
+Owns argument parsing, the JSON-RPC client (blocking, one connection per command), and human
+output (tables, details) or ``--json``. Exit codes: 0 ok, 1 the daemon reported an error, 2 usage
+error, 3 the daemon is not reachable. It imports nothing from the daemon but the socket default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from routerd.control import default_socket_path
+
+EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+class Unreachable(Exception):
+    pass
+
+
+class DaemonError(Exception):
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error.get("message", "error"))
+        self.error = error
+
+
+class Client:
+    """A JSON-RPC 2.0 client over one Unix-socket connection (line-delimited)."""
+
+    def __init__(self, path: str, timeout: float | None = 30.0) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(path)
+        except OSError as exc:
+            self._sock.close()
+            raise Unreachable(f"cannot reach routerd at {path}: {exc.strerror or exc}. "
+                              "Is it running? Start it with `routerd serve` (or `systemctl start routerd`), "
+                              "or point at its socket with --socket / $ROUTERD_SOCKET.") from None
+        self._file = self._sock.makefile("rb")
+        self._next_id = 1
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def call(self, method: str, params: dict[str, Any] | None = None,
+             on_notification: Callable[[dict[str, Any]], None] | None = None) -> Any:
+        request_id = self._next_id
+        self._next_id += 1
+        message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
+        self._sock.sendall(json.dumps(message).encode() + b"\n")
+        for reply in self._replies():
+            if "id" not in reply and "method" in reply:
+                if on_notification:
+                    on_notification(reply)
+                continue
+            if "error" in reply:
+                raise DaemonError(reply["error"])
+            return reply.get("result")
+        raise Unreachable(f"routerd at {self.path} closed the connection without answering")
+
+    def _replies(self) -> Iterator[dict[str, Any]]:
+        for line in self._file:
+            if line.strip():
+                yield json.loads(line)
+
+
+# -- output -------------------------------------------------------------------------------
+def _ago(timestamp: float | None) -> str:
+    if not timestamp:
+        return "-"
+    seconds = max(0, time.time() - timestamp)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _size(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    for unit in ("GiB", "MiB", "KiB"):
+        scale = {"GiB": 1 << 30, "MiB": 1 << 20, "KiB": 1 << 10}[unit]
+        if abs(value) >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value} B"
+
+
+def _memory_cell(memory: dict[str, Any] | None) -> str:
+    if not memory:
+        return "-"
+    measured = memory.get("measured") or {}
+    estimate = memory.get("estimate") or {}
+    if measured:
+        return "+".join(_size(v) for v in measured.values())
+    return "~" + "+".join(_size(v) for v in estimate.values()) if estimate else "-"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def print_status(result: dict[str, Any]) -> None:
+    print(f"routerd {result['version']}  pid {result['pid']}  up {result['uptime']:.0f}s  "
+          f"listening {', '.join(result['listen'])}")
+    print(f"config {result['config'] or '(defaults)'}  socket {result['socket']}  {result['summary']}\n")
+    rows = []
+    for m in result["models"]:
+        ttl = m.get("idle_ttl_left")
+        rows.append([m["name"], m["state"] + ("" if m["available"] else " (missing)"), str(m["pid"] or "-"),
+                     str(m["port"] or "-"), m["group"] or "-", str(m["in_flight"]), str(m["queued"]),
+                     _ago(m["last_used"]), f"{ttl:.0f}s" if ttl is not None else "-", _memory_cell(m.get("memory")),
+                     (m.get("last_error") or "")[:60]])
+    print(table(rows, ["MODEL", "STATE", "PID", "PORT", "GROUP", "INFLIGHT", "QUEUED", "LAST USED", "TTL LEFT",
+                       "MEMORY", "LAST ERROR"]))
+
+
+def print_details(model: dict[str, Any]) -> None:
+    for key, value in model.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for sub, subvalue in value.items():
+                shown = {k: _size(v) for k, v in subvalue.items()} if isinstance(subvalue, dict) else subvalue
+                print(f"  {sub}: {shown}")
+        else:
+            print(f"{key}: {value if value not in (None, '', []) else '-'}")
+
+
+def print_models(result: dict[str, Any]) -> None:
+    rows = []
+    for m in result["models"]:
+        meta = m.get("metadata") or {}
+        rows.append([m["name"], ", ".join(m["aliases"]) or "-", m["source"], m["state"],
+                     meta.get("architecture", "-"), meta.get("size_label") or "-", meta.get("quantization") or "-",
+                     str(meta.get("context_length") or "-"), _size(meta.get("file_size"))])
+    print(table(rows, ["MODEL", "ALIASES", "SOURCE", "STATE", "ARCH", "SIZE", "QUANT", "CONTEXT", "FILE"]))
+
+
+def print_memory(result: dict[str, Any]) -> None:
+    rows = [[d["device"], _size(d["total"]), _size(d["budget"]), _size(d["used"]), _size(d["free"]),
+             _size(d["free_now"])] for d in result["devices"]]
+    print(table(rows, ["DEVICE", "TOTAL", "BUDGET", "USED", "FREE", "FREE NOW (SYSTEM)"]))
+    print()
+    rows = []
+    for m in result["models"]:
+        estimate = m.get("estimate") or {}
+        measured = m.get("measured") or {}
+        rows.append([m["model"], m["state"], m["device"], "+".join(_size(v) for v in estimate.values()) or "-",
+                     "+".join(_size(v) for v in measured.values()) or "-",
+                     "yes" if m["fits_now"] else "no", "yes" if m["fits_after_eviction"] else "no"])
+    print(table(rows, ["MODEL", "STATE", "DEVICE", "ESTIMATE", "MEASURED", "FITS NOW", "FITS AFTER EVICTION"]))
+
+
+def print_reload(result: dict[str, Any]) -> None:
+    for key in ("added", "removed", "changed", "restarted", "stopped", "kept"):
+        if key in result:
+            print(f"{key}: {', '.join(result[key]) or '-'}")
+
+
+# -- commands -----------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="routerctl", description="Manage a running routerd.")
+    parser.add_argument("--socket", "-s", default=None,
+                        help="control socket (default: $ROUTERD_SOCKET, $XDG_RUNTIME_DIR/routerd/control.sock, ...)")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON result")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    status = sub.add_parser("status", help="daemon and per-model state")
+    status.add_argument("model", nargs="?")
+    sub.add_parser("models", help="every model routerd can serve")
+    load = sub.add_parser("load", help="start a model now")
+    load.add_argument("model")
+    load.add_argument("--wait", action="store_true", help="block, showing progress, until ready or failed")
+    unload = sub.add_parser("unload", help="stop a model after its in-flight requests")
+    unload.add_argument("model")
+    unload.add_argument("--force", action="store_true", help="cut in-flight requests")
+    sub.add_parser("reload", help="re-read the config and apply what changed")
+    sub.add_parser("rescan", help="re-discover models")
+    logs = sub.add_parser("logs", help="a backend's recent output")
+    logs.add_argument("model")
+    logs.add_argument("-n", "--lines", type=int, default=100)
+    logs.add_argument("-f", "--follow", action="store_true")
+    sub.add_parser("memory", help="memory budget, estimates and measured use")
+    sub.add_parser("version", help="daemon version")
+    sub.add_parser("ping", help="check the daemon answers")
+    for command in sub.choices.values():  # --json is accepted after the command too
+        command.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def run(args: argparse.Namespace) -> Any:
+    path = args.socket or os.environ.get("ROUTERD_SOCKET") or default_socket_path()
+    long_running = args.command in ("logs", "load") and (getattr(args, "follow", False) or getattr(args, "wait", False))
+    client = Client(path, timeout=None if long_running or args.command == "unload" else 30.0)
+    try:
+        c = args.command
+        if c == "status":
+            result = client.call("status", {"model": args.model} if args.model else {})
+            return result, (lambda r: print_details(r["model"])) if args.model else print_status
+        if c == "models":
+            return client.call("models"), print_models
+        if c == "load":
+            def progress(note: dict[str, Any]) -> None:
+                if not args.json and note["params"].get("line"):
+                    print(f"  {note['params']['line']}", file=sys.stderr)
+            result = client.call("load", {"model": args.model, "wait": args.wait}, progress)
+            shown = (lambda r: print(f"{r['model']}: ready (pid {r['pid']}, port {r['port']}, "
+                                     f"{r['load_seconds']:.2f} s)")) if args.wait else \
+                    (lambda r: print(f"{r['model']}: loading (see `routerctl status {r['model']}`)"))
+            return result, shown
+        if c == "unload":
+            result = client.call("unload", {"model": args.model, "force": args.force})
+            return result, lambda r: print(f"{r['model']}: unloaded" + ("" if r["was_running"] else " (was not running)"))
+        if c in ("reload", "rescan"):
+            return client.call(c), print_reload
+        if c == "logs":
+            def line(note: dict[str, Any]) -> None:
+                print(note["params"]["line"], flush=True)
+            result = client.call("logs", {"model": args.model, "lines": args.lines, "follow": args.follow},
+                                 None if args.json else line)
+            return result, lambda r: print("\n".join(r["lines"])) if r["lines"] else None
+        if c == "memory":
+            return client.call("memory"), print_memory
+        if c == "version":
+            return client.call("version"), lambda r: print(f"routerd {r['version']} (llama-server: {r['llama_server']})")
+        if c == "ping":
+            return client.call("ping"), print
+        raise AssertionError(c)
+    finally:
+        client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code not in (0, None) else EXIT_OK
+    try:
+        result, show = run(args)
+    except Unreachable as exc:
+        print(f"routerctl: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except DaemonError as exc:
+        if args.json:
+            print(json.dumps({"error": exc.error}, indent=2))
+        else:
+            details = exc.error.get("data", {}) or {}
+            print(f"routerctl: {exc.error.get('message')}", file=sys.stderr)
+            for error in details.get("errors", []) if isinstance(details, dict) else []:
+                if error not in exc.error.get("message", ""):
+                    print(f"  {error}", file=sys.stderr)
+        return EXIT_DAEMON_ERROR
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif show is not None:
+        show(result)
+    return EXIT_OK

@@ -1,0 +1,100 @@
+"""Shared fixtures: routerd run in-process against the fake or the real llama-server."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import tomli_w
+import trio
+
+from routerd import config as config_mod
+from routerd.daemon import Daemon
+from routerd.memory import MemoryManager
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+FAKE_SERVER = str(HERE / "fake_llama_server.py")
+sys.path.insert(0, str(ROOT / "packaging"))
+
+
+class Routerd:
+    """A running in-process routerd with an HTTP client and its config file."""
+
+    def __init__(self, daemon: Daemon, client: httpx.AsyncClient, config_path: Path) -> None:
+        self.daemon = daemon
+        self.http = client
+        self.config_path = config_path
+        self.url = daemon.http_urls[0]
+
+    @property
+    def supervisor(self) -> Any:
+        return self.daemon.supervisor
+
+    def write_config(self, data: dict[str, Any]) -> None:
+        self.config_path.write_text(tomli_w.dumps(data))
+
+
+def make_config(tmp_path: Path, models: dict[str, dict[str, Any]], **sections: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0, "drain_timeout": 5.0},
+        "backend": {"binary": FAKE_SERVER, "args": [], "ready_timeout": 20.0, "stop_grace": 2.0, "idle_ttl": 0},
+        "control": {"socket": str(tmp_path / "control.sock")},
+        "models": models,
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return data
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Callable[[str], str]:
+    """Paths the fake server accepts as models (it never reads them, but routerd checks they exist)."""
+    def make(name: str) -> str:
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(b"not really a gguf")
+        return str(path)
+    return make
+
+
+@pytest.fixture
+async def start_routerd(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Callable[..., Any]]:
+    """Start routerd with a config dict; it is shut down (backends stopped) after the test."""
+    started: list[Daemon] = []
+
+    async def start(data: dict[str, Any], *, env: dict[str, str] | None = None) -> Routerd:
+        path = tmp_path / "config.toml"
+        path.write_text(tomli_w.dumps(data))
+        config = config_mod.load(path)
+        environ = dict(os.environ if env is None else env)
+        daemon = Daemon(config, binary=config_mod.resolve_llama_server(config, environ), environ=environ,
+                        memory=MemoryManager(config.memory, None))
+        await nursery.start(lambda task_status: daemon.run(handle_signals=False, task_status=task_status))
+        started.append(daemon)
+        client = httpx.AsyncClient(base_url=daemon.http_urls[0], timeout=120, trust_env=False)
+        return Routerd(daemon, client, path)
+
+    yield start
+    for daemon in started:
+        daemon.request_shutdown()
+    with trio.fail_after(30):
+        for daemon in started:
+            while daemon.supervisor._backends:
+                await daemon.supervisor.wait_changed()
+
+
+def pids_alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] != "Z":
+                    alive.append(pid)
+        except FileNotFoundError:
+            pass
+    return alive

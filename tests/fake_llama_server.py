@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""A small stand-in for llama-server, with fault injection, for fast tests.
+
+Speaks the parts of llama-server's HTTP API routerd relies on (/health with 503 while loading,
+chat/completions streaming and not, completions, embeddings, tokenize, props, slots) and accepts
+llama-server's command line. Faults come from environment variables so a test can set them per
+model through the backend args' environment... or through flags routerd passes verbatim:
+
+  --fake-load-seconds S     answer 503 "Loading model" for S seconds first
+  --fake-exit-during-load C exit with code C while loading
+  --fake-crash-after N      die (SIGKILL itself) after streaming N chunks
+  --fake-ignore-sigterm     ignore SIGTERM (routerd must SIGKILL after the grace)
+  --fake-token-delay S      seconds between streamed tokens
+  --fake-tokens N           tokens per completion (default 8)
+  --fake-silent-load        print nothing while loading (to test the stall timeout)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", "-m", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--alias", "-a", default="")
+    p.add_argument("--parallel", "-np", type=int, default=4)
+    p.add_argument("--fake-load-seconds", type=float, default=0.0)
+    p.add_argument("--fake-exit-during-load", type=int, default=None)
+    p.add_argument("--fake-crash-after", type=int, default=None)
+    p.add_argument("--fake-ignore-sigterm", action="store_true")
+    p.add_argument("--fake-token-delay", type=float, default=0.0)
+    p.add_argument("--fake-tokens", type=int, default=8)
+    p.add_argument("--fake-silent-load", action="store_true")
+    args, _unknown = p.parse_known_args()  # accept every real llama-server flag
+    return args
+
+
+ARGS = parse()
+READY_AT = time.monotonic() + ARGS.fake_load_seconds
+STATE = {"in_flight": 0}
+LOCK = threading.Lock()
+
+
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args: object) -> None:
+        if "/health" not in self.path:  # like llama-server, which does not log health checks
+            log("request: " + fmt % args)
+
+    def _json(self, status: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _loading(self) -> bool:
+        if time.monotonic() < READY_AT:
+            self._json(503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
+            return True
+        return False
+
+    def do_GET(self) -> None:
+        if self._loading():
+            return
+        if self.path == "/health":
+            self._json(200, {"status": "ok"})
+        elif self.path == "/props":
+            self._json(200, {"total_slots": ARGS.parallel, "model_path": ARGS.model, "fake": True})
+        elif self.path == "/slots":
+            self._json(200, [{"id": i, "is_processing": False} for i in range(ARGS.parallel)])
+        elif self.path == "/v1/models":
+            self._json(200, {"object": "list", "data": [{"id": ARGS.alias or ARGS.model}]})
+        else:
+            self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length) or b"{}")
+        if self._loading():
+            return
+        with LOCK:
+            STATE["in_flight"] += 1
+        try:
+            self._post(body)
+        except (BrokenPipeError, ConnectionResetError):
+            log("client disconnected; generation cancelled")
+        finally:
+            with LOCK:
+                STATE["in_flight"] -= 1
+
+    def _post(self, body: dict) -> None:
+        path = self.path
+        if path in ("/tokenize",):
+            self._json(200, {"tokens": [ord(c) for c in body.get("content", "")]})
+        elif path == "/detokenize":
+            self._json(200, {"content": "".join(chr(t) for t in body.get("tokens", []))})
+        elif path in ("/v1/embeddings", "/embeddings", "/embedding"):
+            self._json(200, {"object": "list", "model": ARGS.alias,
+                             "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}]})
+        elif path in ("/v1/chat/completions", "/v1/completions", "/completion", "/chat/completions"):
+            n = int(body.get("max_tokens") or body.get("n_predict") or ARGS.fake_tokens)
+            if body.get("stream"):
+                self._stream(n, chat="chat" in path)
+            else:
+                time.sleep(ARGS.fake_token_delay * n)
+                text = " ".join(f"tok{i}" for i in range(n))
+                choice = {"index": 0, "finish_reason": "length"}
+                choice.update({"message": {"role": "assistant", "content": text}} if "chat" in path else {"text": text})
+                self._json(200, {"object": "chat.completion", "model": ARGS.alias, "choices": [choice],
+                                 "usage": {"completion_tokens": n}})
+        else:
+            self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
+
+    def _stream(self, n: int, chat: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def chunk(data: bytes) -> None:
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+        for i in range(n):
+            if ARGS.fake_crash_after is not None and i >= ARGS.fake_crash_after:
+                log("fake crash mid-stream")
+                os.kill(os.getpid(), signal.SIGKILL)
+            delta = {"delta": {"content": f"tok{i} "}} if chat else {"text": f"tok{i} "}
+            chunk(b"data: " + json.dumps({"choices": [{"index": 0, **delta}]}).encode() + b"\n\n")
+            log(f"streamed token {i}")
+            time.sleep(ARGS.fake_token_delay)
+        chunk(b"data: [DONE]\n\n")
+        chunk(b"")
+
+
+def main() -> None:
+    if ARGS.fake_ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    server = ThreadingHTTPServer((ARGS.host, ARGS.port), Handler)
+    server.daemon_threads = True
+    log(f"fake llama-server: listening on http://{ARGS.host}:{ARGS.port} model {ARGS.model}")
+    if ARGS.fake_exit_during_load is not None:
+        log("loading model... failing on purpose")
+        time.sleep(0.05)
+        sys.exit(ARGS.fake_exit_during_load)
+    if not ARGS.fake_silent_load:
+        threading.Thread(target=_loading_progress, daemon=True).start()
+    server.serve_forever()
+
+
+def _loading_progress() -> None:
+    while time.monotonic() < READY_AT:
+        log("loading model tensors ...")
+        time.sleep(0.2)
+    log("model loaded")
+
+
+if __name__ == "__main__":
+    main()

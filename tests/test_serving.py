@@ -1,0 +1,260 @@
+"""Serving requests through routerd with the fake llama-server: spawning, proxying, lifetimes,
+faults and the HTTP error shape."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import pytest
+import trio
+
+from tests.conftest import make_config, pids_alive
+
+CHAT = "/v1/chat/completions"
+
+
+def chat(model: str, **extra: object) -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+async def test_concurrent_cold_requests_spawn_one_backend(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-load-seconds", "0.5"]}}))
+    spawned = []
+    original = r.supervisor._start
+
+    def counting_start(entry, spec):
+        spawned.append(entry.name)
+        return original(entry, spec)
+
+    r.supervisor._start = counting_start
+    results: list[int] = []
+
+    async def one() -> None:
+        results.append((await r.http.post(CHAT, json=chat("a"))).status_code)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(12):
+            nursery.start_soon(one)
+    assert results == [200] * 12
+    assert spawned == ["a"]
+
+
+async def test_alias_resolves_and_answers(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "aliases": ["alpha"]}}))
+    response = await r.http.post(CHAT, json=chat("alpha"))
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"].startswith("tok0")
+
+
+async def test_stream_is_relayed_chunk_by_chunk(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.2"]}}))
+    await r.http.post(CHAT, json=chat("a", max_tokens=1))  # warm
+    arrivals = []
+    async with r.http.stream("POST", CHAT, json=chat("a", stream=True, max_tokens=5)) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-accel-buffering"] == "no"
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                arrivals.append((trio.current_time(), line))
+    assert arrivals[-1][1] == "data: [DONE]"
+    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:-1])]
+    assert len(gaps) == 4 and min(gaps) > 0.1  # not buffered: chunks arrive as tokens are made
+
+
+async def test_stream_longer_than_60_seconds_is_relayed_whole(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.5"]}}))
+    tokens = 0
+    async with r.http.stream("POST", CHAT, json=chat("a", stream=True, max_tokens=125)) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                tokens += 1
+    assert tokens == 125
+
+
+async def test_client_disconnect_cancels_upstream_and_frees_the_slot(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.1"]}}))
+    async with r.http.stream("POST", CHAT, json=chat("a", stream=True, max_tokens=1000)) as response:
+        async for _ in response.aiter_lines():
+            break
+    backend = r.supervisor.running("a")
+    with trio.fail_after(5):
+        while backend.in_flight:
+            await r.supervisor.wait_changed()
+        while not any("client disconnected" in line.text for line in backend.log.tail(50)):
+            await trio.sleep(0.05)
+
+
+async def test_backend_failing_to_start_gives_503_with_exit_code_and_log(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"bad": {"path": model_file("bad"), "args": ["--fake-exit-during-load", "3"]}}))
+    response = await r.http.post(CHAT, json=chat("bad"))
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["type"] == "unavailable_error" and error["code"] == "backend_start_failed"
+    assert error["exit_code"] == 3
+    assert "failing on purpose" in error["log_tail"]
+    status = {m.name: m for m in r.supervisor.status()}["bad"]
+    assert status.state == "failed" and status.exit_code == 3
+
+
+async def test_stall_timeout_kills_a_silent_load_but_progress_keeps_a_slow_one(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(
+        tmp_path,
+        {"stuck": {"path": model_file("s"), "args": ["--fake-load-seconds", "30", "--fake-silent-load"]},
+         "slow": {"path": model_file("l"), "args": ["--fake-load-seconds", "2.5"]}},
+        backend={"ready_timeout": 1.0}))
+    stuck = await r.http.post(CHAT, json=chat("stuck"))
+    assert stuck.status_code == 503 and "no progress" in stuck.json()["error"]["message"]
+    slow = await r.http.post(CHAT, json=chat("slow"))  # prints progress every 0.2 s: not stalled
+    assert slow.status_code == 200
+
+
+async def test_crash_mid_stream_tells_the_client_and_next_request_gets_a_fresh_backend(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-crash-after", "3"]}}))
+    body = ""
+    await r.http.post(CHAT, json=chat("a", max_tokens=1))
+    first_pid = r.supervisor.running("a").pid
+    async with r.http.stream("POST", CHAT, json=chat("a", stream=True, max_tokens=10)) as response:
+        async for chunk in response.aiter_text():
+            body += chunk
+    assert "tok2" in body and "backend_failed" in body
+    with trio.fail_after(5):
+        while r.supervisor.running("a") is not None:
+            await r.supervisor.wait_changed()
+    response = await r.http.post(CHAT, json=chat("a", max_tokens=2))
+    assert response.status_code == 200
+    assert r.supervisor.running("a").pid != first_pid
+
+
+async def test_backend_ignoring_sigterm_is_killed_after_the_grace(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-ignore-sigterm"]}},
+                                        backend={"stop_grace": 0.5}))
+    await r.http.post(CHAT, json=chat("a"))
+    backend = r.supervisor.running("a")
+    r.supervisor.unload("a")
+    with trio.fail_after(5):
+        await backend.wait_gone()
+    assert backend.exit_code == -9
+    assert pids_alive([backend.pid]) == []
+
+
+async def test_idle_ttl_stops_an_idle_model_but_not_a_busy_one(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "idle_ttl": 0.5,
+                                                         "args": ["--fake-token-delay", "0.1"]}}))
+    async with r.http.stream("POST", CHAT, json=chat("a", stream=True, max_tokens=12)) as response:
+        async for _ in response.aiter_lines():
+            pass  # 1.2 s of streaming: longer than the TTL, but busy
+    backend = r.supervisor.running("a")
+    assert backend is not None and backend.stop_reason is None
+    with trio.fail_after(3):
+        await backend.wait_gone()
+    assert backend.stop_reason == "idle"
+
+
+async def test_group_swap_stops_the_other_group(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {
+        "a": {"path": model_file("a"), "group": "g1"}, "b": {"path": model_file("b"), "group": "g1"},
+        "c": {"path": model_file("c"), "group": "g2"}, "free": {"path": model_file("f")}}))
+    for name in ("a", "b", "free"):
+        assert (await r.http.post(CHAT, json=chat(name))).status_code == 200
+    assert {m.name for m in r.supervisor.status() if m.state == "ready"} == {"a", "b", "free"}
+    assert (await r.http.post(CHAT, json=chat("c"))).status_code == 200
+    assert {m.name for m in r.supervisor.status() if m.state == "ready"} == {"c", "free"}
+
+
+async def test_max_loaded_models_stops_the_least_recently_used(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {n: {"path": model_file(n)} for n in "abc"},
+                                        backend={"max_loaded_models": 2}))
+    for name in ("a", "b", "a", "c"):
+        assert (await r.http.post(CHAT, json=chat(name))).status_code == 200
+    assert {m.name for m in r.supervisor.status() if m.state == "ready"} == {"a", "c"}
+
+
+async def test_upstream_passthrough_routes(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"org/repo:Q4_K_M": {"path": model_file("x")}}))
+    props = await r.http.get("/upstream/org/repo:Q4_K_M/props")
+    assert props.status_code == 200 and props.json()["fake"] is True
+    health = await r.http.get("/org/repo:Q4_K_M/health")
+    assert health.json() == {"status": "ok"}
+    slots = await r.http.get("/org/repo:Q4_K_M/slots")
+    assert len(slots.json()) == 4
+
+
+async def test_proxied_endpoints(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
+    tokens = await r.http.post("/tokenize", json={"model": "a", "content": "hi"})
+    assert tokens.json() == {"tokens": [104, 105]}
+    embedding = await r.http.post("/v1/embeddings", json={"model": "a", "input": "hi"})
+    assert embedding.json()["data"][0]["embedding"] == [0.1, 0.2, 0.3]
+    completion = await r.http.post("/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2})
+    assert completion.json()["choices"][0]["text"] == "tok0 tok1"
+
+
+@pytest.mark.parametrize(("request_kwargs", "status", "code"), [
+    ({"content": b"{not json"}, 400, "invalid_json"),
+    ({"json": {"messages": []}}, 400, "missing_model"),
+    ({"json": ["a list"]}, 400, "invalid_json"),
+    ({"json": chat("nope")}, 404, "model_not_found"),
+])
+async def test_bad_requests_get_openai_errors(start_routerd, tmp_path, model_file, request_kwargs, status, code):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
+    response = await r.http.post(CHAT, **request_kwargs)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"]
+
+
+async def test_unknown_model_lists_closest_names(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"smollm2-135m": {"path": model_file("a")}}))
+    error = (await r.http.post(CHAT, json=chat("smolm2-135"))).json()["error"]
+    assert error["closest"] == ["smollm2-135m"] and "did you mean" in error["message"]
+
+
+async def test_body_over_the_limit_is_413(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}, server={"max_body_bytes": 1000}))
+    response = await r.http.post(CHAT, json=chat("a", padding="x" * 2000))
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+
+
+async def test_unknown_route_and_method_are_openai_errors(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
+    missing = await r.http.get("/v2/whatever")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    wrong = await r.http.get(CHAT)
+    assert wrong.status_code == 405 and "error" in wrong.json()
+
+
+async def test_missing_model_file_is_503_not_a_spawn(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"gone": {"path": str(tmp_path / "absent.gguf")}}))
+    response = await r.http.post(CHAT, json=chat("gone"))
+    assert response.status_code == 503 and response.json()["error"]["code"] == "model_unavailable"
+
+
+async def test_models_list_has_every_name_and_alias_with_state(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "aliases": ["alpha"], "group": "g"}}))
+    await r.http.post(CHAT, json=chat("a"))
+    data = (await r.http.get("/v1/models")).json()["data"]
+    by_id = {m["id"]: m for m in data}
+    assert set(by_id) == {"a", "alpha"}
+    assert by_id["a"]["state"] == "ready" and by_id["a"]["group"] == "g" and by_id["alpha"]["alias_of"] == "a"
+    assert (await r.http.get("/health")).json()["status"] == "ok"
+
+
+async def test_shutdown_drains_in_flight_then_stops_every_backend(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.1"]}}))
+    await r.http.post(CHAT, json=chat("a", max_tokens=1))
+    pid = r.supervisor.running("a").pid
+    tokens = 0
+    async with r.http.stream("POST", CHAT, json=chat("a", stream=True, max_tokens=15)) as response:
+        r.daemon.request_shutdown()
+        async for line in response.aiter_lines():
+            tokens += line.startswith("data: {")
+    assert tokens == 15  # the in-flight stream finished during the drain
+    with trio.fail_after(5):
+        while pids_alive([pid]):
+            await trio.sleep(0.05)
+    assert math.isfinite(r.daemon.config.server.drain_timeout)
+    with pytest.raises(httpx.ConnectError):
+        await r.http.post(CHAT, json=chat("a"))
