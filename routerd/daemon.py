@@ -52,6 +52,7 @@ class Daemon:
         self.http_urls: list[str] = []
         self.socket_path = config.control.socket or default_socket_path(environ)
         self._shutdown = trio.Event()
+        self._http_stop = trio.Event()
 
     def status_line(self) -> str:
         c = self.supervisor.counts()
@@ -90,7 +91,7 @@ class Daemon:
             await root.start(self.supervisor.run)
             http_config = hypercorn.config.Config()
             http_config.bind = [f"{config.server.host}:{config.server.port}"]
-            http_config.graceful_timeout = config.server.drain_timeout
+            http_config.graceful_timeout = 1.0  # requests have drained before it applies
             http_config.accesslog = None
             http_config.errorlog = logging.getLogger("hypercorn.error")
             http_stopped = trio.Event()
@@ -112,7 +113,10 @@ class Daemon:
             log.info("shutting down: draining in-flight requests (up to %g s)", config.server.drain_timeout)
             self.notifier.stopping()
             control.close()
+            # New requests get a clear 503 while in-flight ones finish; only then does the
+            # HTTP listener close (hypercorn cuts open connections when it shuts down).
             await self.supervisor.shutdown(drain_timeout=self.config.server.drain_timeout)
+            self._http_stop.set()
             with trio.move_on_after(1.0):
                 await http_stopped.wait()
             root.cancel_scope.cancel()
@@ -122,7 +126,7 @@ class Daemon:
     async def _serve_http(self, app: object, http_config: hypercorn.config.Config, stopped: trio.Event,
                           *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            await hypercorn.trio.serve(app, http_config, shutdown_trigger=self._shutdown.wait,  # type: ignore[arg-type]
+            await hypercorn.trio.serve(app, http_config, shutdown_trigger=self._http_stop.wait,  # type: ignore[arg-type]
                                        task_status=task_status)
         finally:
             stopped.set()
