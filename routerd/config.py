@@ -293,7 +293,9 @@ def resolve_llama_server(config: Config, environ: Mapping[str, str] = os.environ
         if candidate:
             if os.access(candidate, os.X_OK) and Path(candidate).is_file():
                 return candidate
-            tried.append(f"{origin} ({candidate}: not an executable file)")
+            # An explicit choice that is wrong is an error, not a reason to run something else.
+            raise ConfigError([f"llama-server: {origin} is {candidate}, which is not an executable file"],
+                              "llama-server")
         else:
             tried.append(f"{origin} (not set)")
     on_path = shutil.which("llama-server", path=environ.get("PATH"))
