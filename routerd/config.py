@@ -140,7 +140,7 @@ def _make_converter() -> cattrs.Converter:
 CONVERTER = _make_converter()
 
 
-def _flatten_errors(exc: BaseException, path: str) -> list[str]:
+def flatten_errors(exc: BaseException, path: str) -> list[str]:
     """cattrs' nested exception groups as ``dotted.path: message`` lines."""
     if isinstance(exc, ForbiddenExtraKeysError):
         return [f"{_join(path, key)}: unknown key" for key in sorted(exc.extra_fields)]
@@ -155,7 +155,7 @@ def _flatten_errors(exc: BaseException, path: str) -> list[str]:
                     sub_path = _join(path, name)
                 elif index is not None:
                     sub_path = _join(path, str(index))
-            lines += _flatten_errors(sub, sub_path)
+            lines += flatten_errors(sub, sub_path)
         return lines
     if isinstance(exc, KeyError):
         return [f"{path}: required key missing"]
@@ -254,7 +254,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str | None = None, base: Pa
     try:
         config = CONVERTER.structure(dict(data), Config)
     except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError) as exc:
-        raise ConfigError(_flatten_errors(exc, ""), source or "config") from None
+        raise ConfigError(flatten_errors(exc, ""), source or "config") from None
     errors = _validate(config)
     if errors:
         raise ConfigError(errors, source or "config")

@@ -26,6 +26,7 @@ import trio
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 from routerd import __version__
+from routerd.config import flatten_errors
 from routerd.errors import ConfigError, RouterdError
 
 if TYPE_CHECKING:
@@ -109,9 +110,7 @@ def _structure_params(raw: Any, cls: type) -> Any:
     try:
         return _params_converter.structure(raw, cls)
     except (ClassValidationError, ForbiddenExtraKeysError) as exc:
-        from routerd.config import _flatten_errors
-
-        details = _flatten_errors(exc, "params")
+        details = flatten_errors(exc, "params")
         raise RpcError(INVALID_PARAMS, "invalid params: " + "; ".join(details), {"errors": details}) from None
 
 

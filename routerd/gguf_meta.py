@@ -151,13 +151,14 @@ def split_parts(path: str) -> list[str]:
 @functools.lru_cache(maxsize=4096)
 def _read_cached(path: str, size: int, mtime_ns: int) -> GGUFMeta:
     parts = split_parts(path)
-    meta, _, _ = read_header(parts[0])
+    meta: dict[str, Any] = {}
     layer_bytes: dict[int, int] = {}
     other = 0
     parameters = 0
     total_size = 0
     for part in parts:
-        _, tensors, data_start = read_header(part)
+        part_meta, tensors, data_start = read_header(part)
+        meta = meta or part_meta  # the first shard carries the model's metadata
         part_size = os.path.getsize(part)
         total_size += part_size
         tensors.sort(key=lambda t: t[2])

@@ -10,6 +10,7 @@ admission *decision* is ``admission.plan_admission``; this module must not spawn
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -354,8 +355,6 @@ class MemoryManager:
 
 
 def _file_size(path: str | None) -> int:
-    import os
-
     try:
         return os.path.getsize(path) if path else 0
     except OSError:

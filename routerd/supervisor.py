@@ -268,7 +268,7 @@ class Supervisor:
         backend = self._backends.get(entry.name)
         failure = self._last_failure.get(entry.name)
         shown = backend or failure
-        state = backend.state.value if backend else (State.FAILED.value if failure else State.UNLOADED.value)
+        state = self.state_of(entry.name)
         return ModelStatus(
             name=entry.name, aliases=list(entry.aliases), group=entry.group, source=entry.source,
             path=entry.path, available=entry.available, state=state,
@@ -303,12 +303,19 @@ class Supervisor:
                 fits_after = isinstance(plan, admission.Admit)
                 report["evicts"] = list(plan.evict) if isinstance(plan, admission.Admit) else None
             device = [d for d in (report.get("estimate") or {}) if d != "ram"] or ["ram"]
-            models.append({"model": entry.name, "state": self.model_status(entry).state, "device": device[0],
+            models.append({"model": entry.name, "state": self.state_of(entry.name), "device": device[0],
                            "fits_now": fits_now, "fits_after_eviction": fits_after, **report})
         return {"devices": self.memory.report(residents), "models": models}
 
+    def state_of(self, name: str) -> str:
+        """A model's state, cheaply (no memory measurement): for counts and summaries."""
+        backend = self._backends.get(name)
+        if backend is not None:
+            return backend.state.value
+        return State.FAILED.value if name in self._last_failure else State.UNLOADED.value
+
     def counts(self) -> dict[str, int]:
-        states = [s.state for s in self.status()]
+        states = [self.state_of(entry.name) for entry in self.catalog]
         return {"models": len(states), "ready": states.count("ready"),
                 "starting": states.count("starting"), "failed": states.count("failed")}
 

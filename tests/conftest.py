@@ -88,6 +88,19 @@ async def start_routerd(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[
                 await daemon.supervisor.wait_changed()
 
 
+def record_spawns(supervisor: Any) -> list[str]:
+    """Names of the models ``supervisor`` spawns from now on, in order."""
+    spawned: list[str] = []
+    original = supervisor._start
+
+    def recording_start(entry: Any, spec: Any) -> Any:
+        spawned.append(entry.name)
+        return original(entry, spec)
+
+    supervisor._start = recording_start
+    return spawned
+
+
 def pids_alive(pids: list[int]) -> list[int]:
     alive = []
     for pid in pids:

@@ -15,7 +15,7 @@ import tomli_w
 import trio
 
 from demo import demo_model_paths
-from tests.conftest import ROOT, make_config, pids_alive
+from tests.conftest import ROOT, make_config, pids_alive, record_spawns
 
 pytestmark = pytest.mark.real
 MODELS = demo_model_paths(ROOT / "demo")
@@ -55,9 +55,7 @@ async def test_chat_streamed_chat_and_embeddings(start_routerd, tmp_path):
 async def test_concurrent_cold_requests_make_one_process(start_routerd, tmp_path):
     r = await start_routerd(real_config(tmp_path, **{"smollm2-135m": {}}))
     c = client(r)
-    spawned = []
-    original = r.supervisor._start
-    r.supervisor._start = lambda entry, spec: (spawned.append(entry.name), original(entry, spec))[1]
+    spawned = record_spawns(r.supervisor)
     results = []
 
     async def one() -> None:

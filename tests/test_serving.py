@@ -7,7 +7,7 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import make_config, pids_alive
+from tests.conftest import make_config, pids_alive, record_spawns
 
 CHAT = "/v1/chat/completions"
 
@@ -18,14 +18,7 @@ def chat(model: str, **extra: object) -> dict[str, object]:
 
 async def test_concurrent_cold_requests_spawn_one_backend(start_routerd, tmp_path, model_file):
     r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-load-seconds", "0.5"]}}))
-    spawned = []
-    original = r.supervisor._start
-
-    def counting_start(entry, spec):
-        spawned.append(entry.name)
-        return original(entry, spec)
-
-    r.supervisor._start = counting_start
+    spawned = record_spawns(r.supervisor)
     results: list[int] = []
 
     async def one() -> None:
