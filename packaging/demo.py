@@ -31,7 +31,8 @@ def gemma_path(directory: Path) -> Path:
 
 
 def demo_model_paths(directory: Path) -> dict[str, Path]:
-    return {"smollm2-135m": smollm2_path(), "gemma3-270m": gemma_path(directory / "models")}
+    # Absolute: relative paths in a config resolve beside the config file, not the cwd.
+    return {"smollm2-135m": smollm2_path().resolve(), "gemma3-270m": gemma_path(directory / "models").resolve()}
 
 
 CONFIG = """\
