@@ -241,6 +241,8 @@ class MemoryManager:
         self._meminfo = meminfo
         #: Measured footprint by (model, spec): used for the next load of the same thing.
         self._measured: dict[tuple[str, Any], Measured] = {}
+        #: What each running model was admitted with: its floor until measured higher.
+        self._reserved: dict[str, dict[str, int]] = {}
         self._unreadable: set[str] = set()
 
     # devices and budgets
@@ -289,10 +291,21 @@ class MemoryManager:
         footprint = self.estimate(spec)
         return dict(footprint.per_device) if footprint else {}
 
+    def reserve(self, backend: Backend, need: Mapping[str, int]) -> None:
+        """Record what ``backend`` was admitted with (its estimate or last measured peak)."""
+        self._reserved[backend.name] = dict(need)
+
     def usage(self, backend: Backend) -> dict[str, int]:
-        """What a resident backend holds: measured when ready, else its estimate."""
+        """What a resident backend holds or may soon hold, per device.
+
+        Resident memory right after load is an undercount (weights are mapped lazily, the KV
+        cache is touched as it fills), so a backend counts as the larger of what it was
+        admitted with and the peak measured so far.
+        """
+        reserved = self._reserved.get(backend.name) or self.need(backend.spec)
         measured = self.measure(backend)
-        return measured.per_device if measured else self.need(backend.spec)
+        peak = measured.per_device if measured else {}
+        return {d: max(reserved.get(d, 0), peak.get(d, 0)) for d in reserved.keys() | peak.keys()}
 
     def measure(self, backend: Backend) -> Measured | None:
         if backend.pid is None or backend.ready_at is None:
@@ -305,9 +318,14 @@ class MemoryManager:
             for index, used in self.gpus.process_usage(backend.pid).items():
                 per_device[f"gpu{index}"] = used
         logged = parse_logged_buffers([line.text for line in backend.log.tail(400)])
+        key = (backend.name, backend.spec)
+        previous = self._measured.get(key)
+        if previous is not None:  # keep the peak: the next load of this spec needs that much
+            for device, nbytes in previous.per_device.items():
+                per_device[device] = max(per_device.get(device, 0), nbytes)
         measured = Measured(per_device, logged)
         if per_device:
-            self._measured[(backend.name, backend.spec)] = measured
+            self._measured[key] = measured
         return measured
 
     async def wait_released(self, spec: BackendSpec, timeout: float = 10.0) -> None:

@@ -167,10 +167,13 @@ class Supervisor:
             if existing is not None:  # started by someone else while we queued for the lock
                 return existing
             spec = spec_for(entry, self.config, self.binary)
-            await self._make_room(entry, spec)
-            return self._start(entry, spec)
+            need = await self._make_room(entry, spec)
+            backend = self._start(entry, spec)
+            self.memory.reserve(backend, need)
+            return backend
 
-    async def _make_room(self, entry: ModelEntry, spec: BackendSpec) -> None:
+    async def _make_room(self, entry: ModelEntry, spec: BackendSpec) -> Mapping[str, int]:
+        """Evict what the plan says, or wait (bounded) for busy models; return what was admitted."""
         waited_since = trio.current_time()
         while True:
             newcomer = admission.Newcomer(entry.name, entry.group, self.memory.need(spec))
@@ -182,7 +185,7 @@ class Supervisor:
             if isinstance(plan, admission.Admit):
                 await self._evict(plan)
                 await self.memory.wait_released(spec)
-                return
+                return newcomer.need
             waited = trio.current_time() - waited_since
             limit = self.config.memory.busy_wait if self.config.memory.when_busy == "wait" else 0.0
             if waited >= limit:

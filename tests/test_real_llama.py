@@ -114,6 +114,37 @@ async def test_memory_budget_evicts_lru_and_keeps_both_when_room(start_routerd, 
     assert smol_view["evicts"] == ["gemma3-270m"]
 
 
+@pytest.mark.parametrize("when_busy", ["fail", "wait"])
+async def test_busy_model_is_never_evicted(start_routerd, tmp_path, when_busy):
+    tight = real_config(tmp_path, **{"smollm2-135m": {}, "gemma3-270m": {}})
+    tight["memory"] = {"ram_total": "450MiB", "ram_reserve": "0", "when_busy": when_busy, "busy_wait": 30.0}
+    r = await start_routerd(tight)
+    async with r.http.stream("POST", "/v1/chat/completions", json={
+            "model": "smollm2-135m", "messages": MESSAGES, "stream": True, "max_tokens": 64}) as stream:
+        lines = stream.aiter_lines()
+        await lines.__anext__()  # the stream is flowing: smollm2 is busy
+        smol = r.supervisor.running("smollm2-135m")
+        if when_busy == "fail":
+            refused = await r.http.post("/v1/completions", json={"model": "gemma3-270m", "prompt": "Hi", "max_tokens": 1})
+            assert refused.status_code == 503 and refused.headers["retry-after"]
+            error = refused.json()["error"]
+            assert error["code"] == "insufficient_memory" and "smollm2-135m" in error["message"]
+            rest = [line async for line in lines if line]
+            assert rest[-1] == "data: [DONE]" and not smol.gone
+        else:
+            async with trio.open_nursery() as nursery:
+                answers = []
+
+                async def newcomer() -> None:
+                    answers.append(await r.http.post("/v1/completions", json={
+                        "model": "gemma3-270m", "prompt": "Hi", "max_tokens": 1}))
+                nursery.start_soon(newcomer)
+                rest = [line async for line in lines if line]
+                assert rest[-1] == "data: [DONE]"  # the busy stream finished untouched
+            assert answers[0].status_code == 200 and smol.gone
+            assert smol.stop_reason == "evicted to make room"
+
+
 async def test_estimates_are_within_25_percent_of_measured_rss(start_routerd, tmp_path):
     r = await start_routerd(real_config(tmp_path, **{"smollm2-135m": {}, "gemma3-270m": {}}))
     for name in ("smollm2-135m", "gemma3-270m"):
