@@ -26,6 +26,7 @@ _SYNONYMS: tuple[tuple[str, ...], ...] = (
     ("--main-gpu", "-mg"),
     ("--split-mode", "-sm"),
     ("--tensor-split", "-ts"),
+    ("--device", "-dev"),
     ("--embeddings", "--embedding"),
     ("--mmproj", "-mm"),
     ("--model", "-m"),

@@ -32,6 +32,9 @@ MiB = 1024 * 1024
 RAM = "ram"
 #: Process, runtime and thread stacks of an idle llama-server (measured: ~17 MiB on CPU).
 PROCESS_OVERHEAD = 20 * MiB
+#: Model args that choose devices themselves: routerd then leaves placement to llama-server.
+PINNING_FLAGS = ("--main-gpu", "--tensor-split", "--device", "--split-mode")
+
 #: CUDA context and cuBLAS workspace per GPU a backend touches.
 GPU_CONTEXT_OVERHEAD = 300 * MiB
 CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
@@ -235,10 +238,11 @@ class MemoryManager:
     """Budgets, estimates and measurements for the supervisor's admission decisions."""
 
     def __init__(self, config: MemoryConfig, gpus: GpuProvider | None,
-                 meminfo: Mapping[str, int] | None = None) -> None:
+                 meminfo: Mapping[str, int] | None = None, env: Mapping[str, str] | None = None) -> None:
         self.config = config
         self.gpus = gpus
         self._meminfo = meminfo
+        self._env = dict(os.environ if env is None else env)
         #: Measured footprint by (model, spec): used for the next load of the same thing.
         self._measured: dict[tuple[str, Any], Measured] = {}
         #: What each running model was admitted with: its floor until measured higher.
@@ -263,8 +267,32 @@ class MemoryManager:
     def gpu_names(self) -> list[str]:
         return [d.name for d in self.devices() if d.name != RAM]
 
-    # estimates and measurements
-    def estimate(self, spec: BackendSpec) -> Footprint | None:
+    # placement, estimates and measurements
+    def placements(self, spec: BackendSpec) -> list[str | None]:
+        """The GPUs routerd may place ``spec`` on, roomiest budget first.
+
+        ``[None]`` means routerd does not choose: no GPU, no layers offloaded, or the model's
+        args or environment already pin its devices (then its first GPU is assumed for estimates).
+        """
+        gpus = self.gpu_names()
+        flags = list(spec.flags)
+        if not gpus or offloaded_layers(flags, 1, len(gpus)) == 0 or "CUDA_VISIBLE_DEVICES" in self._env:
+            return [None]
+        if any(llama_args.has_flag(flags, name) for name in PINNING_FLAGS):
+            return [None]
+        budgets = self.budgets()
+        return sorted(gpus, key=lambda g: -budgets.get(g, 0))
+
+    def _gpus_for(self, spec: BackendSpec, gpu: str | None) -> list[str]:
+        if gpu is not None:
+            return [gpu]
+        gpus = self.gpu_names()
+        main = llama_args.flag_value(spec.flags, "--main-gpu")
+        if main is not None and f"gpu{main}" in gpus:
+            return [f"gpu{main}"]
+        return gpus
+
+    def estimate(self, spec: BackendSpec, gpu: str | None = None) -> Footprint | None:
         try:
             meta = read_meta(spec.model_path)
         except (OSError, GGUFError) as exc:
@@ -274,21 +302,18 @@ class MemoryManager:
             return None
         projector = sum(_file_size(flag.value) for flag in spec.extra if flag.name == "--mmproj")
         flags = list(spec.flags) + [f for f in spec.extra if not llama_args.has_flag(spec.flags, f.name)]
-        return estimate(meta, flags, self._placement(spec), projector)
+        return estimate(meta, flags, self._gpus_for(spec, gpu), projector)
 
-    def _placement(self, spec: BackendSpec) -> list[str]:
-        gpus = self.gpu_names()
-        main = llama_args.flag_value(spec.flags, "--main-gpu")
-        if main is not None and f"gpu{main}" in gpus:
-            return [f"gpu{main}"]
-        budgets = self.budgets()
-        return sorted(gpus, key=lambda g: -budgets.get(g, 0))
-
-    def need(self, spec: BackendSpec) -> dict[str, int]:
+    def need(self, spec: BackendSpec, gpu: str | None = None) -> dict[str, int]:
+        """Bytes per device to start ``spec`` (on ``gpu``): the last measured peak, else the estimate."""
         measured = self._measured.get((spec.name, spec))
         if measured is not None:
-            return dict(measured.per_device)
-        footprint = self.estimate(spec)
+            if gpu is None:
+                return dict(measured.per_device)
+            # the same footprint, moved to the GPU it would run on this time
+            on_gpu = sum(b for d, b in measured.per_device.items() if d != RAM)
+            return {RAM: measured.per_device.get(RAM, 0), **({gpu: on_gpu} if on_gpu else {})}
+        footprint = self.estimate(spec, gpu)
         return dict(footprint.per_device) if footprint else {}
 
     def reserve(self, backend: Backend, need: Mapping[str, int]) -> None:
@@ -328,7 +353,7 @@ class MemoryManager:
             self._measured[key] = measured
         return measured
 
-    async def wait_released(self, spec: BackendSpec, timeout: float = 10.0) -> None:
+    async def wait_released(self, need: Mapping[str, int], timeout: float = 10.0) -> None:
         """After evictions, wait until GPUs really show the room (NVML frees lazily).
 
         Host RAM is back once the process is reaped, which the supervisor has awaited. NVML has
@@ -336,7 +361,7 @@ class MemoryManager:
         """
         if self.gpus is None:
             return
-        need = {d: b for d, b in self.need(spec).items() if d != RAM}
+        need = {d: b for d, b in need.items() if d != RAM}
         with trio.move_on_after(timeout):
             while True:
                 free = {d.name: d.free_now for d in self.devices()}

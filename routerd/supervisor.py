@@ -167,25 +167,27 @@ class Supervisor:
             if existing is not None:  # started by someone else while we queued for the lock
                 return existing
             spec = spec_for(entry, self.config, self.binary)
-            need = await self._make_room(entry, spec)
-            backend = self._start(entry, spec)
+            need, gpu = await self._make_room(entry, spec)
+            backend = self._start(entry, spec, gpu)
             self.memory.reserve(backend, need)
             return backend
 
-    async def _make_room(self, entry: ModelEntry, spec: BackendSpec) -> Mapping[str, int]:
-        """Evict what the plan says, or wait (bounded) for busy models; return what was admitted."""
+    async def _make_room(self, entry: ModelEntry, spec: BackendSpec) -> tuple[dict[str, int], str | None]:
+        """Evict what the plan says, or wait (bounded) for busy models.
+
+        Returns what the model was admitted with and the GPU chosen for it (None: not routerd's
+        choice). Among GPUs, one with room now beats one that needs evictions.
+        """
         waited_since = trio.current_time()
         while True:
-            newcomer = admission.Newcomer(entry.name, entry.group, self.memory.need(spec))
-            residents = [self._resident(b) for b in self._backends.values()]
-            plan = admission.plan_admission(newcomer, residents, self.memory.budgets(),
-                                            self.config.backend.max_loaded_models)
+            residents = self.residents()
+            plan, newcomer, gpu = self._best_plan(entry, spec, residents)
             if isinstance(plan, admission.Refuse):
                 raise InsufficientMemory(plan.reason, data=self.memory.explain(newcomer, residents))
             if isinstance(plan, admission.Admit):
                 await self._evict(plan)
-                await self.memory.wait_released(spec)
-                return newcomer.need
+                await self.memory.wait_released(newcomer.need)
+                return dict(newcomer.need), gpu
             waited = trio.current_time() - waited_since
             limit = self.config.memory.busy_wait if self.config.memory.when_busy == "wait" else 0.0
             if waited >= limit:
@@ -195,6 +197,17 @@ class Supervisor:
                     data=self.memory.explain(newcomer, residents), retry_after=5)
             with trio.move_on_after(limit - waited):
                 await self._changed.wait()
+
+    def _best_plan(self, entry: ModelEntry, spec: BackendSpec, residents: list[admission.Resident],
+                   ) -> tuple[admission.Plan, admission.Newcomer, str | None]:
+        """The admission plan on the best placement (see ``_plan_cost``), with its newcomer and GPU."""
+        budgets = self.memory.budgets()
+        options = []
+        for gpu in self.memory.placements(spec):
+            newcomer = admission.Newcomer(entry.name, entry.group, self.memory.need(spec, gpu))
+            plan = admission.plan_admission(newcomer, residents, budgets, self.config.backend.max_loaded_models)
+            options.append((plan, newcomer, gpu))
+        return min(options, key=lambda option: _plan_cost(option[0]))
 
     def _resident(self, backend: Backend) -> admission.Resident:
         entry = self.catalog.get(backend.name)
@@ -211,10 +224,13 @@ class Supervisor:
         for victim in victims:
             await victim.wait_gone()
 
-    def _start(self, entry: ModelEntry, spec: BackendSpec) -> Backend:
+    def _start(self, entry: ModelEntry, spec: BackendSpec, gpu: str | None) -> Backend:
         assert self._nursery is not None, "Supervisor.run() is not running"
+        env = self._env
+        if gpu is not None:  # NVML numbers GPUs in PCI bus order; make CUDA agree
+            env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpu.removeprefix("gpu")}
         backend = Backend(spec, idle_ttl=entry.idle_ttl, upstream_read_timeout=self.config.server.upstream_read_timeout,
-                          env=self._env, on_change=self._notify_change)
+                          env=env, on_change=self._notify_change)
         self._backends[entry.name] = backend
         self._nursery.start_soon(self._run_backend, backend, name=f"backend {entry.name}")
         return backend
@@ -292,20 +308,21 @@ class Supervisor:
     def memory_view(self) -> dict[str, object]:
         """Per device budget and use; per model estimate, measurement and whether it fits."""
         residents = self.residents()
-        budgets = self.memory.budgets()
         models = []
         for entry in self.catalog:
             spec = spec_for(entry, self.config, self.binary)
-            report = self.memory.model_report(entry, spec, self._backends.get(entry.name))
-            if entry.name in self._backends:
+            backend = self._backends.get(entry.name)
+            report = self.memory.model_report(entry, spec, backend)
+            if backend is not None:
                 fits_now = fits_after = True
+                placed = self.memory.usage(backend)
             else:
-                newcomer = admission.Newcomer(entry.name, entry.group, self.memory.need(spec))
-                plan = admission.plan_admission(newcomer, residents, budgets, self.config.backend.max_loaded_models)
+                plan, newcomer, _ = self._best_plan(entry, spec, residents)
                 fits_now = isinstance(plan, admission.Admit) and not plan.evict
                 fits_after = isinstance(plan, admission.Admit)
                 report["evicts"] = list(plan.evict) if isinstance(plan, admission.Admit) else None
-            device = [d for d in (report.get("estimate") or {}) if d != "ram"] or ["ram"]
+                placed = newcomer.need
+            device = [d for d in placed if d != "ram"] or ["ram"]
             models.append({"model": entry.name, "state": self.state_of(entry.name), "device": device[0],
                            "fits_now": fits_now, "fits_after_eviction": fits_after, **report})
         return {"devices": self.memory.report(residents), "models": models}
@@ -321,6 +338,13 @@ class Supervisor:
         states = [self.state_of(entry.name) for entry in self.catalog]
         return {"models": len(states), "ready": states.count("ready"),
                 "starting": states.count("starting"), "failed": states.count("failed")}
+
+
+def _plan_cost(plan: admission.Plan) -> tuple[int, int]:
+    """Order admission options: start now, then start after the fewest evictions, then wait."""
+    if isinstance(plan, admission.Admit):
+        return (0, len(plan.evict) - len(plan.group_swap))
+    return (1, 0) if isinstance(plan, admission.Wait) else (2, 0)
 
 
 def error_for(exc: BaseException) -> RouterdError:

@@ -67,13 +67,13 @@ async def start_routerd(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[
     """Start routerd with a config dict; it is shut down (backends stopped) after the test."""
     started: list[Daemon] = []
 
-    async def start(data: dict[str, Any], *, env: dict[str, str] | None = None) -> Routerd:
+    async def start(data: dict[str, Any], *, env: dict[str, str] | None = None, gpus: Any = None) -> Routerd:
         path = tmp_path / "config.toml"
         path.write_text(tomli_w.dumps(data))
         config = config_mod.load(path)
         environ = dict(os.environ if env is None else env)
         daemon = Daemon(config, binary=config_mod.resolve_llama_server(config, environ), environ=environ,
-                        memory=MemoryManager(config.memory, None))
+                        memory=MemoryManager(config.memory, gpus, env=environ))
         await nursery.start(lambda task_status: daemon.run(handle_signals=False, task_status=task_status))
         started.append(daemon)
         client = httpx.AsyncClient(base_url=daemon.http_urls[0], timeout=120, trust_env=False)
@@ -88,14 +88,27 @@ async def start_routerd(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[
                 await daemon.supervisor.wait_changed()
 
 
+class FakeGpus:
+    """A GPU provider with fixed devices, for GPU placement without a GPU."""
+
+    def __init__(self, *gpus: tuple[int, str, int, int]) -> None:
+        self.gpus = list(gpus)
+
+    def devices(self) -> list[tuple[int, str, int, int]]:
+        return self.gpus
+
+    def process_usage(self, pid: int) -> dict[int, int]:
+        return {}
+
+
 def record_spawns(supervisor: Any) -> list[str]:
     """Names of the models ``supervisor`` spawns from now on, in order."""
     spawned: list[str] = []
     original = supervisor._start
 
-    def recording_start(entry: Any, spec: Any) -> Any:
+    def recording_start(entry: Any, *args: Any) -> Any:
         spawned.append(entry.name)
-        return original(entry, spec)
+        return original(entry, *args)
 
     supervisor._start = recording_start
     return spawned

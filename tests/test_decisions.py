@@ -11,6 +11,7 @@ from hypothesis import given, strategies as st
 from routerd import admission, config as config_mod, llama_args, memory
 from routerd.errors import ConfigError
 from routerd.gguf_meta import GGUFMeta
+from tests.conftest import FakeGpus
 
 
 # -- config ---------------------------------------------------------------------------------
@@ -153,17 +154,6 @@ def test_kv_cache_of_sliding_window_layers_is_capped():
 def test_quantized_kv_cache_is_smaller():
     flags = llama_args.parse_args(["-c", "4096", "-ctk", "q8_0", "-ctv", "q8_0"])
     assert memory.kv_cache_bytes(_meta(), flags, range(30)) < 50 * memory.MiB
-
-
-class FakeGpus:
-    def __init__(self, *gpus: tuple[int, str, int, int]) -> None:
-        self.gpus = list(gpus)
-
-    def devices(self):
-        return self.gpus
-
-    def process_usage(self, pid):
-        return {0: 123}
 
 
 def test_offloaded_layers_go_to_the_gpu_and_the_rest_stays_in_ram():

@@ -7,7 +7,8 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import make_config, pids_alive, record_spawns
+from demo import demo_model_paths
+from tests.conftest import ROOT, FakeGpus, make_config, pids_alive, record_spawns
 
 CHAT = "/v1/chat/completions"
 
@@ -252,3 +253,28 @@ async def test_shutdown_drains_in_flight_then_stops_every_backend(start_routerd,
             except httpx.TransportError:
                 break
             await trio.sleep(0.05)
+
+
+def _cuda_visible_devices(pid: int) -> str | None:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    value = env.get(b"CUDA_VISIBLE_DEVICES")
+    return value.decode() if value is not None else None
+
+
+async def test_each_model_goes_to_a_gpu_with_room_before_anything_is_evicted(start_routerd, tmp_path):
+    # the fake server never reads the file; routerd reads its GGUF header to estimate (~0.5 GiB on a GPU)
+    smollm2 = str(demo_model_paths(ROOT / "demo")["smollm2-135m"])
+    models = {name: {"path": smollm2} for name in ("a", "b", "c")}
+    gpus = FakeGpus((0, "fake A", 768 << 20, 768 << 20), (1, "fake B", 768 << 20, 768 << 20))
+    r = await start_routerd(make_config(tmp_path, models, memory={"gpu_reserve": "0"}), gpus=gpus)
+    for name in ("a", "b"):
+        assert (await r.http.post(CHAT, json=chat(name))).status_code == 200
+    a, b = r.supervisor.running("a"), r.supervisor.running("b")
+    a_gpu = _cuda_visible_devices(a.pid)
+    assert {a_gpu, _cuda_visible_devices(b.pid)} == {"0", "1"}
+    view = {m["model"]: m for m in (await r.http.get("/memory")).json()["models"]}
+    assert view["c"]["fits_now"] is False and view["c"]["evicts"] == ["a"]  # least recently used
+    assert (await r.http.post(CHAT, json=chat("c"))).status_code == 200
+    assert a.gone and not b.gone
+    assert _cuda_visible_devices(r.supervisor.running("c").pid) == a_gpu
