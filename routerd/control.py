@@ -30,7 +30,10 @@ from routerd.config import flatten_errors
 from routerd.errors import ConfigError, RouterdError
 
 if TYPE_CHECKING:
+    from routerd.backend import Backend
     from routerd.daemon import Daemon
+    from routerd.logring import LogLine
+    from routerd.supervisor import Supervisor
 
 log = logging.getLogger("routerd.control")
 MAX_LINE = 1 << 20
@@ -154,6 +157,14 @@ class Connection:
 
     async def notify(self, method: str, params: dict[str, Any]) -> None:
         await self.send({"jsonrpc": "2.0", "method": method, "params": params})
+
+    async def hung_up(self) -> None:
+        """Return when the client closes its end; for long methods that only send meanwhile.
+
+        Anything the client sends in the meantime is kept for the next request.
+        """
+        while chunk := await self.stream.receive_some(65536):
+            self._buffer += chunk
 
     async def lines(self) -> Any:
         while True:
@@ -332,22 +343,14 @@ class ControlServer:
         if not params.wait:
             supervisor.load_soon(entry.name)
             return {"model": entry.name, "state": "starting"}
+        sent = _Progress(entry.name, conn)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._report_progress, entry.name, conn)
+            nursery.start_soon(sent.follow, supervisor)
             backend = await supervisor.load(entry.name)
             nursery.cancel_scope.cancel()
+        await sent.catch_up(backend)  # lines printed between the last wake-up and ready
         return {"model": entry.name, "state": backend.state.value, "pid": backend.pid, "port": backend.port,
                 "load_seconds": (backend.ready_at or 0) - backend.started_at}
-
-    async def _report_progress(self, name: str, conn: Connection) -> None:
-        backend = None
-        while backend is None:  # admission may evict others first; the backend appears after
-            backend = self.daemon.supervisor.running(name)
-            if backend is None:
-                await self.daemon.supervisor.wait_changed()
-        await conn.notify("progress", {"model": name, "state": backend.state.value, "pid": backend.pid})
-        async for line in backend.log.follow():
-            await conn.notify("progress", {"model": name, "state": backend.state.value, "line": line.text})
 
     async def _unload(self, params: UnloadParams, conn: Connection) -> dict[str, Any]:
         supervisor = self.daemon.supervisor
@@ -376,16 +379,52 @@ class ControlServer:
         for line in lines:
             await conn.notify("log", {"model": entry.name, "line": line.text})
         last = lines[-1].seq if lines else -1
-        async for line in backend.log.follow(last):
-            await conn.notify("log", {"model": entry.name, "line": line.text})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_hangup, conn, nursery.cancel_scope)
+            async for line in backend.log.follow(last):
+                await conn.notify("log", {"model": entry.name, "line": line.text})
+            nursery.cancel_scope.cancel()
         return {"model": entry.name, "lines": [], "running": False}
 
     async def _memory(self, params: NoParams, conn: Connection) -> dict[str, Any]:
         return self.daemon.supervisor.memory_view()
 
 
+class _Progress:
+    """Sends a loading backend's output as ``progress`` notifications, each line once."""
+
+    def __init__(self, model: str, conn: Connection) -> None:
+        self.model = model
+        self.conn = conn
+        self.last_seq = -1
+
+    async def follow(self, supervisor: Supervisor) -> None:
+        backend = None
+        while backend is None:  # admission may evict others first; the backend appears after
+            backend = supervisor.running(self.model)
+            if backend is None:
+                await supervisor.wait_changed()
+        await self.conn.notify("progress", {"model": self.model, "state": backend.state.value, "pid": backend.pid})
+        async for line in backend.log.follow(self.last_seq):
+            await self._send(backend, line)
+
+    async def catch_up(self, backend: Backend) -> None:
+        for line in backend.log.tail(backend.log.capacity):
+            if line.seq > self.last_seq:
+                await self._send(backend, line)
+
+    async def _send(self, backend: Backend, line: LogLine) -> None:
+        self.last_seq = line.seq
+        await self.conn.notify("progress", {"model": self.model, "state": backend.state.value, "line": line.text})
+
+
 def _error(request_id: Any, exc: RpcError) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "error": exc.body()}
+
+
+async def _cancel_on_hangup(conn: Connection, scope: trio.CancelScope) -> None:
+    await conn.hung_up()
+    scope.cancel()
 
 
 async def _try_send(conn: Connection, message: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ class LogLine:
 
 class LogRing:
     def __init__(self, capacity: int = 2000) -> None:
+        self.capacity = capacity
         self._lines: collections.deque[LogLine] = collections.deque(maxlen=capacity)
         self._next_seq = 0
         self._appended = trio.Event()

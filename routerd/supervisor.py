@@ -233,6 +233,7 @@ class Supervisor:
                           env=env, on_change=self._notify_change)
         self._backends[entry.name] = backend
         self._nursery.start_soon(self._run_backend, backend, name=f"backend {entry.name}")
+        self._notify_change()
         return backend
 
     async def _run_backend(self, backend: Backend) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -205,3 +206,38 @@ def test_no_llama_server_outlives_routerd(tmp_path, how):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_routerctl_manages_a_real_backend(start_routerd, tmp_path):
+    r = await start_routerd(real_config(tmp_path, **{"smollm2-135m": {}}))
+    routerctl = [sys.executable, "-m", "routerctl", "--socket", r.daemon.socket_path]
+
+    async def ctl(*args: str) -> subprocess.CompletedProcess:
+        return await trio.run_process([*routerctl, *args], capture_stdout=True, capture_stderr=True, check=False)
+
+    loaded = await ctl("load", "smollm2-135m", "--wait")
+    assert loaded.returncode == 0 and b"smollm2-135m: ready (pid" in loaded.stdout
+    assert b"llama" in loaded.stderr  # the backend's own output, shown as progress while it loaded
+    pid = r.supervisor.running("smollm2-135m").pid
+    status = await ctl("status")
+    row = next(line for line in status.stdout.decode().splitlines() if line.startswith("smollm2-135m"))
+    assert status.returncode == 0 and row.split()[1:3] == ["ready", str(pid)]
+
+    follower = await trio.lowlevel.open_process([*routerctl, "logs", "smollm2-135m", "-n", "1", "-f"],
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    followed = b""
+    with trio.fail_after(20):
+        while b"\n" not in followed:  # the last line so far, then it keeps following
+            followed += await follower.stdout.receive_some()
+        await r.http.post("/v1/completions", json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 1})
+        while b"stop processing" not in followed:  # llama-server's own line for the finished request
+            followed += await follower.stdout.receive_some()
+        follower.send_signal(signal.SIGINT)  # Ctrl-C
+        assert await follower.wait() == 130
+    assert b"Traceback" not in await follower.stderr.receive_some()
+
+    unloaded = await ctl("unload", "smollm2-135m")
+    assert unloaded.returncode == 0 and b"smollm2-135m: unloaded" in unloaded.stdout
+    assert pids_alive([pid]) == [] and r.supervisor.running("smollm2-135m") is None
+    status = await ctl("--json", "status", "smollm2-135m")
+    assert json.loads(status.stdout)["model"]["state"] == "unloaded"
