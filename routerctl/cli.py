@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from routerd.control import default_socket_path
+from routerd.paths import client_socket_candidates
 
 EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -34,15 +34,21 @@ class DaemonError(Exception):
 class Client:
     """A JSON-RPC 2.0 client over one Unix-socket connection (line-delimited)."""
 
-    def __init__(self, path: str, timeout: float | None = 30.0) -> None:
-        self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.connect(path)
-        except OSError as exc:
-            self._sock.close()
-            raise Unreachable(f"cannot reach routerd at {path}: {exc.strerror or exc}. "
+    def __init__(self, paths: list[str], timeout: float | None = 30.0) -> None:
+        """Connect to the first of ``paths`` that answers."""
+        failures = []
+        for path in paths:
+            self.path = path
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.settimeout(timeout)
+            try:
+                self._sock.connect(path)
+                break
+            except OSError as exc:
+                self._sock.close()
+                failures.append(f"{path}: {exc.strerror or exc}")
+        else:
+            raise Unreachable(f"cannot reach routerd at {'; '.join(failures)}. "
                               "Is it running? Start it with `routerd serve` (or `systemctl start routerd`), "
                               "or point at its socket with --socket / $ROUTERD_SOCKET.") from None
         self._file = self._sock.makefile("rb")
@@ -128,6 +134,12 @@ def print_status(result: dict[str, Any]) -> None:
 
 def print_details(model: dict[str, Any]) -> None:
     for key, value in model.items():
+        if key == "last_used":
+            value = _ago(value)
+        elif key in ("idle_ttl", "idle_ttl_left") and isinstance(value, float):
+            value = f"{value:.0f}s"
+        elif key == "aliases":
+            value = ", ".join(value)
         if isinstance(value, dict):
             print(f"{key}:")
             for sub, subvalue in value.items():
@@ -199,9 +211,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> Any:
-    path = args.socket or os.environ.get("ROUTERD_SOCKET") or default_socket_path()
+    paths = [args.socket] if args.socket else client_socket_candidates()
     long_running = args.command in ("logs", "load") and (getattr(args, "follow", False) or getattr(args, "wait", False))
-    client = Client(path, timeout=None if long_running or args.command == "unload" else 30.0)
+    client = Client(paths, timeout=None if long_running or args.command == "unload" else 30.0)
     try:
         c = args.command
         if c == "status":

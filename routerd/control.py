@@ -42,18 +42,6 @@ PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR =
 PERMISSION_DENIED = -32010
 
 
-def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
-    """$RUNTIME_DIRECTORY/control.sock, $XDG_RUNTIME_DIR/routerd/control.sock, /tmp/routerd-UID/control.sock."""
-    env = os.environ if environ is None else environ
-    if env.get("ROUTERD_SOCKET"):
-        return env["ROUTERD_SOCKET"]
-    if env.get("RUNTIME_DIRECTORY"):
-        return os.path.join(env["RUNTIME_DIRECTORY"].split(":")[0], "control.sock")
-    if env.get("XDG_RUNTIME_DIR"):
-        return os.path.join(env["XDG_RUNTIME_DIR"], "routerd", "control.sock")
-    return f"/tmp/routerd-{os.getuid()}/control.sock"
-
-
 # -- params (typed, structured with cattrs) ------------------------------------------------
 @attrs.frozen
 class NoParams:

@@ -22,7 +22,8 @@ import trio
 from routerd import __version__, config as config_mod
 from routerd.catalog import Catalog
 from routerd.config import Config
-from routerd.control import ControlServer, default_socket_path
+from routerd.control import ControlServer
+from routerd.paths import default_socket_path
 from routerd.memory import MemoryManager, NvmlProvider
 from routerd.sdnotify import Notifier
 from routerd.supervisor import Supervisor

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,29 @@ def record_spawns(supervisor: Any) -> list[str]:
 
     supervisor._start = recording_start
     return spawned
+
+
+def spawn_routerd(tmp_path: Path, data: dict[str, Any], env: dict[str, str] | None = None,
+                  ) -> tuple[subprocess.Popen[bytes], str]:
+    """routerd as its own process (``routerd serve``), for signals; returns it and its HTTP URL."""
+    data["server"]["port"] = 0
+    path = tmp_path / "config.toml"
+    path.write_text(tomli_w.dumps(data))
+    log_path = tmp_path / "routerd.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "routerd", "serve", "--config", str(path)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=None if env is None else {**os.environ, **env})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = log_path.read_text()
+        if "serving on http://" in text:
+            return proc, text.split("serving on ")[1].split(",")[0].split()[0]
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("routerd did not start:\n" + log_path.read_text())
 
 
 def pids_alive(pids: list[int]) -> list[int]:

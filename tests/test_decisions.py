@@ -8,7 +8,7 @@ import sys
 import pytest
 from hypothesis import given, strategies as st
 
-from routerd import admission, config as config_mod, llama_args, memory
+from routerd import admission, config as config_mod, llama_args, memory, paths
 from routerd.errors import ConfigError
 from routerd.gguf_meta import GGUFMeta
 from tests.conftest import FakeGpus
@@ -183,3 +183,18 @@ def test_logged_buffer_sizes_are_summed_per_device():
              "load_tensors:        CUDA0 model buffer size =  1000.00 MiB",
              "sched_reserve:      CUDA0 compute buffer size =    10.00 MiB"]
     assert memory.parse_logged_buffers(lines) == {"ram": int(182.1 * memory.MiB), "gpu0": 1010 * memory.MiB}
+
+
+# -- paths ----------------------------------------------------------------------------------
+def test_service_directories_come_from_systemd_then_user_defaults():
+    service = {"RUNTIME_DIRECTORY": "/run/routerd", "STATE_DIRECTORY": "/var/lib/routerd:/var/lib/other",
+               "CACHE_DIRECTORY": "/var/cache/routerd"}
+    assert paths.default_socket_path(service) == "/run/routerd/control.sock"
+    assert paths.state_dir(service) == "/var/lib/routerd"
+    assert paths.with_hub_cache(service)["HF_HUB_CACHE"] == "/var/cache/routerd/huggingface/hub"
+    assert "HF_HUB_CACHE" not in paths.with_hub_cache({**service, "HF_HOME": "/srv/hf"})  # the user's choice wins
+    user = {"XDG_RUNTIME_DIR": "/run/user/1000", "HOME": "/home/u"}
+    assert paths.default_socket_path(user) == "/run/user/1000/routerd/control.sock"
+    assert paths.state_dir(user) == "/home/u/.local/state/routerd"
+    assert paths.client_socket_candidates(user) == ["/run/user/1000/routerd/control.sock", paths.SYSTEM_SOCKET]
+    assert paths.client_socket_candidates({**user, "ROUTERD_SOCKET": "/x.sock"}) == ["/x.sock"]

@@ -16,7 +16,7 @@ import tomli_w
 import trio
 
 from demo import demo_model_paths
-from tests.conftest import ROOT, make_config, pids_alive, record_spawns
+from tests.conftest import ROOT, make_config, pids_alive, record_spawns, spawn_routerd
 
 pytestmark = pytest.mark.real
 MODELS = demo_model_paths(ROOT / "demo")
@@ -160,23 +160,6 @@ async def test_estimates_are_within_25_percent_of_measured_rss(start_routerd, tm
         assert 0.75 <= estimate / measured <= 1.25
 
 
-def _spawn_routerd(tmp_path: Path, data: dict) -> tuple[subprocess.Popen, str]:
-    data["server"]["port"] = 0
-    path = tmp_path / "config.toml"
-    path.write_text(tomli_w.dumps(data))
-    log = open(tmp_path / "routerd.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "routerd", "serve", "--config", str(path)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        text = (tmp_path / "routerd.log").read_text()
-        if "serving on http://" in text:
-            return proc, text.split("serving on ")[1].split(",")[0].split()[0]
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("routerd did not start:\n" + (tmp_path / "routerd.log").read_text())
-
-
 def _llama_children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -186,7 +169,7 @@ def _llama_children(pid: int) -> list[int]:
 def test_no_llama_server_outlives_routerd(tmp_path, how):
     import httpx
 
-    proc, url = _spawn_routerd(tmp_path, real_config(tmp_path, **{"smollm2-135m": {}, "gemma3-270m": {}}))
+    proc, url = spawn_routerd(tmp_path, real_config(tmp_path, **{"smollm2-135m": {}, "gemma3-270m": {}}))
     try:
         for name in ("smollm2-135m", "gemma3-270m"):
             httpx.post(url + "/v1/completions", json={"model": name, "prompt": "Hi", "max_tokens": 1}, timeout=60)
