@@ -361,12 +361,12 @@ class ControlServer:
         backend = supervisor.backend(entry.name)
         if backend is None:
             return {"model": entry.name, "lines": [], "running": False}
+        last = backend.log.last_seq
         lines = backend.log.tail(params.lines)
         if not params.follow:
             return {"model": entry.name, "lines": [line.text for line in lines], "running": not backend.gone}
         for line in lines:
             await conn.notify("log", {"model": entry.name, "line": line.text})
-        last = lines[-1].seq if lines else -1
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_hangup, conn, nursery.cancel_scope)
             async for line in backend.log.follow(last):

@@ -40,6 +40,11 @@ class LogRing:
         self.closed = True
         self._appended.set()
 
+    @property
+    def last_seq(self) -> int:
+        """The seq of the newest line so far (-1 when empty): follow from here for new lines only."""
+        return self._next_seq - 1
+
     def tail(self, n: int) -> list[LogLine]:
         if n <= 0:
             return []

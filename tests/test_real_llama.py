@@ -206,15 +206,17 @@ async def test_routerctl_manages_a_real_backend(start_routerd, tmp_path):
     row = next(line for line in status.stdout.decode().splitlines() if line.startswith("smollm2-135m"))
     assert status.returncode == 0 and row.split()[1:3] == ["ready", str(pid)]
 
-    follower = await trio.lowlevel.open_process([*routerctl, "logs", "smollm2-135m", "-n", "1", "-f"],
+    follower = await trio.lowlevel.open_process([*routerctl, "logs", "smollm2-135m", "-n", "2", "-f"],
                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     followed = b""
     with trio.fail_after(20):
-        while b"\n" not in followed:  # the last line so far, then it keeps following
+        while followed.count(b"\n") < 2:  # the last two lines so far, then it keeps following
             followed += await follower.stdout.receive_some()
+        assert b"listening on" in followed and b"stop processing" not in followed
         await r.http.post("/v1/completions", json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 1})
         while b"stop processing" not in followed:  # llama-server's own line for the finished request
             followed += await follower.stdout.receive_some()
+        assert followed.count(b"listening on") == 1  # no line twice
         follower.send_signal(signal.SIGINT)  # Ctrl-C
         assert await follower.wait() == 130
     assert b"Traceback" not in await follower.stderr.receive_some()
