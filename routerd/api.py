@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 import attrs
 import cattrs
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from routerd import __version__, proxy
+from routerd import __version__, proxy, scheduler
+from routerd.backend import Backend
 from routerd.errors import BadRequest, NotFound, PayloadTooLarge, RouterdError
 from routerd.supervisor import Supervisor
 
@@ -44,6 +48,10 @@ def error_response(error: RouterdError) -> Response:
 
 def model_from_body(body: bytes) -> str:
     """The ``model`` field of a JSON request body (400 when missing or malformed)."""
+    return _model_and_stream(body)[0]
+
+
+def _model_and_stream(body: bytes) -> tuple[str, bool]:
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -54,7 +62,7 @@ def model_from_body(body: bytes) -> str:
     if not isinstance(model, str) or not model:
         raise BadRequest("the request has no 'model' field: name the model to use (GET /v1/models lists them)",
                          code="missing_model")
-    return model
+    return model, payload.get("stream") is True
 
 
 def create_app(supervisor: Supervisor, *, extra_status: Callable[[], dict[str, Any]] | None = None) -> QuartTrio:
@@ -63,13 +71,47 @@ def create_app(supervisor: Supervisor, *, extra_status: Callable[[], dict[str, A
     app.config["MAX_CONTENT_LENGTH"] = supervisor.config.server.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
 
-    async def relay(model: str, method: str, path: str, body: bytes) -> Response:
-        backend = await supervisor.acquire(model)
+    async def relay(model: str, method: str, path: str, body: bytes, *, stream: bool = False) -> Response:
+        priority = scheduler.parse_priority(request.headers.get(scheduler.PRIORITY_HEADER))
+        ticket = supervisor.enqueue(model, priority)  # 429 here, before any byte is sent
+        backend = None
+        try:
+            with trio.move_on_after(supervisor.config.scheduler.keepalive_interval if stream else math.inf):
+                backend = await supervisor.acquire_ticket(model, ticket)
+        finally:
+            supervisor.dequeue(model, ticket)
+        if backend is None:
+            # A streaming client still waiting (its model is loading or busy): answer now with an
+            # event stream kept alive by SSE comments until its turn. The ticket keeps its place.
+            return _stream_response(_keepalive_then_relay(model, ticket, method, path, body,
+                                                          list(request.headers.items()), request.query_string))
+        return await _forward(backend, method, path, body)
+
+    async def _forward(backend: Backend, method: str, path: str, body: bytes) -> Response:
         upstream = await proxy.open_upstream(backend, method, path, headers=request.headers.items(),
                                              body=body, query=request.query_string)
         response = Response(upstream, status=upstream.status, headers=upstream.headers())
         response.timeout = None
         return response
+
+    async def _keepalive_then_relay(model: str, ticket: scheduler.Ticket, method: str, path: str, body: bytes,
+                                    headers: list[tuple[str, str]], query: bytes) -> AsyncIterator[bytes]:
+        supervisor.requeue(model, ticket)  # only once the stream runs: nothing is left queued otherwise
+        try:
+            while True:
+                with trio.move_on_after(supervisor.config.scheduler.keepalive_interval):
+                    backend = await supervisor.acquire_ticket(model, ticket)
+                    break
+                yield b": waiting for " + model.encode() + b"\n\n"
+            upstream = await proxy.open_upstream(backend, method, path, headers=headers, body=body, query=query)
+        except RouterdError as exc:  # the status line is sent: report in-band, as OpenAI streams do
+            yield proxy.sse_error(exc)
+            return
+        finally:
+            supervisor.dequeue(model, ticket)
+        async with aclosing(upstream):
+            async for chunk in upstream:
+                yield chunk
 
     async def proxied_post() -> Response:
         limit = supervisor.config.server.max_body_bytes
@@ -77,7 +119,8 @@ def create_app(supervisor: Supervisor, *, extra_status: Callable[[], dict[str, A
             raise PayloadTooLarge(f"request body is {request.content_length} bytes; the limit is {limit} "
                                   "(server.max_body_bytes)")
         body = await request.get_data(cache=False)
-        return await relay(model_from_body(body), "POST", request.path, body)
+        model, stream = _model_and_stream(body)
+        return await relay(model, "POST", request.path, body, stream=stream)
 
     for path in PROXIED_POST:
         app.add_url_rule(path, f"proxy {path}", proxied_post, methods=["POST"])
@@ -163,6 +206,13 @@ def split_model_path(rest: str, supervisor: Supervisor) -> tuple[str, str]:
         supervisor.catalog.resolve(head)  # raises UnknownModel with suggestions
         best = head
     return best, rest[len(best) + 1:]
+
+
+def _stream_response(chunks: AsyncIterator[bytes]) -> Response:
+    response = Response(chunks, status=200, content_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.timeout = None
+    return response
 
 
 def _json(data: Any) -> Response:

@@ -62,6 +62,16 @@ class BackendSpec:
             return 4
 
 
+@attrs.frozen
+class HealthPolicy:
+    """How a ready backend is watched: a /health check every ``interval`` s, each bounded by
+    ``timeout`` s; ``failures`` in a row and it is killed as unresponsive."""
+
+    interval: float = 10.0
+    timeout: float = 5.0
+    failures: int = 2
+
+
 def free_port() -> int:
     """A loopback port free right now (taken at spawn time, never from a fixed range)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -73,8 +83,10 @@ class Backend:
     """The live state of one llama-server process, from spawn to reaping."""
 
     def __init__(self, spec: BackendSpec, *, idle_ttl: float, upstream_read_timeout: float,
-                 env: Mapping[str, str] | None = None, on_change: Callable[[], None] = lambda: None) -> None:
+                 env: Mapping[str, str] | None = None, on_change: Callable[[], None] = lambda: None,
+                 health: HealthPolicy = HealthPolicy()) -> None:
         self.spec = spec
+        self.health = health
         self.idle_ttl = idle_ttl
         self.state = State.STARTING
         self.log = LogRing()
@@ -208,6 +220,7 @@ class Backend:
                 self._settled.set()
                 self._on_change()
                 nursery.start_soon(self._idle_timer)
+                nursery.start_soon(self._watch_health, client)
                 await self._stop_requested.wait()
                 self.state = State.STOPPING
                 self._on_change()
@@ -243,12 +256,28 @@ class Backend:
         return False
 
     @staticmethod
-    async def _healthy(client: httpx.AsyncClient) -> bool:
+    async def _healthy(client: httpx.AsyncClient, timeout: float = 2.0) -> bool:
         try:
-            response = await client.get("/health", timeout=2.0)
+            response = await client.get("/health", timeout=timeout)
         except httpx.HTTPError:
             return False
         return response.status_code == 200
+
+    async def _watch_health(self, client: httpx.AsyncClient) -> None:
+        """Kill a ready backend that stops answering /health (hung, deadlocked, swapped out)."""
+        missed = 0
+        while True:
+            await trio.sleep(self.health.interval)
+            if await self._healthy(client, self.health.timeout):
+                missed = 0
+                continue
+            missed += 1
+            log.warning("%s: /health failed (%d of %d)", self.name, missed, self.health.failures)
+            if missed >= self.health.failures:
+                self.error = (f"llama-server stopped answering /health ({missed} checks, "
+                              f"{self.health.timeout:g} s each); killed")
+                self.request_stop("unresponsive", drain_timeout=0.0)
+                return
 
     async def _watch_exit(self, child: Child, scope: trio.CancelScope) -> None:
         code = await child.wait()

@@ -85,6 +85,36 @@ class MemoryConfig:
 
 
 @attrs.frozen
+class SchedulerConfig:
+    """Queues, fair swaps, preload and self-healing."""
+
+    #: Requests that may wait per model beyond its busy slots; more get 429.
+    max_queue: int = 256
+    #: Longest a request may wait in a model's queue (loading included) before a 503.
+    max_queue_wait: float = 300.0
+    #: Every this many seconds waited lifts a request one priority level (low is never starved).
+    aging: float = 10.0
+    #: Longest a model's queue waits for its turn while other models hold the room it needs;
+    #: then those stop taking new requests, finish what they run, and make way.
+    max_turn_wait: float = 15.0
+    #: Models started at boot, in order, within the memory budget: names, or ["*"] for all.
+    preload: list[str] = attrs.field(factory=list)
+    #: Seconds between health checks of a ready backend, and each check's own timeout.
+    health_interval: float = 10.0
+    health_timeout: float = 5.0
+    #: Consecutive failed checks after which a backend is restarted.
+    health_failures: int = 2
+    #: First delay before restarting a model that failed; doubles per failure, up to restart_backoff_max.
+    restart_backoff: float = 1.0
+    restart_backoff_max: float = 60.0
+    #: This many failures within crash_loop_window seconds mark the model failed until reset.
+    crash_loop_failures: int = 3
+    crash_loop_window: float = 300.0
+    #: Seconds between SSE keep-alive comments sent to a streaming client waiting for its model.
+    keepalive_interval: float = 5.0
+
+
+@attrs.frozen
 class ModelConfig:
     """One model routerd may serve."""
 
@@ -104,6 +134,7 @@ class Config:
     backend: BackendConfig = attrs.field(factory=BackendConfig)
     control: ControlConfig = attrs.field(factory=ControlConfig)
     memory: MemoryConfig = attrs.field(factory=MemoryConfig)
+    scheduler: SchedulerConfig = attrs.field(factory=SchedulerConfig)
     models: dict[str, ModelConfig] = attrs.field(factory=dict)
     #: Where this config was read from (None for the built-in defaults).
     source: str | None = attrs.field(default=None, metadata={"internal": True})
@@ -195,10 +226,17 @@ def _validate(config: Config) -> list[str]:
             errors.append(f"server.{key}: must be positive")
     for section, keys in (("server", ("upstream_read_timeout", "drain_timeout")),
                           ("backend", ("ready_timeout", "stop_grace", "idle_ttl")),
-                          ("memory", ("busy_wait",))):
+                          ("memory", ("busy_wait",)),
+                          ("scheduler", ("max_queue_wait", "max_turn_wait", "health_interval", "restart_backoff",
+                                         "restart_backoff_max", "crash_loop_window"))):
         for key in keys:
             if getattr(getattr(config, section), key) < 0:
                 errors.append(f"{section}.{key}: must not be negative")
+    for key in ("aging", "health_timeout", "keepalive_interval", "health_failures", "crash_loop_failures"):
+        if getattr(config.scheduler, key) <= 0:
+            errors.append(f"scheduler.{key}: must be positive")
+    if config.scheduler.max_queue < 0:
+        errors.append("scheduler.max_queue: must not be negative")
     if config.backend.max_loaded_models < 0:
         errors.append("backend.max_loaded_models: must not be negative")
     errors += _validate_args("backend.args", config.backend.args)

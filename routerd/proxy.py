@@ -16,7 +16,7 @@ import httpx
 import trio
 
 from routerd.backend import Backend
-from routerd.errors import UpstreamFailed
+from routerd.errors import RouterdError, UpstreamFailed
 
 log = logging.getLogger("routerd.proxy")
 
@@ -63,9 +63,11 @@ class UpstreamBody:
             log.warning("%s: stream broke: %s", self._backend.name, exc)
             await self.aclose()
             if self.is_event_stream:
-                error = UpstreamFailed(f"backend for {self._backend.name!r} failed mid-stream: "
-                                       f"{type(exc).__name__}")
-                return b"data: " + json.dumps(error.openai_body()).encode() + b"\n\n"
+                with trio.move_on_after(1.0):  # a dead process: wait for its exit status, the real reason
+                    await self._backend.wait_gone()
+                why = self._backend.error or f"{type(exc).__name__}: {exc}"
+                return sse_error(UpstreamFailed(f"backend for {self._backend.name!r} failed mid-stream: {why}",
+                                                data={"exit_code": self._backend.exit_code}))
             raise StopAsyncIteration from None
 
     async def aclose(self) -> None:
@@ -75,6 +77,11 @@ class UpstreamBody:
         self._backend.release()
         with trio.CancelScope(shield=True):  # runs during a client-disconnect cancellation too
             await self._response.aclose()
+
+
+def sse_error(error: RouterdError) -> bytes:
+    """An error as one server-sent event, for a stream whose status line is already sent."""
+    return b"data: " + json.dumps(error.openai_body()).encode() + b"\n\n"
 
 
 async def open_upstream(backend: Backend, method: str, path: str, *, headers: Iterable[tuple[str, str]],

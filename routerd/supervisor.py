@@ -18,8 +18,8 @@ from collections.abc import Mapping
 import attrs
 import trio
 
-from routerd import admission, llama_args
-from routerd.backend import Backend, BackendSpec, State
+from routerd import admission, llama_args, scheduler
+from routerd.backend import Backend, BackendSpec, HealthPolicy, State
 from routerd.catalog import Catalog, ModelEntry
 from routerd.config import Config
 from routerd.errors import InsufficientMemory, RouterdError, Unavailable
@@ -57,6 +57,7 @@ class ModelStatus:
     port: int | None = None
     in_flight: int = 0
     queued: int = 0
+    oldest_wait: float = 0.0
     last_used: float | None = None
     idle_ttl: float = 0.0
     idle_ttl_left: float | None = None
@@ -80,6 +81,10 @@ class Supervisor:
         self._env = dict(os.environ if env is None else env)
         self._backends: dict[str, Backend] = {}
         self._last_failure: dict[str, Backend] = {}
+        self._failures: dict[str, scheduler.FailureHistory] = {}
+        self._queues: dict[str, scheduler.ModelQueue] = {}
+        #: Models whose turn is up: they take no new requests, finish theirs, and make way.
+        self._yielding: set[str] = set()
         self._admission_lock = trio.Lock()
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -102,28 +107,115 @@ class Supervisor:
             await backend.wait_gone()
 
     # -- requests ---------------------------------------------------------------------------
-    async def acquire(self, name: str) -> Backend:
-        """A ready backend for ``name`` with one request counted in flight; call ``release()``."""
+    def enqueue(self, name: str, priority: int = scheduler.PRIORITIES["normal"]) -> scheduler.Ticket:
+        """Join ``name``'s queue (429 at once when full); pass the ticket to ``acquire_ticket``."""
         entry = self.catalog.resolve(name)
+        return self._queue(entry.name).enter(priority, self.config.scheduler.max_queue_wait)
+
+    def requeue(self, name: str, ticket: scheduler.Ticket) -> None:
+        """Put a dequeued ticket back, in its old place (it keeps its time and sequence)."""
+        self._queue(self.catalog.resolve(name).name).rejoin(ticket)
+
+    def dequeue(self, name: str, ticket: scheduler.Ticket) -> None:
+        self._queue(self.catalog.resolve(name).name).leave(ticket)
+
+    async def acquire(self, name: str, priority: int = scheduler.PRIORITIES["normal"]) -> Backend:
+        """A ready backend for ``name`` with one request counted in flight; call ``release()``.
+
+        Waits in the model's queue (priority, aging, ``scheduler.max_queue_wait``) for a free slot.
+        """
+        ticket = self.enqueue(name, priority)
+        try:
+            return await self.acquire_ticket(name, ticket)
+        finally:
+            self.dequeue(name, ticket)
+
+    async def acquire_ticket(self, name: str, ticket: scheduler.Ticket) -> Backend:
+        """Wait for ``ticket``'s turn on a ready backend; safe to cancel and call again."""
+        entry = self.catalog.resolve(name)
+        queue = self._queue(entry.name)
+        with trio.move_on_at(ticket.deadline):
+            while True:
+                backend = await self._ready_backend(entry)
+                while backend.accepting and not self._my_turn(backend, queue, ticket):
+                    await queue.changed()
+                if backend.accepting:
+                    backend.acquire()
+                    return backend
+        waited = trio.current_time() - ticket.enqueued
+        raise Unavailable(f"waited {waited:.0f} s for {entry.name!r} without a free slot "
+                          f"(scheduler.max_queue_wait); retry later", code="queue_timeout", retry_after=5)
+
+    def _my_turn(self, backend: Backend, queue: scheduler.ModelQueue, ticket: scheduler.Ticket) -> bool:
+        return (backend.name not in self._yielding and backend.in_flight < backend.spec.slots
+                and queue.is_next(ticket))
+
+    def _queue(self, name: str) -> scheduler.ModelQueue:
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = scheduler.ModelQueue(
+                name, limit=self.config.scheduler.max_queue, aging=self.config.scheduler.aging)
+        return queue
+
+    def queued(self, name: str) -> int:
+        queue = self._queues.get(name)
+        return len(queue.tickets) if queue else 0
+
+    def oldest_wait(self, name: str) -> float:
+        """Seconds the longest-waiting request for ``name`` has waited (0 when none)."""
+        queue = self._queues.get(name)
+        if not queue or not queue.tickets:
+            return 0.0
+        return trio.current_time() - min(t.enqueued for t in queue.tickets)
+
+    # -- failures ---------------------------------------------------------------------------
+    def _failure_history(self, name: str) -> scheduler.FailureHistory:
+        return self._failures.setdefault(name, scheduler.FailureHistory())
+
+    def crash_looping(self, name: str) -> bool:
+        history = self._failures.get(name)
+        policy = self.config.scheduler
+        return bool(history) and history.broken(trio.current_time(), policy.crash_loop_failures,
+                                                policy.crash_loop_window)
+
+    def _refuse_if_crash_looping(self, name: str) -> None:
+        if self.crash_looping(name):
+            history = self._failures[name]
+            policy = self.config.scheduler
+            raise Unavailable(
+                f"model {name!r} is failed: {history.recent(trio.current_time(), policy.crash_loop_window)} "
+                f"failures within {policy.crash_loop_window:g} s, the last: {history.last_error}. "
+                f"Fix the cause, then `routerctl reset {name}`",
+                code="model_failed", data={"exit_code": history.exit_code, "log_tail": history.log_tail})
+
+    def reset(self, name: str) -> bool:
+        """Forget ``name``'s failures (the crash-loop breaker and backoff); True if there were any."""
+        entry = self.catalog.resolve(name)
+        had = bool(self._failures.pop(entry.name, None)) | (self._last_failure.pop(entry.name, None) is not None)
+        self._notify_change()
+        return had
+
+    async def load(self, name: str) -> Backend:
+        """Start ``name`` (if needed) and wait until it is ready."""
+        return await self._ready_backend(self.catalog.resolve(name))
+
+    async def _ready_backend(self, entry: ModelEntry) -> Backend:
+        """The ready backend of ``entry``, started (after any restart backoff) if there is none."""
         while True:
             if self._closing:
                 raise Unavailable("routerd is shutting down", code="shutting_down")
+            self._refuse_if_crash_looping(entry.name)
             backend = self._backends.get(entry.name)
             if backend is None:
+                policy = self.config.scheduler
+                await trio.sleep_until(self._failure_history(entry.name).next_start(
+                    policy.restart_backoff, policy.restart_backoff_max))
                 backend = await self._admit_and_start(entry)
             if backend.state is State.STOPPING or backend.stop_requested:
                 await backend.wait_gone()
                 continue
             await backend.wait_ready()
-            if backend.accepting:
-                backend.acquire()
-                return backend
-
-    async def load(self, name: str) -> Backend:
-        """Start ``name`` (if needed) and wait until it is ready."""
-        backend = await self.acquire(name)
-        backend.release()
-        return backend
+            return backend
 
     def unload(self, name: str, *, force: bool = False) -> Backend | None:
         """Ask ``name`` to stop; in-flight requests finish first unless ``force``."""
@@ -190,12 +282,16 @@ class Supervisor:
                 return dict(newcomer.need), gpu
             waited = trio.current_time() - waited_since
             limit = self.config.memory.busy_wait if self.config.memory.when_busy == "wait" else 0.0
+            turn = self.config.scheduler.max_turn_wait
+            if waited >= turn and limit > turn:
+                self._take_turn_from(plan.busy, entry.name)
             if waited >= limit:
                 raise InsufficientMemory(
                     f"no room for {entry.name!r}: needs {dict(plan.shortfall)} more and "
                     f"{', '.join(plan.busy) or 'nothing'} is busy",
                     data=self.memory.explain(newcomer, residents), retry_after=5)
-            with trio.move_on_after(limit - waited):
+            next_check = min(limit, turn) if waited < turn else limit
+            with trio.move_on_after(max(0.0, next_check - waited)):
                 await self._changed.wait()
 
     def _best_plan(self, entry: ModelEntry, spec: BackendSpec, residents: list[admission.Resident],
@@ -209,11 +305,22 @@ class Supervisor:
             options.append((plan, newcomer, gpu))
         return min(options, key=lambda option: _plan_cost(option[0]))
 
+    def _take_turn_from(self, busy: tuple[str, ...], waiting: str) -> None:
+        """``waiting`` has waited its turn: the models in its way stop taking new requests."""
+        for name in busy:
+            if name not in self._yielding:
+                log.info("%s yields to %s (it waited scheduler.max_turn_wait)", name, waiting)
+                self._yielding.add(name)
+        self._notify_change()
+
     def _resident(self, backend: Backend) -> admission.Resident:
         entry = self.catalog.get(backend.name)
+        # Requests waiting for a model count as demand: it is not evicted under them, unless
+        # its turn is up (then only what runs keeps it).
+        demand = backend.in_flight > 0 or (backend.name not in self._yielding and self.queued(backend.name) > 0)
         return admission.Resident(
             name=backend.name, group=entry.group if entry else "",
-            busy=backend.in_flight > 0 and not backend.stop_requested,
+            busy=demand and not backend.stop_requested,
             last_used=backend.last_used, usage=self.memory.usage(backend))
 
     async def _evict(self, plan: admission.Admit) -> None:
@@ -229,8 +336,10 @@ class Supervisor:
         env = self._env
         if gpu is not None:  # NVML numbers GPUs in PCI bus order; make CUDA agree
             env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpu.removeprefix("gpu")}
+        policy = self.config.scheduler
         backend = Backend(spec, idle_ttl=entry.idle_ttl, upstream_read_timeout=self.config.server.upstream_read_timeout,
-                          env=env, on_change=self._notify_change)
+                          env=env, on_change=self._notify_change,
+                          health=HealthPolicy(policy.health_interval, policy.health_timeout, policy.health_failures))
         self._backends[entry.name] = backend
         self._nursery.start_soon(self._run_backend, backend, name=f"backend {entry.name}")
         self._notify_change()
@@ -242,8 +351,11 @@ class Supervisor:
         finally:
             if self._backends.get(backend.name) is backend:
                 del self._backends[backend.name]
+            self._yielding.discard(backend.name)
             if backend.error:
                 self._last_failure[backend.name] = backend
+                self._failure_history(backend.name).record(trio.current_time(), backend.error, backend.exit_code,
+                                                           backend.log.text_tail(40))
             else:
                 self._last_failure.pop(backend.name, None)
             self._notify_change()
@@ -251,6 +363,8 @@ class Supervisor:
     def _notify_change(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+        for queue in self._queues.values():
+            queue.wake()
 
     # -- reload -----------------------------------------------------------------------------
     def apply(self, config: Config, catalog: Catalog) -> dict[str, list[str]]:
@@ -273,10 +387,13 @@ class Supervisor:
             else:
                 backend.set_idle_ttl(entry.idle_ttl)
                 outcome["kept"].append(name)
-        for name in list(self._last_failure):
+        for name in set(self._last_failure) | set(self._failures):
             old, new = old_catalog.get(name), catalog.get(name)
-            if new is None or old != new:
-                del self._last_failure[name]
+            if new is None or old != new:  # a changed model gets a fresh start
+                self._last_failure.pop(name, None)
+                self._failures.pop(name, None)
+        for queue in self._queues.values():
+            queue.limit, queue.aging = config.scheduler.max_queue, config.scheduler.aging
         self._notify_change()
         return outcome
 
@@ -294,10 +411,12 @@ class Supervisor:
             path=entry.path, available=entry.available, state=state,
             pid=backend.pid if backend else None, port=backend.port if backend else None,
             in_flight=backend.in_flight if backend else 0,
+            queued=self.queued(entry.name), oldest_wait=self.oldest_wait(entry.name),
             last_used=_wall(shown.last_used) if shown else None,
             idle_ttl=entry.idle_ttl,
             idle_ttl_left=backend.idle_ttl_left() if backend else None,
-            last_error=failure.error if failure else None,
+            last_error=failure.error if failure else (self._failures[entry.name].last_error
+                                                      if entry.name in self._failures else None),
             exit_code=shown.exit_code if shown else None,
             memory=self.memory.model_report(entry, spec_for(entry, self.config, self.binary), backend),
             metadata=entry.metadata_dict(),
@@ -333,7 +452,9 @@ class Supervisor:
         backend = self._backends.get(name)
         if backend is not None:
             return backend.state.value
-        return State.FAILED.value if name in self._last_failure else State.UNLOADED.value
+        if self.crash_looping(name) or name in self._last_failure:
+            return State.FAILED.value
+        return State.UNLOADED.value
 
     def counts(self) -> dict[str, int]:
         states = [self.state_of(entry.name) for entry in self.catalog]

@@ -1,0 +1,130 @@
+"""Per-model request queues and the failure history of each model.
+
+Owns who goes next when a backend's slots are busy or it is still loading (priority, FIFO within
+a priority, aging so a low request is never starved, the queue limit), and when a model that
+keeps failing may start again (exponential backoff, the crash-loop breaker). The policy parts
+are pure functions over plain data; ``ModelQueue`` adds the waiting. It must not start, stop or
+choose backends: the supervisor asks it and acts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from routerd.errors import BadRequest, TooManyRequests
+
+PRIORITIES = {"high": 0, "normal": 1, "low": 2}
+PRIORITY_HEADER = "X-Request-Priority"
+
+
+def parse_priority(value: str | None) -> int:
+    """The ``X-Request-Priority`` header as a level (0 is served first); absent means normal."""
+    if value is None or value == "":
+        return PRIORITIES["normal"]
+    level = PRIORITIES.get(value.strip().lower())
+    if level is None:
+        raise BadRequest(f"{PRIORITY_HEADER}: {value!r} is not one of high, normal, low",
+                         code="invalid_priority")
+    return level
+
+
+@attrs.define(eq=False)
+class Ticket:
+    """One request waiting for a slot of its model."""
+
+    priority: int
+    enqueued: float
+    seq: int
+    deadline: float
+
+
+def effective_priority(ticket: Ticket, now: float, aging: float) -> float:
+    """Its level, lifted one step for every ``aging`` seconds waited."""
+    return ticket.priority - (now - ticket.enqueued) // aging
+
+
+def pick_next(tickets: Sequence[Ticket], now: float, aging: float) -> Ticket | None:
+    """Who gets the next free slot: best effective priority, then first come (pure)."""
+    return min(tickets, key=lambda t: (effective_priority(t, now, aging), t.seq), default=None)
+
+
+class ModelQueue:
+    """The requests waiting for one model, whatever backend process serves it now."""
+
+    def __init__(self, name: str, *, limit: int, aging: float) -> None:
+        self.name = name
+        self.limit = limit
+        self.aging = aging
+        self.tickets: list[Ticket] = []
+        self._seq = itertools.count()
+        self._changed = trio.Event()
+        self._best: Ticket | None = None
+        self._best_valid = False
+
+    def enter(self, priority: int, max_wait: float) -> Ticket:
+        """Join the queue, or raise TooManyRequests (429) at once when it is full."""
+        if len(self.tickets) >= self.limit:
+            raise TooManyRequests(f"{len(self.tickets)} requests are already waiting for {self.name!r} "
+                                  f"(scheduler.max_queue = {self.limit}); retry later",
+                                  retry_after=max(1.0, len(self.tickets) / 16))
+        now = trio.current_time()
+        ticket = Ticket(priority, now, next(self._seq), now + max_wait)
+        self.tickets.append(ticket)
+        self.wake()
+        return ticket
+
+    def rejoin(self, ticket: Ticket) -> None:
+        if ticket not in self.tickets:
+            self.tickets.append(ticket)
+            self.wake()
+
+    def leave(self, ticket: Ticket) -> None:
+        if ticket in self.tickets:
+            self.tickets.remove(ticket)
+            self.wake()
+
+    def is_next(self, ticket: Ticket) -> bool:
+        if not self._best_valid:  # computed once per change, not once per waiter
+            self._best = pick_next(self.tickets, trio.current_time(), self.aging)
+            self._best_valid = True
+        return self._best is ticket
+
+    def wake(self) -> None:
+        """Something changed (a slot freed, a backend moved on, the queue changed): look again."""
+        self._best_valid = False
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+
+@attrs.define
+class FailureHistory:
+    """A model's recent failures: how long to back off, and whether it is in a crash loop."""
+
+    times: list[float] = attrs.field(factory=list)
+    last_error: str | None = None
+    exit_code: int | None = None
+    log_tail: str = ""
+
+    def record(self, now: float, error: str, exit_code: int | None, log_tail: str) -> None:
+        self.times.append(now)
+        self.last_error, self.exit_code, self.log_tail = error, exit_code, log_tail
+
+    def recent(self, now: float, window: float) -> int:
+        return sum(1 for t in self.times if now - t <= window)
+
+    def broken(self, now: float, failures: int, window: float) -> bool:
+        """In a crash loop: ``failures`` failures within ``window`` seconds."""
+        return self.recent(now, window) >= failures
+
+    def next_start(self, base: float, ceiling: float) -> float:
+        """Earliest time the model may start again: base * 2^(consecutive failures - 1) after the last."""
+        if not self.times:
+            return -float("inf")
+        return self.times[-1] + min(ceiling, base * 2 ** (len(self.times) - 1))
