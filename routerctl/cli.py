@@ -196,6 +196,8 @@ def _parser() -> argparse.ArgumentParser:
     unload = sub.add_parser("unload", help="stop a model after its in-flight requests")
     unload.add_argument("model")
     unload.add_argument("--force", action="store_true", help="cut in-flight requests")
+    reset = sub.add_parser("reset", help="clear a failed model's crash-loop state so it may start again")
+    reset.add_argument("model")
     sub.add_parser("reload", help="re-read the config and apply what changed")
     sub.add_parser("rescan", help="re-discover models")
     logs = sub.add_parser("logs", help="a backend's recent output")
@@ -233,6 +235,10 @@ def run(args: argparse.Namespace) -> Any:
         if c == "unload":
             result = client.call("unload", {"model": args.model, "force": args.force})
             return result, lambda r: print(f"{r['model']}: unloaded" + ("" if r["was_running"] else " (was not running)"))
+        if c == "reset":
+            result = client.call("reset", {"model": args.model})
+            return result, lambda r: print(f"{r['model']}: " + ("failures cleared" if r["had_failures"]
+                                                                 else "had no failures") + f", now {r['state']}")
         if c in ("reload", "rescan"):
             return client.call(c), print_reload
         if c == "logs":

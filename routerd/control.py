@@ -71,6 +71,11 @@ class UnloadParams:
 
 
 @attrs.frozen
+class ModelParams:
+    model: str
+
+
+@attrs.frozen
 class LogsParams:
     model: str
     lines: int = 100
@@ -194,6 +199,7 @@ class ControlServer:
             "rescan": (NoParams, self._rescan),
             "logs": (LogsParams, self._logs),
             "memory": (NoParams, self._memory),
+            "reset": (ModelParams, self._reset),
         }
 
     # -- socket ---------------------------------------------------------------------------
@@ -373,6 +379,12 @@ class ControlServer:
                 await conn.notify("log", {"model": entry.name, "line": line.text})
             nursery.cancel_scope.cancel()
         return {"model": entry.name, "lines": [], "running": False}
+
+    async def _reset(self, params: ModelParams, conn: Connection) -> dict[str, Any]:
+        supervisor = self.daemon.supervisor
+        entry = supervisor.catalog.resolve(params.model)
+        had_failures = supervisor.reset(entry.name)
+        return {"model": entry.name, "had_failures": had_failures, "state": supervisor.state_of(entry.name)}
 
     async def _memory(self, params: NoParams, conn: Connection) -> dict[str, Any]:
         return self.daemon.supervisor.memory_view()

@@ -105,6 +105,7 @@ class Daemon:
             log.info("routerd %s serving on %s, control socket %s", __version__, ", ".join(self.http_urls),
                      self.socket_path)
             self.notifier.ready(self.status_line())
+            self.supervisor.preload_soon()  # after READY: loading never delays serving other models
             root.start_soon(self.notifier.watchdog_loop)
             root.start_soon(self._status_updates)
             if handle_signals:

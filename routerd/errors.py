@@ -28,6 +28,10 @@ class RouterdError(Exception):
         self.data = data or {}
         self.retry_after = retry_after
 
+    def copy(self) -> RouterdError:
+        """The same error, to raise again in another task."""
+        return type(self)(self.message, code=self.code, data=self.data, retry_after=self.retry_after)
+
     def openai_body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"message": self.message, "type": self.type, "code": self.code}
         error.update(self.data)

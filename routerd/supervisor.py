@@ -83,6 +83,7 @@ class Supervisor:
         self._last_failure: dict[str, Backend] = {}
         self._failures: dict[str, scheduler.FailureHistory] = {}
         self._queues: dict[str, scheduler.ModelQueue] = {}
+        self._admitting: dict[str, _Admission] = {}
         #: Models whose turn is up: they take no new requests, finish theirs, and make way.
         self._yielding: set[str] = set()
         self._admission_lock = trio.Lock()
@@ -110,14 +111,18 @@ class Supervisor:
     def enqueue(self, name: str, priority: int = scheduler.PRIORITIES["normal"]) -> scheduler.Ticket:
         """Join ``name``'s queue (429 at once when full); pass the ticket to ``acquire_ticket``."""
         entry = self.catalog.resolve(name)
-        return self._queue(entry.name).enter(priority, self.config.scheduler.max_queue_wait)
+        ticket = self._queue(entry.name).enter(priority, self.config.scheduler.max_queue_wait)
+        self._signal_watchers()
+        return ticket
 
     def requeue(self, name: str, ticket: scheduler.Ticket) -> None:
         """Put a dequeued ticket back, in its old place (it keeps its time and sequence)."""
         self._queue(self.catalog.resolve(name).name).rejoin(ticket)
+        self._signal_watchers()
 
     def dequeue(self, name: str, ticket: scheduler.Ticket) -> None:
         self._queue(self.catalog.resolve(name).name).leave(ticket)
+        self._signal_watchers()
 
     async def acquire(self, name: str, priority: int = scheduler.PRIORITIES["normal"]) -> Backend:
         """A ready backend for ``name`` with one request counted in flight; call ``release()``.
@@ -231,6 +236,28 @@ class Supervisor:
         assert self._nursery is not None, "Supervisor.run() is not running"
         self._nursery.start_soon(self._load_quietly, name, name=f"load {name}")
 
+    def preload_soon(self) -> None:
+        """Start ``scheduler.preload`` in the background, in order, within the memory budget."""
+        assert self._nursery is not None, "Supervisor.run() is not running"
+        if self.config.scheduler.preload:
+            self._nursery.start_soon(self._preload, list(self.config.scheduler.preload), name="preload")
+
+    async def _preload(self, names: list[str]) -> None:
+        wanted = [entry.name for entry in self.catalog] if "*" in names else names
+        for name in wanted:
+            try:
+                entry = self.catalog.resolve(name)
+            except RouterdError as exc:
+                log.warning("preload: %s", exc.message)
+                continue
+            if entry.name in self._backends:
+                continue
+            plan, _, _ = self._best_plan(entry, spec_for(entry, self.config, self.binary), self.residents())
+            if not isinstance(plan, admission.Admit) or plan.evict:  # never evict to preload
+                log.warning("preload: skipping %s: it does not fit beside the models already loaded", entry.name)
+                continue
+            await self._load_quietly(entry.name)
+
     async def _load_quietly(self, name: str) -> None:
         try:
             await self.load(name)
@@ -254,15 +281,32 @@ class Supervisor:
         if not entry.available:
             raise Unavailable(f"model {entry.name!r} is unavailable: its file {entry.path} is missing",
                               code="model_unavailable")
-        async with self._admission_lock:
+        pending = self._admitting.get(entry.name)
+        if pending is not None:
+            # One request per model goes through admission; the others wait for its outcome
+            # here rather than on the lock, so none of them is stuck behind other models' turns.
+            await pending.done.wait()
+            if pending.error is not None:
+                raise pending.error.copy()
             existing = self._backends.get(entry.name)
-            if existing is not None:  # started by someone else while we queued for the lock
-                return existing
-            spec = spec_for(entry, self.config, self.binary)
-            need, gpu = await self._make_room(entry, spec)
-            backend = self._start(entry, spec, gpu)
-            self.memory.reserve(backend, need)
-            return backend
+            return existing if existing is not None else await self._admit_and_start(entry)
+        admission_ = self._admitting[entry.name] = _Admission()
+        try:
+            async with self._admission_lock:
+                existing = self._backends.get(entry.name)
+                if existing is not None:
+                    return existing
+                spec = spec_for(entry, self.config, self.binary)
+                need, gpu = await self._make_room(entry, spec)
+                backend = self._start(entry, spec, gpu)
+                self.memory.reserve(backend, need)
+                return backend
+        except RouterdError as exc:
+            admission_.error = exc
+            raise
+        finally:
+            del self._admitting[entry.name]
+            admission_.done.set()
 
     async def _make_room(self, entry: ModelEntry, spec: BackendSpec) -> tuple[dict[str, int], str | None]:
         """Evict what the plan says, or wait (bounded) for busy models.
@@ -271,28 +315,49 @@ class Supervisor:
         choice). Among GPUs, one with room now beats one that needs evictions.
         """
         waited_since = trio.current_time()
-        while True:
-            residents = self.residents()
-            plan, newcomer, gpu = self._best_plan(entry, spec, residents)
-            if isinstance(plan, admission.Refuse):
-                raise InsufficientMemory(plan.reason, data=self.memory.explain(newcomer, residents))
-            if isinstance(plan, admission.Admit):
-                await self._evict(plan)
-                await self.memory.wait_released(newcomer.need)
-                return dict(newcomer.need), gpu
-            waited = trio.current_time() - waited_since
-            limit = self.config.memory.busy_wait if self.config.memory.when_busy == "wait" else 0.0
-            turn = self.config.scheduler.max_turn_wait
-            if waited >= turn and limit > turn:
-                self._take_turn_from(plan.busy, entry.name)
-            if waited >= limit:
-                raise InsufficientMemory(
-                    f"no room for {entry.name!r}: needs {dict(plan.shortfall)} more and "
-                    f"{', '.join(plan.busy) or 'nothing'} is busy",
-                    data=self.memory.explain(newcomer, residents), retry_after=5)
-            next_check = min(limit, turn) if waited < turn else limit
-            with trio.move_on_after(max(0.0, next_check - waited)):
-                await self._changed.wait()
+        made_yield: set[str] = set()
+        try:
+            while True:
+                residents = self.residents()
+                plan, newcomer, gpu = self._best_plan(entry, spec, residents)
+                if isinstance(plan, admission.Refuse):
+                    raise InsufficientMemory(plan.reason, data=self.memory.explain(newcomer, residents))
+                if isinstance(plan, admission.Admit):
+                    await self._evict(plan)
+                    await self.memory.wait_released(newcomer.need)
+                    return dict(newcomer.need), gpu
+                now = trio.current_time()
+                limit = self.config.memory.busy_wait if self.config.memory.when_busy == "wait" else 0.0
+                if now - waited_since >= limit:
+                    raise InsufficientMemory(
+                        f"no room for {entry.name!r}: needs {dict(plan.shortfall)} more and "
+                        f"{', '.join(plan.busy) or 'nothing'} is busy",
+                        data=self.memory.explain(newcomer, residents), retry_after=5)
+                # Fair turns: once this model's oldest request has waited max_turn_wait, residents
+                # in its way that have had their own turn (ready that long) stop taking requests.
+                turn = self.config.scheduler.max_turn_wait
+                waited = max(self.oldest_wait(entry.name), now - waited_since)
+                turn_over = {name: now - (self._backends[name].ready_at or now) for name in plan.busy
+                             if name in self._backends}
+                due = [name for name, served in turn_over.items() if served >= turn]
+                if waited >= turn and due:
+                    newly = self._take_turn_from(tuple(due), entry.name)
+                    if newly:  # those held only by queued demand are evictable now: plan again
+                        made_yield |= newly
+                        continue
+                timers = [waited_since + limit - now] + [turn - served for served in turn_over.values() if served < turn]
+                if waited < turn:
+                    timers.append(turn - waited)
+                with trio.move_on_after(max(0.0, min(timers))):
+                    await self._changed.wait()
+        finally:
+            # Models that yielded for a newcomer that gave up (or did not need them) serve again.
+            for name in made_yield:
+                backend = self._backends.get(name)
+                if backend is not None and not backend.stop_requested:
+                    self._yielding.discard(name)
+            if made_yield:
+                self._notify_change()
 
     def _best_plan(self, entry: ModelEntry, spec: BackendSpec, residents: list[admission.Resident],
                    ) -> tuple[admission.Plan, admission.Newcomer, str | None]:
@@ -305,13 +370,14 @@ class Supervisor:
             options.append((plan, newcomer, gpu))
         return min(options, key=lambda option: _plan_cost(option[0]))
 
-    def _take_turn_from(self, busy: tuple[str, ...], waiting: str) -> None:
+    def _take_turn_from(self, busy: tuple[str, ...], waiting: str) -> set[str]:
         """``waiting`` has waited its turn: the models in its way stop taking new requests."""
-        for name in busy:
-            if name not in self._yielding:
-                log.info("%s yields to %s (it waited scheduler.max_turn_wait)", name, waiting)
-                self._yielding.add(name)
+        added = {name for name in busy if name not in self._yielding}
+        for name in added:
+            log.info("%s yields to %s (it waited scheduler.max_turn_wait)", name, waiting)
+        self._yielding |= added
         self._notify_change()
+        return added
 
     def _resident(self, backend: Backend) -> admission.Resident:
         entry = self.catalog.get(backend.name)
@@ -361,10 +427,15 @@ class Supervisor:
             self._notify_change()
 
     def _notify_change(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        """A backend changed (state, load): wake every queue and every watcher."""
+        self._signal_watchers()
         for queue in self._queues.values():
             queue.wake()
+
+    def _signal_watchers(self) -> None:
+        """Wake ``wait_changed()`` callers (status updates, admission waiting for room)."""
+        self._changed.set()
+        self._changed = trio.Event()
 
     # -- reload -----------------------------------------------------------------------------
     def apply(self, config: Config, catalog: Catalog) -> dict[str, list[str]]:
@@ -460,6 +531,14 @@ class Supervisor:
         states = [self.state_of(entry.name) for entry in self.catalog]
         return {"models": len(states), "ready": states.count("ready"),
                 "starting": states.count("starting"), "failed": states.count("failed")}
+
+
+@attrs.define
+class _Admission:
+    """A model's admission in progress, for the other requests that want it to await."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    error: RouterdError | None = None
 
 
 def _plan_cost(plan: admission.Plan) -> tuple[int, int]:

@@ -13,6 +13,7 @@ model through the backend args' environment... or through flags routerd passes v
   --fake-token-delay S      seconds between streamed tokens
   --fake-tokens N           tokens per completion (default 8)
   --fake-silent-load        print nothing while loading (to test the stall timeout)
+  --fake-hang-after S       S seconds after loading, stop answering anything (/health included)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--fake-token-delay", type=float, default=0.0)
     p.add_argument("--fake-tokens", type=int, default=8)
     p.add_argument("--fake-silent-load", action="store_true")
+    p.add_argument("--fake-hang-after", type=float, default=None)
     args, _unknown = p.parse_known_args()  # accept every real llama-server flag
     return args
 
@@ -71,6 +73,8 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _loading(self) -> bool:
+        if ARGS.fake_hang_after is not None and time.monotonic() >= READY_AT + ARGS.fake_hang_after:
+            time.sleep(3600)  # hung: the connection stays open, nothing is answered
         if time.monotonic() < READY_AT:
             self._json(503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
             return True

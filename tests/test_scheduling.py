@@ -1,0 +1,266 @@
+"""Scheduling and self-healing with the fake llama-server: queues, priorities, aging, 429/503,
+fair turns between models, health checks, restart backoff, the crash-loop breaker, keep-alives
+for waiting streams, preload."""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+import trio
+
+from routerd import scheduler
+from tests.conftest import make_config, record_spawns
+from tests.test_control import call, rpc
+
+COMPLETIONS = "/v1/completions"
+
+
+def one_slot(model_file, name: str = "a", *extra: str) -> dict:
+    return {"path": model_file(name), "args": ["--parallel", "1", "--fake-token-delay", "0.05", *extra]}
+
+
+async def post(r, model: str, priority: str | None = None, **body):
+    headers = {scheduler.PRIORITY_HEADER: priority} if priority else {}
+    return await r.http.post(COMPLETIONS, json={"model": model, "prompt": "hi", **body}, headers=headers)
+
+
+async def wait_queued(r, model: str, n: int) -> None:
+    with trio.fail_after(10):
+        while r.supervisor.queued(model) != n:
+            await r.supervisor.wait_changed()
+
+
+# -- pure policy ----------------------------------------------------------------------------
+def test_pick_next_orders_by_priority_then_arrival_and_ages_waiters():
+    low = scheduler.Ticket(priority=2, enqueued=0.0, seq=0, deadline=99)
+    normal = scheduler.Ticket(priority=1, enqueued=1.0, seq=1, deadline=99)
+    high = scheduler.Ticket(priority=0, enqueued=2.0, seq=2, deadline=99)
+    high2 = scheduler.Ticket(priority=0, enqueued=2.5, seq=3, deadline=99)
+    assert scheduler.pick_next([low, normal, high2, high], now=3.0, aging=10) is high
+    # waiting 25 s lifted the low request two levels: it goes before a high one that just arrived
+    fresh_high = scheduler.Ticket(priority=0, enqueued=24.0, seq=9, deadline=99)
+    assert scheduler.pick_next([fresh_high, low], now=25.0, aging=10) is low
+
+
+def test_failure_history_backs_off_exponentially_and_breaks_a_crash_loop():
+    history = scheduler.FailureHistory()
+    assert history.next_start(1.0, 60.0) == -float("inf")
+    for t in (0.0, 10.0, 20.0):
+        history.record(t, "exited with status 1", 1, "tail")
+    assert history.next_start(1.0, 60.0) == 20.0 + 4.0
+    assert history.broken(now=25.0, failures=3, window=300) and not history.broken(now=400.0, failures=3, window=300)
+
+
+# -- queues ---------------------------------------------------------------------------------
+async def test_priority_order_with_fifo_within_a_priority(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": one_slot(model_file)}, scheduler={"aging": 100.0}))
+    done: list[str] = []
+
+    async def request(label: str, priority: str | None, tokens: int = 2) -> None:
+        response = await post(r, "a", priority, max_tokens=tokens)
+        assert response.status_code == 200
+        done.append(label)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request, "busy", None, 20)  # holds the only slot for ~1 s
+        await wait_queued(r, "a", 0)
+        with trio.fail_after(10):
+            while not (r.supervisor.running("a") and r.supervisor.running("a").in_flight):
+                await r.supervisor.wait_changed()
+        for n, (label, priority) in enumerate([("low", "low"), ("normal-1", None), ("high", "high"),
+                                               ("normal-2", "normal")]):
+            nursery.start_soon(request, label, priority)
+            await wait_queued(r, "a", n + 1)
+    assert done == ["busy", "high", "normal-1", "normal-2", "low"]
+
+
+async def test_aging_lifts_a_waiting_low_request_above_newer_high_ones(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": one_slot(model_file)}, scheduler={"aging": 0.2}))
+    done: list[str] = []
+
+    async def request(label: str, priority: str, tokens: int = 2) -> None:
+        assert (await post(r, "a", priority, max_tokens=tokens)).status_code == 200
+        done.append(label)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request, "busy", "normal", 20)
+        with trio.fail_after(10):
+            while not (r.supervisor.running("a") and r.supervisor.running("a").in_flight):
+                await r.supervisor.wait_changed()
+        nursery.start_soon(request, "old-low", "low")
+        await wait_queued(r, "a", 1)
+        await trio.sleep(0.7)  # three aging steps: low is now above high
+        nursery.start_soon(request, "new-high", "high")
+        await wait_queued(r, "a", 2)
+    assert done == ["busy", "old-low", "new-high"]
+
+
+async def test_unknown_priority_is_a_400(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
+    response = await post(r, "a", "urgent")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_priority" and "urgent" in response.json()["error"]["message"]
+
+
+async def test_full_queue_is_429_and_a_long_wait_is_503_both_with_retry_after(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": one_slot(model_file)},
+                                        scheduler={"max_queue": 1, "max_queue_wait": 0.6}))
+    assert (await post(r, "a")).status_code == 200  # loaded
+    results = {}
+
+    async def request(label: str, tokens: int) -> None:
+        results[label] = await post(r, "a", max_tokens=tokens)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request, "busy", 40)  # ~2 s on the only slot
+        with trio.fail_after(10):
+            while not r.supervisor.running("a").in_flight:
+                await r.supervisor.wait_changed()
+        nursery.start_soon(request, "queued", 1)
+        await wait_queued(r, "a", 1)
+        nursery.start_soon(request, "over", 1)
+    assert results["busy"].status_code == 200
+    over, queued = results["over"], results["queued"]
+    assert over.status_code == 429 and over.json()["error"]["code"] == "queue_full" and int(over.headers["retry-after"]) >= 1
+    assert queued.status_code == 503 and queued.json()["error"]["code"] == "queue_timeout"
+    assert int(queued.headers["retry-after"]) >= 1 and r.supervisor.queued("a") == 0
+
+
+async def test_a_queued_client_that_disconnects_leaves_the_queue_at_once(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": one_slot(model_file)}))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: post(r, "a", None, max_tokens=60))  # ~3 s on the only slot
+        with trio.fail_after(10):
+            while not (r.supervisor.running("a") and r.supervisor.running("a").in_flight):
+                await r.supervisor.wait_changed()
+        async with httpx.AsyncClient(base_url=r.url, timeout=0.3) as impatient:
+            try:
+                await impatient.post(COMPLETIONS, json={"model": "a", "prompt": "hi"})
+            except httpx.ReadTimeout:
+                pass
+        with trio.fail_after(1):  # well before the slot frees up
+            while r.supervisor.queued("a"):
+                await r.supervisor.wait_changed()
+        assert r.supervisor.running("a").in_flight == 1
+
+
+# -- fair turns -----------------------------------------------------------------------------
+async def test_mixed_stream_over_three_models_with_room_for_one_is_fair_without_thrashing(
+        start_routerd, tmp_path, model_file):
+    turn, rate, count = 1.0, 40.0, 160
+    models = {name: {"path": model_file(name), "args": ["--fake-load-seconds", "0.2", "--fake-token-delay", "0.01"]}
+              for name in ("a", "b", "c")}
+    r = await start_routerd(make_config(tmp_path, models, backend={"max_loaded_models": 1},
+                                        scheduler={"max_turn_wait": turn}))
+    spawned = record_spawns(r.supervisor)
+    rng = random.Random(7)
+    waits: list[float] = []
+    statuses: list[int] = []
+    sequence = [rng.choice("abc") for _ in range(count)]
+
+    async def request(model: str) -> None:
+        start = trio.current_time()
+        response = await post(r, model, max_tokens=4)
+        statuses.append(response.status_code)
+        waits.append(trio.current_time() - start)
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for model in sequence:  # an open stream: arrivals do not wait for answers
+            nursery.start_soon(request, model)
+            await trio.sleep(rng.expovariate(rate))
+    elapsed = trio.current_time() - start
+    swaps = len(spawned) - 1
+    naive = sum(1 for x, y in zip(sequence, sequence[1:]) if x != y)  # a load per change of model
+    print(f"\n{count} requests over a/b/c at {rate:g}/s, one resident: {swaps} swaps (a swap per model change "
+          f"would be {naive}) in {elapsed:.1f} s; worst wait {max(waits):.2f} s, "
+          f"median {sorted(waits)[len(waits) // 2]:.2f} s")
+    assert statuses == [200] * count
+    assert swaps <= naive / 4
+    # each model waits at most for the two others' turns, each a turn plus a drain and a load
+    assert max(waits) <= 2 * (turn + 1.5) + 1.0
+
+
+# -- self-healing ---------------------------------------------------------------------------
+async def test_a_hung_backend_is_detected_killed_and_replaced(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(
+        tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-hang-after", "0.5"]}},
+        scheduler={"health_interval": 0.2, "health_timeout": 0.2, "health_failures": 2, "restart_backoff": 0.05}))
+    assert (await post(r, "a")).status_code == 200
+    hung = r.supervisor.running("a")
+    with trio.fail_after(5):
+        await hung.wait_gone()
+    assert "stopped answering /health" in hung.error
+    status = (await rpc(r.daemon.socket_path, call("status", {"model": "a"})))[0]["result"]["model"]
+    assert "stopped answering /health" in status["last_error"]
+    assert (await post(r, "a")).status_code == 200 and r.supervisor.running("a").pid != hung.pid
+
+
+async def test_crash_loop_marks_the_model_failed_until_reset(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(
+        tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-exit-during-load", "3"]}},
+        scheduler={"crash_loop_failures": 3, "crash_loop_window": 60, "restart_backoff": 0.05}))
+    spawned = record_spawns(r.supervisor)
+    for _ in range(3):
+        response = await post(r, "a")
+        assert response.status_code == 503 and response.json()["error"]["code"] == "backend_start_failed"
+    with trio.fail_after(0.5):  # refused at once, no fourth spawn
+        broken = await post(r, "a")
+    error = broken.json()["error"]
+    assert broken.status_code == 503 and error["code"] == "model_failed" and error["exit_code"] == 3
+    assert "routerctl reset a" in error["message"] and "failing on purpose" in error["log_tail"]
+    assert len(spawned) == 3 and r.supervisor.state_of("a") == "failed"
+    assert (await rpc(r.daemon.socket_path, call("reset", {"model": "a"})))[0]["result"]["had_failures"]
+    again = await post(r, "a")
+    assert again.json()["error"]["code"] == "backend_start_failed" and len(spawned) == 4  # it was tried again
+
+
+async def test_restarts_back_off_exponentially(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(
+        tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-exit-during-load", "1"]}},
+        scheduler={"crash_loop_failures": 10, "restart_backoff": 0.4}))
+    times = []
+    for _ in range(3):
+        await post(r, "a")
+        times.append(trio.current_time())
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert 0.4 <= gaps[0] < 0.8 and 0.8 <= gaps[1] < 1.4, gaps
+
+
+# -- waiting streams, preload ---------------------------------------------------------------
+async def test_a_stream_waiting_for_its_model_gets_keepalive_comments(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(
+        tmp_path, {"slow": {"path": model_file("slow"), "args": ["--fake-load-seconds", "1.0"]},
+                   "broken": {"path": model_file("broken"), "args": ["--fake-load-seconds", "0.5",
+                                                                     "--fake-exit-during-load", "1"]}},
+        scheduler={"keepalive_interval": 0.2}))
+    async with r.http.stream("POST", "/v1/chat/completions", json={
+            "model": "slow", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as response:
+        lines = [line async for line in response.aiter_lines() if line]
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    comments = [line for line in lines if line.startswith(":")]
+    assert len(comments) >= 3 and lines.index(comments[-1]) < lines.index(next(l for l in lines if l.startswith("data: {")))
+    assert lines[-1] == "data: [DONE]"
+    # a load that fails after the stream started: the error arrives in-band
+    async with r.http.stream("POST", "/v1/chat/completions", json={
+            "model": "broken", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as response:
+        lines = [line async for line in response.aiter_lines() if line]
+    import json
+    error = json.loads(lines[-1].removeprefix("data: "))["error"]
+    assert error["code"] == "backend_start_failed" and error["exit_code"] == 1
+
+
+async def test_preload_starts_models_after_ready_in_order(start_routerd, tmp_path, model_file):
+    models = {name: {"path": model_file(name), "args": ["--fake-load-seconds", "0.5"]} for name in ("a", "b", "c")}
+    r = await start_routerd(make_config(tmp_path, models, backend={"max_loaded_models": 2},
+                                        scheduler={"preload": ["b", "*"]}))
+    spawned = record_spawns(r.supervisor)
+    # routerd answers at once; the preloads load behind it
+    assert (await r.http.get("/health")).json()["ready"] == 0
+    with trio.fail_after(10):
+        while r.supervisor.counts()["ready"] < 2 or r.supervisor.counts()["starting"]:
+            await r.supervisor.wait_changed()
+    await trio.sleep(0.3)
+    # b first, then the rest in catalog order, skipping what would need an eviction
+    assert [n for n in ("a", "b", "c") if r.supervisor.running(n)] == ["a", "b"]
