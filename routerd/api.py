@@ -90,6 +90,8 @@ def create_app(supervisor: Supervisor, *, extra_status: Callable[[], dict[str, A
     async def _forward(backend: Backend, method: str, path: str, body: bytes) -> Response:
         upstream = await proxy.open_upstream(backend, method, path, headers=request.headers.items(),
                                              body=body, query=request.query_string)
+        if not upstream.is_event_stream:  # a whole answer: a backend dying mid-body is a clean 502
+            return Response(await upstream.read_all(), status=upstream.status, headers=upstream.headers())
         response = Response(upstream, status=upstream.status, headers=upstream.headers())
         response.timeout = None
         return response

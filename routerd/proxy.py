@@ -20,6 +20,10 @@ from routerd.errors import RouterdError, UpstreamFailed
 
 log = logging.getLogger("routerd.proxy")
 
+#: What a dying backend raises at us: httpx errors, and httpx's "client has been closed"
+#: RuntimeError when the backend's client closes as its process is reaped.
+_BROKEN = (httpx.HTTPError, trio.BrokenResourceError, trio.ClosedResourceError, RuntimeError)
+
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                          "trailers", "transfer-encoding", "upgrade", "host", "content-length"})
 
@@ -58,17 +62,22 @@ class UpstreamBody:
         except StopAsyncIteration:
             await self.aclose()
             raise
-        except httpx.HTTPError as exc:
+        except _BROKEN as exc:
             # Headers are sent; the status cannot change. Tell an SSE client in-band, then end.
             log.warning("%s: stream broke: %s", self._backend.name, exc)
             await self.aclose()
             if self.is_event_stream:
-                with trio.move_on_after(1.0):  # a dead process: wait for its exit status, the real reason
-                    await self._backend.wait_gone()
-                why = self._backend.error or f"{type(exc).__name__}: {exc}"
-                return sse_error(UpstreamFailed(f"backend for {self._backend.name!r} failed mid-stream: {why}",
-                                                data={"exit_code": self._backend.exit_code}))
-            raise StopAsyncIteration from None
+                return sse_error(await _failure(self._backend, exc, "mid-stream"))
+            raise
+
+    async def read_all(self) -> bytes:
+        """The whole body (for answers that are not event streams), or UpstreamFailed (502)."""
+        try:
+            return await self._response.aread()
+        except _BROKEN as exc:
+            raise await _failure(self._backend, exc) from None
+        finally:
+            await self.aclose()
 
     async def aclose(self) -> None:
         if self._closed:
@@ -99,9 +108,17 @@ async def open_upstream(backend: Backend, method: str, path: str, *, headers: It
         response = await backend.client.send(request, stream=True)
     except BaseException as exc:
         backend.release()
-        if isinstance(exc, httpx.HTTPError):
-            why = backend.error or f"{type(exc).__name__}: {exc}"
-            raise UpstreamFailed(f"backend for {backend.name!r} failed: {why}",
-                                 data={"exit_code": backend.exit_code}) from None
+        if isinstance(exc, _BROKEN):
+            raise await _failure(backend, exc) from None
         raise
     return UpstreamBody(response, backend)
+
+
+async def _failure(backend: Backend, exc: BaseException, when: str = "") -> UpstreamFailed:
+    """The 502 for a broken upstream call, with the backend's own reason when it died."""
+    if not backend.accepting:
+        with trio.move_on_after(1.0):  # a dying process: wait for its exit status, the real reason
+            await backend.wait_gone()
+    why = backend.error or f"{type(exc).__name__}: {exc}"
+    return UpstreamFailed(f"backend for {backend.name!r} failed{' ' + when if when else ''}: {why}",
+                          data={"exit_code": backend.exit_code})

@@ -108,13 +108,20 @@ class FailureHistory:
     """A model's recent failures: how long to back off, and whether it is in a crash loop."""
 
     times: list[float] = attrs.field(factory=list)
+    #: Failures since the model last became ready: the backoff exponent.
+    consecutive: int = 0
     last_error: str | None = None
     exit_code: int | None = None
     log_tail: str = ""
 
     def record(self, now: float, error: str, exit_code: int | None, log_tail: str) -> None:
         self.times.append(now)
+        self.consecutive += 1
         self.last_error, self.exit_code, self.log_tail = error, exit_code, log_tail
+
+    def loaded(self) -> None:
+        """The model became ready again: the next failure backs off from the start."""
+        self.consecutive = 0
 
     def recent(self, now: float, window: float) -> int:
         return sum(1 for t in self.times if now - t <= window)
@@ -125,6 +132,6 @@ class FailureHistory:
 
     def next_start(self, base: float, ceiling: float) -> float:
         """Earliest time the model may start again: base * 2^(consecutive failures - 1) after the last."""
-        if not self.times:
+        if not self.consecutive:
             return -float("inf")
-        return self.times[-1] + min(ceiling, base * 2 ** (len(self.times) - 1))
+        return self.times[-1] + min(ceiling, base * 2 ** (self.consecutive - 1))

@@ -22,7 +22,7 @@ from routerd import admission, llama_args, scheduler
 from routerd.backend import Backend, BackendSpec, HealthPolicy, State
 from routerd.catalog import Catalog, ModelEntry
 from routerd.config import Config
-from routerd.errors import InsufficientMemory, RouterdError, Unavailable
+from routerd.errors import InsufficientMemory, LoadFailed, RouterdError, Unavailable
 from routerd.memory import MemoryManager
 
 log = logging.getLogger("routerd.supervisor")
@@ -219,7 +219,14 @@ class Supervisor:
             if backend.state is State.STOPPING or backend.stop_requested:
                 await backend.wait_gone()
                 continue
-            await backend.wait_ready()
+            try:
+                await backend.wait_ready()
+            except LoadFailed:
+                if backend.exit_code is not None and backend.exit_code < 0 and not self.crash_looping(entry.name):
+                    continue  # killed from outside while loading (the OOM killer, an operator): try again
+                raise
+            if entry.name in self._failures:
+                self._failures[entry.name].loaded()
             return backend
 
     def unload(self, name: str, *, force: bool = False) -> Backend | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -226,3 +228,87 @@ async def test_routerctl_manages_a_real_backend(start_routerd, tmp_path):
     assert pids_alive([pid]) == [] and r.supervisor.running("smollm2-135m") is None
     status = await ctl("--json", "status", "smollm2-135m")
     assert json.loads(status.stdout)["model"]["state"] == "unloaded"
+
+
+async def test_kill_9_mid_stream_gives_a_clear_error_and_the_next_request_a_fresh_backend(start_routerd, tmp_path):
+    r = await start_routerd(real_config(tmp_path, **{"smollm2-135m": {}}))
+    async with r.http.stream("POST", "/v1/chat/completions", json={
+            "model": "smollm2-135m", "messages": MESSAGES, "stream": True, "max_tokens": 2000}) as response:
+        lines = response.aiter_lines()
+        await lines.__anext__()
+        killed = r.supervisor.running("smollm2-135m")
+        os.kill(killed.pid, signal.SIGKILL)
+        rest = [line async for line in lines if line]
+    error = json.loads(rest[-1].removeprefix("data: "))["error"]
+    assert error["code"] == "backend_failed" and "status -9" in error["message"]
+    answer = await r.http.post("/v1/completions", json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 2})
+    assert answer.status_code == 200 and r.supervisor.running("smollm2-135m").pid != killed.pid
+
+
+async def test_preload_starts_both_demo_models_at_boot(start_routerd, tmp_path):
+    data = real_config(tmp_path, **{"smollm2-135m": {}, "gemma3-270m": {}})
+    data["scheduler"] = {"preload": ["*"]}
+    r = await start_routerd(data)
+    with trio.fail_after(60):
+        while r.supervisor.counts()["ready"] < 2:
+            await r.supervisor.wait_changed()
+    spawned = record_spawns(r.supervisor)
+    for name in ("smollm2-135m", "gemma3-270m"):
+        assert (await r.http.post("/v1/completions", json={"model": name, "prompt": "Hi", "max_tokens": 1})).status_code == 200
+    assert spawned == []  # both were already there
+
+
+async def test_burst_of_500_mixed_requests_with_backends_killed_at_random(start_routerd, tmp_path):
+    data = real_config(tmp_path, **{"smollm2-135m": {}, "gemma3-270m": {}})
+    data["scheduler"] = {"crash_loop_failures": 50, "restart_backoff": 0.2, "max_queue": 200,
+                         "max_queue_wait": 60.0}
+    r = await start_routerd(data)
+    rng = random.Random(11)
+    outcomes: collections.Counter[str] = collections.Counter()
+
+    async def one(n: int) -> None:
+        model = rng.choice(["smollm2-135m", "gemma3-270m"])
+        body = {"model": model, "messages": MESSAGES, "max_tokens": 4, "stream": n % 3 == 0}
+        if not body["stream"]:
+            response = await r.http.post("/v1/chat/completions", json=body)
+            if response.status_code != 200:
+                error = response.json()["error"]
+                assert error["message"]  # refused with a clear error
+                outcomes[f"{response.status_code} {error['code']}"] += 1
+            else:
+                outcomes["200"] += 1
+            return
+        async with r.http.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = [line async for line in response.aiter_lines() if line]
+        if response.status_code != 200:
+            outcomes[f"{response.status_code} {json.loads(lines[-1])['error']['code']}"] += 1
+        elif lines[-1] == "data: [DONE]":
+            outcomes["200"] += 1
+        else:  # broken by a kill after the headers: the error arrives in-band
+            error = json.loads(lines[-1].removeprefix("data: "))["error"]
+            outcomes[f"stream {error['code']}"] += 1
+
+    async def killer(stop: trio.Event) -> None:
+        while not stop.is_set():
+            await trio.sleep(rng.uniform(1.0, 3.0))
+            victims = [b for b in (r.supervisor.running(n) for n in ("smollm2-135m", "gemma3-270m")) if b and b.pid]
+            if victims:
+                os.kill(rng.choice(victims).pid, signal.SIGKILL)
+                outcomes["kills"] += 1
+
+    stop = trio.Event()
+    started = trio.current_time()
+    with trio.fail_after(300):  # none hung
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(killer, stop)
+            async with trio.open_nursery() as burst:
+                for n in range(500):
+                    burst.start_soon(one, n)
+                    await trio.sleep(0.01)
+            stop.set()
+    requests = sum(v for k, v in outcomes.items() if k != "kills")
+    print(f"\n500 requests in {trio.current_time() - started:.1f} s, {outcomes['kills']} backends killed: "
+          + ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items()) if k != "kills"))
+    assert requests == 500
+    for outcome in outcomes:  # answered, or refused with a clear 429/502/503 (in-band for a started stream)
+        assert outcome in ("200", "kills") or outcome.split()[0] in ("429", "502", "503", "stream"), outcome
