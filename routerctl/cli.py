@@ -125,7 +125,8 @@ def print_status(result: dict[str, Any]) -> None:
     for m in result["models"]:
         ttl = m.get("idle_ttl_left")
         rows.append([m["name"], m["state"] + ("" if m["available"] else " (missing)"), str(m["pid"] or "-"),
-                     str(m["port"] or "-"), m["group"] or "-", str(m["in_flight"]), str(m["queued"]),
+                     str(m["port"] or "-"), m["group"] or "-", str(m["in_flight"]),
+                     f"{m['queued']} ({m['oldest_wait']:.0f}s)" if m.get("queued") else "0",
                      _ago(m["last_used"]), f"{ttl:.0f}s" if ttl is not None else "-", _memory_cell(m.get("memory")),
                      (m.get("last_error") or "")[:60]])
     print(table(rows, ["MODEL", "STATE", "PID", "PORT", "GROUP", "INFLIGHT", "QUEUED", "LAST USED", "TTL LEFT",
