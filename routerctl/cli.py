@@ -197,6 +197,8 @@ def _parser() -> argparse.ArgumentParser:
     unload = sub.add_parser("unload", help="stop a model after its in-flight requests")
     unload.add_argument("model")
     unload.add_argument("--force", action="store_true", help="cut in-flight requests")
+    imp = sub.add_parser("import", help="add the GGUF models under a path to the catalog (kept across restarts)")
+    imp.add_argument("path")
     reset = sub.add_parser("reset", help="clear a failed model's crash-loop state so it may start again")
     reset.add_argument("model")
     sub.add_parser("reload", help="re-read the config and apply what changed")
@@ -236,6 +238,9 @@ def run(args: argparse.Namespace) -> Any:
         if c == "unload":
             result = client.call("unload", {"model": args.model, "force": args.force})
             return result, lambda r: print(f"{r['model']}: unloaded" + ("" if r["was_running"] else " (was not running)"))
+        if c == "import":
+            result = client.call("import", {"path": os.path.abspath(args.path)})
+            return result, lambda r: print(f"imported from {r['path']}: {', '.join(r['added']) or 'nothing new'}")
         if c == "reset":
             result = client.call("reset", {"model": args.model})
             return result, lambda r: print(f"{r['model']}: " + ("failures cleared" if r["had_failures"]

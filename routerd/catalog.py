@@ -1,21 +1,33 @@
 """The model catalog: every model routerd can serve, by name and alias.
 
-Owns model entries (name, aliases, file, args, group, source) built from the config, and name
+Owns model entries (name, aliases, file, args, group, source, state) built from the config, the
+imported models (persisted in routerd's state directory) and what discovery found, and name
 resolution, including the "did you mean" list for unknown names. It must not start processes;
-the supervisor turns entries into backends.
+the supervisor turns entries into backends. It never writes the user's config file.
+
+States: models from the config and imported ones are ``manual`` (never dropped; unavailable
+while their file is missing); discovered ones are ``auto`` (gone when their file goes, back
+when it returns).
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
-from collections.abc import Iterable, Iterator
+import tomllib
+from collections.abc import Iterable, Iterator, Sequence
 
 import attrs
+import tomli_w
 
 from routerd.config import Config
+from routerd.discovery import Found, resolve_collisions
 from routerd.errors import UnknownModel
 from routerd.gguf_meta import GGUFError, read_meta
+
+log = logging.getLogger("routerd.catalog")
+MANUAL_SOURCES = ("config", "import")
 
 
 @attrs.frozen
@@ -26,10 +38,15 @@ class ModelEntry:
     group: str = ""
     idle_ttl: float = 0.0
     args: tuple[str, ...] = ()
-    #: "config" for models named in the config file.
+    #: "config", "import", "folder" or "hf-cache".
     source: str = "config"
     #: Multimodal projector files passed as --mmproj.
     mmproj: tuple[str, ...] = ()
+
+    @property
+    def state(self) -> str:
+        """``manual`` (config, imported) or ``auto`` (discovered)."""
+        return "manual" if self.source in MANUAL_SOURCES else "auto"
 
     @property
     def available(self) -> bool:
@@ -64,12 +81,18 @@ class Catalog:
                 self._names.setdefault(alias, entry.name)
 
     @classmethod
-    def from_config(cls, config: Config) -> Catalog:
-        return cls(
-            ModelEntry(name=name, path=model.path, aliases=tuple(model.aliases), group=model.group,
-                       idle_ttl=config.idle_ttl(name), args=tuple(model.args))
-            for name, model in config.models.items()
-        )
+    def from_config(cls, config: Config, imported: Sequence[Found] = (), discovered: Sequence[Found] = ()) -> Catalog:
+        """Config models first; then imported, then discovered ones whose names are still free."""
+        entries = [ModelEntry(name=name, path=model.path, aliases=tuple(model.aliases), group=model.group,
+                              idle_ttl=config.idle_ttl(name), args=tuple(model.args))
+                   for name, model in config.models.items()]
+        taken = [name for entry in entries for name in (entry.name, *entry.aliases)]
+        folders = [f for f in discovered if f.source == "folder"]
+        cached = [f for f in discovered if f.source != "folder"]
+        for found in resolve_collisions([imported, folders, cached], taken):
+            entries.append(ModelEntry(name=found.name, path=found.path, aliases=found.aliases,
+                                      idle_ttl=config.backend.idle_ttl, source=found.source, mmproj=found.mmproj))
+        return cls(entries)
 
     def __iter__(self) -> Iterator[ModelEntry]:
         return iter(self._entries.values())
@@ -104,3 +127,32 @@ class Catalog:
             changed=tuple(sorted(n for n in set(self._entries) & set(new._entries)
                                  if self._entries[n] != new._entries[n])),
         )
+
+
+class ImportStore:
+    """The imported models, kept in ``catalog.toml`` in routerd's state directory."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = os.path.join(state_dir, "catalog.toml")
+
+    def load(self) -> list[Found]:
+        try:
+            with open(self.path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            return []
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            log.error("cannot read %s (imported models are not served until it is fixed): %s", self.path, exc)
+            return []
+        return [Found(name=item["name"], path=item["path"], source="import", mmproj=tuple(item.get("mmproj", ())))
+                for item in data.get("imported", [])]
+
+    def save(self, imported: Sequence[Found]) -> None:
+        """Write atomically (a crash mid-write keeps the old file)."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        data = {"imported": [{"name": f.name, "path": f.path, "mmproj": list(f.mmproj)} for f in imported]}
+        tmp = self.path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(b"# Models imported with `routerctl import`; managed by routerd.\n")
+            tomli_w.dump(data, f)
+        os.replace(tmp, self.path)

@@ -115,6 +115,18 @@ class SchedulerConfig:
 
 
 @attrs.frozen
+class CatalogConfig:
+    """Where models are discovered besides [models]."""
+
+    #: Serve every GGUF model in the Hugging Face hub cache (HF_HUB_CACHE, HF_HOME, ~/.cache).
+    hf_cache: bool = True
+    #: Folders searched recursively for GGUF files (named by file stem).
+    folders: list[str] = attrs.field(factory=list)
+    #: Seconds between automatic rescans; 0: only at startup and on `routerctl rescan`.
+    rescan_interval: float = 0.0
+
+
+@attrs.frozen
 class ModelConfig:
     """One model routerd may serve."""
 
@@ -135,6 +147,7 @@ class Config:
     control: ControlConfig = attrs.field(factory=ControlConfig)
     memory: MemoryConfig = attrs.field(factory=MemoryConfig)
     scheduler: SchedulerConfig = attrs.field(factory=SchedulerConfig)
+    catalog: CatalogConfig = attrs.field(factory=CatalogConfig)
     models: dict[str, ModelConfig] = attrs.field(factory=dict)
     #: Where this config was read from (None for the built-in defaults).
     source: str | None = attrs.field(default=None, metadata={"internal": True})
@@ -226,7 +239,7 @@ def _validate(config: Config) -> list[str]:
             errors.append(f"server.{key}: must be positive")
     for section, keys in (("server", ("upstream_read_timeout", "drain_timeout")),
                           ("backend", ("ready_timeout", "stop_grace", "idle_ttl")),
-                          ("memory", ("busy_wait",)),
+                          ("memory", ("busy_wait",)), ("catalog", ("rescan_interval",)),
                           ("scheduler", ("max_queue_wait", "max_turn_wait", "health_interval", "restart_backoff",
                                          "restart_backoff_max", "crash_loop_window"))):
         for key in keys:
@@ -278,13 +291,14 @@ def _validate_args(where: str, args: list[str]) -> list[str]:
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
-    models = {
-        name: attrs.evolve(model, path=str((base / Path(model.path).expanduser()).resolve()
-                                           if not Path(model.path).expanduser().is_absolute()
-                                           else Path(model.path).expanduser()))
-        for name, model in config.models.items()
-    }
-    return attrs.evolve(config, models=models)
+    """Relative model and folder paths are relative to the config file's directory."""
+    def absolute(path: str) -> str:
+        expanded = Path(path).expanduser()
+        return str(expanded if expanded.is_absolute() else (base / expanded).resolve())
+
+    models = {name: attrs.evolve(model, path=absolute(model.path)) for name, model in config.models.items()}
+    catalog = attrs.evolve(config.catalog, folders=[absolute(f) for f in config.catalog.folders])
+    return attrs.evolve(config, models=models, catalog=catalog)
 
 
 def from_mapping(data: Mapping[str, Any], *, source: str | None = None, base: Path | None = None) -> Config:

@@ -76,6 +76,11 @@ class ModelParams:
 
 
 @attrs.frozen
+class PathParams:
+    path: str
+
+
+@attrs.frozen
 class LogsParams:
     model: str
     lines: int = 100
@@ -200,6 +205,7 @@ class ControlServer:
             "logs": (LogsParams, self._logs),
             "memory": (NoParams, self._memory),
             "reset": (ModelParams, self._reset),
+            "import": (PathParams, self._import),
         }
 
     # -- socket ---------------------------------------------------------------------------
@@ -356,10 +362,13 @@ class ControlServer:
         return {"model": entry.name, "state": "unloaded", "was_running": True, "exit_code": backend.exit_code}
 
     async def _reload(self, params: NoParams, conn: Connection) -> Any:
-        return self.daemon.reload()
+        return await self.daemon.reload()
 
     async def _rescan(self, params: NoParams, conn: Connection) -> Any:
-        return self.daemon.rescan()
+        return await self.daemon.rescan()
+
+    async def _import(self, params: PathParams, conn: Connection) -> dict[str, Any]:
+        return {"path": params.path, "added": await self.daemon.import_models(params.path)}
 
     async def _logs(self, params: LogsParams, conn: Connection) -> dict[str, Any]:
         supervisor = self.daemon.supervisor

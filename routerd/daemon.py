@@ -20,10 +20,11 @@ import hypercorn.trio
 import trio
 
 from routerd import __version__, config as config_mod
-from routerd.catalog import Catalog
+from routerd import discovery, paths
+from routerd.catalog import Catalog, ImportStore
+from routerd.errors import BadRequest
 from routerd.config import Config
 from routerd.control import ControlServer
-from routerd.paths import default_socket_path
 from routerd.memory import MemoryManager, NvmlProvider
 from routerd.sdnotify import Notifier
 from routerd.supervisor import Supervisor
@@ -51,36 +52,69 @@ class Daemon:
         self.notifier = Notifier(environ)
         self.supervisor = Supervisor(config, Catalog.from_config(config), binary, memory=memory, env=environ)
         self.http_urls: list[str] = []
-        self.socket_path = config.control.socket or default_socket_path(environ)
+        self.socket_path = config.control.socket or paths.default_socket_path(environ)
         self._shutdown = trio.Event()
         self._http_stop = trio.Event()
+        self._catalog_lock = trio.Lock()
+        self.imports = ImportStore(paths.state_dir(environ))
+        self.hub_cache = paths.hub_cache(environ)
 
     def status_line(self) -> str:
         c = self.supervisor.counts()
         return f"{c['models']} models, {c['ready']} ready, {c['starting']} starting, {c['failed']} failed"
 
-    def reload(self) -> ReloadResult:
-        """Re-read the config file; a bad one raises ConfigError and changes nothing."""
+    async def reload(self) -> ReloadResult:
+        """Re-read the config file and rescan; a bad file raises ConfigError and changes nothing."""
         self.notifier.reloading()
         try:
-            return self._apply(config_mod.load(self.config.source))
+            return await self._apply(config_mod.load(self.config.source))
         finally:
             self.notifier.ready(self.status_line())
 
-    def _apply(self, new: Config) -> ReloadResult:
-        old_catalog = self.supervisor.catalog
-        new_catalog = Catalog.from_config(new)
-        outcome = self.supervisor.apply(new, new_catalog)
-        diff = old_catalog.diff(new_catalog)
-        self.config = new
+    async def rescan(self) -> ReloadResult:
+        """Re-discover models: the config's [models], imported ones, folders and the HF cache."""
+        fresh = config_mod.load(self.config.source)
+        return await self._apply(attrs.evolve(self.config, models=fresh.models))
+
+    async def import_models(self, path: str) -> list[str]:
+        """Import the models under ``path`` as manual entries (persisted); their names."""
+        found = await trio.to_thread.run_sync(discovery.scan_path, path)
+        if not found:
+            raise BadRequest(f"no GGUF model found at {path}", code="nothing_to_import")
+        fresh = {f.path: attrs.evolve(f, source="import") for f in found}
+        kept = [f for f in self.imports.load() if f.path not in fresh]
+        self.imports.save(kept + list(fresh.values()))
+        await self._apply(self.config)
+        return [entry.name for entry in self.supervisor.catalog if entry.path in fresh]
+
+    def discover(self, config: Config) -> Catalog:
+        """The catalog for ``config``: blocking file-system work, run it in a thread."""
+        found = [f for folder in config.catalog.folders for f in discovery.scan_folder(folder)]
+        if config.catalog.hf_cache:
+            found += discovery.scan_hf_cache(self.hub_cache)
+        return Catalog.from_config(config, imported=self.imports.load(), discovered=found)
+
+    async def _apply(self, new: Config) -> ReloadResult:
+        async with self._catalog_lock:  # one rescan at a time; the newest file system wins
+            new_catalog = await trio.to_thread.run_sync(self.discover, new)
+            old_catalog = self.supervisor.catalog
+            outcome = self.supervisor.apply(new, new_catalog)
+            diff = old_catalog.diff(new_catalog)
+            self.config = new
         log.info("applied %s: %s; catalog %s", new.source, outcome, diff)
         return ReloadResult(added=list(diff.added), removed=list(diff.removed), changed=list(diff.changed),
                             **outcome)
 
-    def rescan(self) -> ReloadResult:
-        """Re-read the model sources (the config's [models]) and apply the difference."""
-        fresh = config_mod.load(self.config.source)
-        return self._apply(attrs.evolve(self.config, models=fresh.models))
+    async def _rescan_periodically(self) -> None:
+        while self.config.catalog.rescan_interval > 0:
+            await trio.sleep(self.config.catalog.rescan_interval)
+            try:
+                result = await self.rescan()
+            except config_mod.ConfigError as exc:
+                log.error("periodic rescan: the config is invalid, keeping the running one: %s", exc.message)
+                continue
+            if result.added or result.removed or result.changed:
+                log.info("rescan: added %s, removed %s, changed %s", result.added, result.removed, result.changed)
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
@@ -90,6 +124,7 @@ class Daemon:
         config = self.config
         async with trio.open_nursery() as root:
             await root.start(self.supervisor.run)
+            await self._apply(config)  # discovery, before serving: discovered models are servable at READY
             http_config = hypercorn.config.Config()
             http_config.bind = [f"{config.server.host}:{config.server.port}"]
             http_config.graceful_timeout = 1.0  # requests have drained before it applies
@@ -108,6 +143,7 @@ class Daemon:
             self.supervisor.preload_soon()  # after READY: loading never delays serving other models
             root.start_soon(self.notifier.watchdog_loop)
             root.start_soon(self._status_updates)
+            root.start_soon(self._rescan_periodically)
             if handle_signals:
                 root.start_soon(self._handle_signals)
             task_status.started(self)
@@ -138,7 +174,7 @@ class Daemon:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     try:
-                        self.reload()
+                        await self.reload()
                     except config_mod.ConfigError as exc:
                         log.error("reload refused, keeping the running config: %s", exc.message)
                 else:

@@ -60,3 +60,13 @@ def with_hub_cache(environ: Mapping[str, str]) -> dict[str, str]:
     if env.get("CACHE_DIRECTORY") and not env.get("HF_HUB_CACHE") and not env.get("HF_HOME"):
         env["HF_HUB_CACHE"] = os.path.join(_first(env["CACHE_DIRECTORY"]), "huggingface", "hub")
     return env
+
+
+def hub_cache(environ: Mapping[str, str] | None = None) -> str:
+    """The Hugging Face hub cache as huggingface_hub finds it: HF_HUB_CACHE, HF_HOME/hub, ~/.cache."""
+    env = os.environ if environ is None else environ
+    if env.get("HF_HUB_CACHE"):
+        return os.path.expanduser(env["HF_HUB_CACHE"])
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join(
+        env.get("HOME") or os.path.expanduser("~"), ".cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")

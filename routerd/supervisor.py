@@ -50,6 +50,8 @@ class ModelStatus:
     aliases: list[str]
     group: str
     source: str
+    #: "manual" (config, imported) or "auto" (discovered).
+    catalog: str
     path: str
     available: bool
     state: str
@@ -486,6 +488,7 @@ class Supervisor:
         state = self.state_of(entry.name)
         return ModelStatus(
             name=entry.name, aliases=list(entry.aliases), group=entry.group, source=entry.source,
+            catalog=entry.state,
             path=entry.path, available=entry.available, state=state,
             pid=backend.pid if backend else None, port=backend.port if backend else None,
             in_flight=backend.in_flight if backend else 0,

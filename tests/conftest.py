@@ -42,6 +42,11 @@ class Routerd:
         self.config_path.write_text(tomli_w.dumps(data))
 
 
+def isolated_env(tmp_path: Path) -> dict[str, str]:
+    """A hub cache and state directory of the test's own (never the user's)."""
+    return {"HF_HUB_CACHE": str(tmp_path / "hf-cache"), "STATE_DIRECTORY": str(tmp_path / "state")}
+
+
 def make_config(tmp_path: Path, models: dict[str, dict[str, Any]], **sections: dict[str, Any]) -> dict[str, Any]:
     data: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0, "drain_timeout": 5.0},
@@ -73,7 +78,7 @@ async def start_routerd(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[
         path = tmp_path / "config.toml"
         path.write_text(tomli_w.dumps(data))
         config = config_mod.load(path)
-        environ = dict(os.environ if env is None else env)
+        environ = {**isolated_env(tmp_path), **(os.environ if env is None else env)}
         daemon = Daemon(config, binary=config_mod.resolve_llama_server(config, environ), environ=environ,
                         memory=MemoryManager(config.memory, gpus, env=environ))
         await nursery.start(lambda task_status: daemon.run(handle_signals=False, task_status=task_status))
@@ -126,7 +131,7 @@ def spawn_routerd(tmp_path: Path, data: dict[str, Any], env: dict[str, str] | No
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "routerd", "serve", "--config", str(path)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=None if env is None else {**os.environ, **env})
+                                env={**os.environ, **isolated_env(tmp_path), **(env or {})})
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         text = log_path.read_text()

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import tomli_w
 
-from tests.conftest import ROOT, make_config
+from tests.conftest import ROOT, isolated_env, make_config
 
 WATCHDOG_USEC = 200_000  # routerd must ping every 0.1 s
 
@@ -66,7 +66,7 @@ def test_notify_ready_status_watchdog_reload_and_stop(tmp_path, model_file):
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "routerd", "serve", "--config", str(config_path)],
                                 stdout=log, stderr=subprocess.STDOUT,
-                                env={"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": notify.path,
+                                env={"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": notify.path, **isolated_env(tmp_path),
                                      "WATCHDOG_USEC": str(WATCHDOG_USEC)})
     try:
         ready = notify.next(timeout=30)
