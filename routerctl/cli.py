@@ -181,6 +181,29 @@ def print_reload(result: dict[str, Any]) -> None:
             print(f"{key}: {', '.join(result[key]) or '-'}")
 
 
+class _ProgressLine:
+    """Download progress: a redrawn line on a terminal, a line per file otherwise."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.current = ""
+
+    def show(self, note: dict[str, Any]) -> None:
+        done, total = note.get("bytes", 0), note.get("total")
+        if self.tty:
+            percent = f"{100 * done / total:5.1f}%" if total else ""
+            self.stream.write(f"\r{note['file']}: {_size(done)} of {_size(total)} {percent}\x1b[K")
+            self.stream.flush()
+        elif note["file"] != self.current:
+            print(f"downloading {note['file']} ({_size(total)})", file=self.stream)
+        self.current = note["file"]
+
+    def done(self) -> None:
+        if self.tty and self.current:
+            self.stream.write("\n")
+
+
 # -- commands -----------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="routerctl", description="Manage a running routerd.")
@@ -197,6 +220,9 @@ def _parser() -> argparse.ArgumentParser:
     unload = sub.add_parser("unload", help="stop a model after its in-flight requests")
     unload.add_argument("model")
     unload.add_argument("--force", action="store_true", help="cut in-flight requests")
+    pull = sub.add_parser("pull", help="download org/repo[:QUANT] from Hugging Face into the cache routerd serves")
+    pull.add_argument("model", metavar="org/repo[:QUANT]")
+    pull.add_argument("--file", help="a file of the repo instead of a quant tag")
     imp = sub.add_parser("import", help="add the GGUF models under a path to the catalog (kept across restarts)")
     imp.add_argument("path")
     reset = sub.add_parser("reset", help="clear a failed model's crash-loop state so it may start again")
@@ -217,7 +243,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> Any:
     paths = [args.socket] if args.socket else client_socket_candidates()
-    long_running = args.command in ("logs", "load") and (getattr(args, "follow", False) or getattr(args, "wait", False))
+    long_running = args.command == "pull" or (
+        args.command in ("logs", "load") and (getattr(args, "follow", False) or getattr(args, "wait", False)))
     client = Client(paths, timeout=None if long_running or args.command == "unload" else 30.0)
     try:
         c = args.command
@@ -238,6 +265,14 @@ def run(args: argparse.Namespace) -> Any:
         if c == "unload":
             result = client.call("unload", {"model": args.model, "force": args.force})
             return result, lambda r: print(f"{r['model']}: unloaded" + ("" if r["was_running"] else " (was not running)"))
+        if c == "pull":
+            bar = _ProgressLine(sys.stderr) if not args.json else None
+            result = client.call("pull", {"model": args.model, "file": args.file},
+                                 (lambda note: bar.show(note["params"])) if bar else None)
+            if bar:
+                bar.done()
+            return result, lambda r: print(f"{r['model']}: pulled {len(r['files'])} file(s) into {r['cache']}; "
+                                           f"serve it as {r['model']!r}")
         if c == "import":
             result = client.call("import", {"path": os.path.abspath(args.path)})
             return result, lambda r: print(f"imported from {r['path']}: {', '.join(r['added']) or 'nothing new'}")

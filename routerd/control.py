@@ -76,6 +76,12 @@ class ModelParams:
 
 
 @attrs.frozen
+class PullParams:
+    model: str
+    file: str | None = None
+
+
+@attrs.frozen
 class PathParams:
     path: str
 
@@ -206,6 +212,7 @@ class ControlServer:
             "memory": (NoParams, self._memory),
             "reset": (ModelParams, self._reset),
             "import": (PathParams, self._import),
+            "pull": (PullParams, self._pull),
         }
 
     # -- socket ---------------------------------------------------------------------------
@@ -388,6 +395,17 @@ class ControlServer:
                 await conn.notify("log", {"model": entry.name, "line": line.text})
             nursery.cancel_scope.cancel()
         return {"model": entry.name, "lines": [], "running": False}
+
+    async def _pull(self, params: PullParams, conn: Connection) -> dict[str, Any]:
+        def progress(name: str, done: int, total: int | None) -> None:  # called from the download thread
+            message = {"jsonrpc": "2.0", "method": "progress",
+                       "params": {"model": params.model, "file": name, "bytes": done, "total": total}}
+            try:
+                trio.from_thread.run(conn.send, message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client left; the download goes on
+
+        return await self.daemon.pull(params.model, params.file, progress)
 
     async def _reset(self, params: ModelParams, conn: Connection) -> dict[str, Any]:
         supervisor = self.daemon.supervisor

@@ -20,9 +20,9 @@ import hypercorn.trio
 import trio
 
 from routerd import __version__, config as config_mod
-from routerd import discovery, paths
+from routerd import discovery, hub, paths
 from routerd.catalog import Catalog, ImportStore
-from routerd.errors import BadRequest
+from routerd.errors import BadRequest, Unavailable
 from routerd.config import Config
 from routerd.control import ControlServer
 from routerd.memory import MemoryManager, NvmlProvider
@@ -86,6 +86,21 @@ class Daemon:
         self.imports.save(kept + list(fresh.values()))
         await self._apply(self.config)
         return [entry.name for entry in self.supervisor.catalog if entry.path in fresh]
+
+    async def pull(self, ref: str, filename: str | None, progress: hub.Progress) -> dict[str, object]:
+        """Download ``org/repo[:QUANT]`` into the hub cache, rescan, and name the new model."""
+        repo_id, tag = hub.parse_model_ref(ref)
+        if self.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            raise Unavailable(f"HF_HUB_OFFLINE is set: routerd will not download {ref}; unset it to pull",
+                              code="hub_offline")
+        if not self.config.catalog.hf_cache:
+            raise BadRequest(f"catalog.hf_cache is off, so a pulled model would not be served: turn it on "
+                             f"to pull {ref}", code="hf_cache_disabled")
+        plan = await trio.to_thread.run_sync(partial(
+            hub.pull, repo_id, tag, filename, cache_dir=self.hub_cache, endpoint=self.environ.get("HF_ENDPOINT"),
+            token=self.environ.get("HF_TOKEN"), progress=progress))
+        await self._apply(self.config)
+        return {"model": f"{repo_id}:{plan.tag}", "files": list(plan.files), "cache": self.hub_cache}
 
     def discover(self, config: Config) -> Catalog:
         """The catalog for ``config``: blocking file-system work, run it in a thread."""

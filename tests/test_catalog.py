@@ -11,10 +11,12 @@ import gguf
 import numpy as np
 import pytest
 
-from routerd import discovery
+from routerd import discovery, hub
+from routerd.errors import NotFound
 from routerd.catalog import Catalog
 from routerd.config import from_mapping
 from tests.conftest import make_config
+from tests.fake_hub import FakeHub
 from tests.test_control import call, rpc
 
 
@@ -161,3 +163,79 @@ async def test_import_of_a_path_without_models_is_a_clear_error(start_routerd, t
     r = await start_routerd(make_config(tmp_path, {}))
     error = (await rpc(r.daemon.socket_path, call("import", {"path": str(tmp_path / "empty")})))[0]["error"]
     assert "no GGUF model found" in error["message"]
+
+
+# -- pull -----------------------------------------------------------------------------------
+def test_pull_chooses_files_like_llama_cpp():
+    files = ["README.md", "m-Q8_0.gguf", "m-Q4_K_M.gguf", "m-F16-00001-of-00002.gguf", "m-F16-00002-of-00002.gguf",
+             "mmproj-m-f16.gguf", "m.imatrix.gguf"]
+    assert hub.plan_pull("o/m", files, None, None).files == ("m-Q4_K_M.gguf", "mmproj-m-f16.gguf")
+    assert hub.plan_pull("o/m", files, "q8_0", None).files == ("m-Q8_0.gguf", "mmproj-m-f16.gguf")
+    assert hub.plan_pull("o/m", files, "F16", None).files == (
+        "m-F16-00001-of-00002.gguf", "m-F16-00002-of-00002.gguf", "mmproj-m-f16.gguf")
+    assert hub.plan_pull("o/m", files, None, "m-Q8_0.gguf").tag == "Q8_0"
+    with pytest.raises(NotFound) as missing:
+        hub.plan_pull("o/m", files, "Q2_K", None)
+    assert "available: F16, Q4_K_M, Q8_0" in missing.value.message
+
+
+@pytest.fixture
+def fake_hub(tmp_path):
+    hub_server = FakeHub()
+    tiny = write_gguf(tmp_path / "src" / "tiny.gguf").read_bytes()
+    projector = write_gguf(tmp_path / "src" / "proj.gguf", kind="mmproj").read_bytes()
+    hub_server.repos["org/tiny"] = {"tiny-Q4_K_M.gguf": tiny, "tiny-Q8_0.gguf": tiny,
+                                    "mmproj-tiny-f16.gguf": projector, "README.md": b"# tiny"}
+    hub_server.repos["org/split"] = {"s-Q8_0-00001-of-00002.gguf": tiny, "s-Q8_0-00002-of-00002.gguf": tiny}
+    hub_server.repos["org/gated"] = {"g-Q4_K_M.gguf": tiny}
+    hub_server.gated["org/gated"] = "secret"
+    yield hub_server
+    hub_server.close()
+
+
+async def test_pull_downloads_into_the_hub_cache_and_the_model_is_served_at_once(start_routerd, tmp_path, fake_hub):
+    big = os.urandom(3 << 20)
+    fake_hub.repos["org/tiny"]["tiny-Q4_K_M.gguf"] = write_gguf(tmp_path / "src" / "tiny.gguf").read_bytes() + big
+    fake_hub.cuts["org/tiny/tiny-Q4_K_M.gguf"] = 99  # every download breaks half-way: the pull fails
+    r = await start_routerd(make_config(tmp_path, {}), env={"HF_ENDPOINT": fake_hub.url})
+    sock = r.daemon.socket_path
+    interrupted = (await rpc(sock, call("pull", {"model": "org/tiny"})))[0]["error"]
+    assert "was interrupted" in interrupted["message"] and "pull again" in interrupted["message"]
+    assert "org/tiny:Q4_K_M" not in r.supervisor.catalog  # no half file is served
+    fake_hub.cuts["org/tiny/tiny-Q4_K_M.gguf"] = 2  # two breaks: huggingface_hub retries within the pull
+    result = (await rpc(sock, call("pull", {"model": "org/tiny"})))[0]["result"]
+    assert result["model"] == "org/tiny:Q4_K_M" and result["files"] == ["tiny-Q4_K_M.gguf", "mmproj-tiny-f16.gguf"]
+    entry = r.supervisor.catalog.resolve("org/tiny:Q4_K_M")
+    assert open(entry.path, "rb").read() == fake_hub.repos["org/tiny"]["tiny-Q4_K_M.gguf"]
+    assert [os.path.basename(p) for p in entry.mmproj] == ["mmproj-tiny-f16.gguf"]
+    answer = await r.http.post("/v1/completions", json={"model": "org/tiny", "prompt": "hi"})  # the default-quant alias
+    assert answer.status_code == 200
+
+    split = (await rpc(sock, call("pull", {"model": "org/split:q8_0"})))[0]["result"]
+    assert split["files"] == ["s-Q8_0-00001-of-00002.gguf", "s-Q8_0-00002-of-00002.gguf"]
+    assert "org/split:Q8_0" in r.supervisor.catalog
+
+
+async def test_pull_errors_say_what_went_wrong(start_routerd, tmp_path, fake_hub):
+    r = await start_routerd(make_config(tmp_path, {}), env={"HF_ENDPOINT": fake_hub.url})
+    sock = r.daemon.socket_path
+
+    async def pull_error(ref: str) -> dict:
+        return (await rpc(sock, call("pull", {"model": ref})))[0]["error"]
+
+    assert "org/nope was not found" in (await pull_error("org/nope"))["message"]
+    assert "gated" in (await pull_error("org/gated"))["message"]
+    missing = await pull_error("org/tiny:Q2_K")
+    assert "no Q2_K model" in missing["message"] and "Q4_K_M, Q8_0" in missing["message"]
+    assert "not org/repo" in (await pull_error("just-a-name"))["message"]
+    data = make_config(tmp_path, {})
+    data["control"]["socket"] = str(tmp_path / "offline.sock")
+    offline = await start_routerd(data, env={"HF_ENDPOINT": fake_hub.url, "HF_HUB_OFFLINE": "1"})
+    error = (await rpc(offline.daemon.socket_path, call("pull", {"model": "org/tiny"})))[0]["error"]
+    assert "HF_HUB_OFFLINE is set" in error["message"]
+
+
+async def test_pull_of_a_gated_repo_works_with_hf_token(start_routerd, tmp_path, fake_hub):
+    r = await start_routerd(make_config(tmp_path, {}), env={"HF_ENDPOINT": fake_hub.url, "HF_TOKEN": "secret"})
+    result = (await rpc(r.daemon.socket_path, call("pull", {"model": "org/gated"})))[0]["result"]
+    assert result["model"] == "org/gated:Q4_K_M" and "org/gated:Q4_K_M" in r.supervisor.catalog

@@ -1,0 +1,138 @@
+"""Downloading models from the Hugging Face hub into its cache (``routerctl pull``).
+
+Owns choosing the files of a pull with llama.cpp's rules (a tag matched as ``TAG[.-]``
+case-insensitively; no tag: Q4_K_M, then Q8_0; every part of a split model; the repo's
+projector if it has one) and turning hub failures into clear errors. Downloads run in the daemon,
+so they survive the client going away and land in the cache the daemon serves from; huggingface_hub
+resumes partial files and honours HF_TOKEN. It must not touch the catalog; the daemon rescans after.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import attrs
+import httpx
+
+try:  # huggingface_hub >= 2 talks through httpx2, older releases through httpx
+    import httpx2 as _hub_http
+except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
+    _hub_http = httpx  # type: ignore[no-redef]
+
+from routerd import discovery
+from routerd.gguf_meta import split_parts
+from routerd.errors import BadRequest, NotFound, RouterdError, Unavailable
+
+Progress = Callable[[str, int, int | None], None]  # file, bytes done, bytes total
+
+
+class Forbidden(RouterdError):
+    status = 403
+    type = "permission_error"
+    code = "hub_forbidden"
+    rpc_code = -32008
+
+
+@attrs.frozen
+class PullPlan:
+    repo_id: str
+    files: tuple[str, ...]
+    tag: str
+
+
+def plan_pull(repo_id: str, files: Sequence[str], tag: str | None, filename: str | None) -> PullPlan:
+    """The files to download for ``repo_id[:tag]`` or ``--file filename`` (pure)."""
+    by_dir: dict[str, list[str]] = {}
+    for path in files:
+        by_dir.setdefault(os.path.dirname(path), []).append(os.path.basename(path))
+    candidates: dict[str, tuple[str, str]] = {}  # tag -> (dir, first file)
+    projectors: dict[str, str] = {}
+    for directory, names in sorted(by_dir.items()):
+        models, found_projectors = discovery.model_files(names)
+        if found_projectors:
+            projectors[directory] = found_projectors[0]
+        for name in models:
+            if filename is not None and filename not in (name, os.path.join(directory, name)):
+                continue
+            candidates.setdefault(discovery.quant_of(name) or discovery.stem_of(name), (directory, name))
+    if filename is not None and not candidates:
+        raise NotFound(f"{repo_id} has no model file {filename!r}; its GGUF files: "
+                       f"{', '.join(f for f in files if f.lower().endswith('.gguf')) or 'none'}", code="file_not_found")
+    chosen = discovery.choose_quant(list(candidates), tag if filename is None else None)
+    if chosen is None:
+        available = ", ".join(sorted(candidates)) or "none (no GGUF model files)"
+        raise NotFound(f"{repo_id} has no {tag or 'GGUF'} model; available: {available}", code="quant_not_found",
+                       data={"available": sorted(candidates)})
+    directory, first = candidates[chosen]
+    parts = [os.path.basename(p) for p in split_parts(first)]
+    wanted = [os.path.join(directory, p) if directory else p for p in parts]
+    if directory in projectors:
+        wanted.append(os.path.join(directory, projectors[directory]) if directory else projectors[directory])
+    return PullPlan(repo_id, tuple(wanted), chosen)
+
+
+def pull(repo_id: str, tag: str | None, filename: str | None, *, cache_dir: str, endpoint: str | None,
+         token: str | None, progress: Progress) -> PullPlan:
+    """Download what ``plan_pull`` chooses into the hub cache (blocking: run it in a thread)."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError)
+
+    where = endpoint or "https://huggingface.co"
+    try:
+        files = HfApi(endpoint=endpoint, token=token).list_repo_files(repo_id)
+        plan = plan_pull(repo_id, files, tag, filename)
+        for name in plan.files:
+            hf_hub_download(repo_id, name, cache_dir=cache_dir, endpoint=endpoint, token=token,
+                            tqdm_class=_progress_bar(name, progress))
+        return plan
+    except GatedRepoError:
+        raise Forbidden(f"{repo_id} is gated: accept its terms on the hub, then set HF_TOKEN for routerd") from None
+    except RepositoryNotFoundError:
+        raise NotFound(f"{repo_id} was not found on {where} (a private repo needs HF_TOKEN)",
+                       code="repo_not_found") from None
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError, httpx.ConnectError, _hub_http.ConnectError,
+            httpx.ConnectTimeout, _hub_http.ConnectTimeout) as exc:
+        raise Unavailable(f"cannot reach {where} to pull {repo_id} (offline?): {type(exc).__name__}: {exc}",
+                          code="hub_unreachable", retry_after=30) from None
+    except (httpx.TransportError, _hub_http.TransportError) as exc:
+        raise Unavailable(f"the download of {repo_id} was interrupted ({type(exc).__name__}: {exc}); "
+                          "pull again to resume it", code="hub_interrupted", retry_after=5) from None
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else 0
+        if status in (401, 403):
+            raise Forbidden(f"{where} refused {repo_id} ({status}): check HF_TOKEN") from None
+        raise Unavailable(f"pulling {repo_id} failed: {exc}", code="hub_error") from None
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None]:
+    """``org/repo[:TAG]`` as (repo id, tag) (400 when malformed)."""
+    repo_id, _, tag = ref.partition(":")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise BadRequest(f"{ref!r} is not org/repo[:QUANT] (e.g. ggml-org/gemma-3-270m-GGUF:Q4_K_M)",
+                         code="invalid_model_ref")
+    return repo_id, tag or None
+
+
+def _progress_bar(name: str, report: Progress) -> type:
+    """A silent tqdm that reports bytes to ``report`` at most every 0.25 s."""
+    from tqdm.auto import tqdm
+
+    class Reporter(tqdm):  # type: ignore[misc]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs.update(file=io.StringIO(), disable=False)
+            super().__init__(*args, **kwargs)
+            self._last = 0.0
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            now = time.monotonic()
+            if now - self._last >= 0.25 or (self.total and self.n >= self.total):
+                self._last = now
+                report(name, int(self.n), int(self.total) if self.total else None)
+            return shown
+
+    return Reporter
