@@ -154,7 +154,8 @@ def print_models(result: dict[str, Any]) -> None:
     rows = []
     for m in result["models"]:
         meta = m.get("metadata") or {}
-        rows.append([m["name"], ", ".join(m["aliases"]) or "-", m["source"], m["state"],
+        rows.append([m["name"], ", ".join(m["aliases"]) or "-", f"{m['source']} ({m['catalog']})",
+                     m["state"] + ("" if m["available"] else " (missing)"),
                      meta.get("architecture", "-"), meta.get("size_label") or "-", meta.get("quantization") or "-",
                      str(meta.get("context_length") or "-"), _size(meta.get("file_size"))])
     print(table(rows, ["MODEL", "ALIASES", "SOURCE", "STATE", "ARCH", "SIZE", "QUANT", "CONTEXT", "FILE"]))

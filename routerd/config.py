@@ -175,6 +175,12 @@ def _make_converter() -> cattrs.Converter:
             raise TypeError(f"expected a string, got {type(value).__name__} {value!r}")
         return value
 
+    def structure_bool(value: Any, _: type) -> bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"expected true or false, got {type(value).__name__} {value!r}")
+        return value
+
+    converter.register_structure_hook(bool, structure_bool)
     converter.register_structure_hook(float, structure_float)
     converter.register_structure_hook(int, structure_int)
     converter.register_structure_hook(str, structure_str)

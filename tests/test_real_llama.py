@@ -312,3 +312,32 @@ async def test_burst_of_500_mixed_requests_with_backends_killed_at_random(start_
     assert requests == 500
     for outcome in outcomes:  # answered, or refused with a clear 429/502/503 (in-band for a started stream)
         assert outcome in ("200", "kills") or outcome.split()[0] in ("429", "502", "503", "stream"), outcome
+
+
+async def test_models_found_in_the_hf_cache_and_a_folder_are_served_with_no_models_configured(start_routerd, tmp_path):
+    cache = tmp_path / "hf-cache"  # the test's HF_HUB_CACHE
+    repo = cache / "models--ggml-org--gemma-3-270m-GGUF"
+    revision = "1" * 40
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    blob = repo / "blobs" / "0123abcd"
+    os.symlink(MODELS["gemma3-270m"], blob)  # the file stays where the demo put it
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (snapshot / "gemma-3-270m-Q4_K_M.gguf").symlink_to(os.path.relpath(blob, snapshot))
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "smollm2.gguf").symlink_to(MODELS["smollm2-135m"])
+    data = real_config(tmp_path)
+    data["catalog"] = {"folders": [str(folder)]}
+    r = await start_routerd(data)
+    listed = {m["id"]: m for m in (await r.http.get("/v1/models")).json()["data"]}
+    assert {"ggml-org/gemma-3-270m-GGUF:Q4_K_M", "ggml-org/gemma-3-270m-GGUF", "smollm2"} <= set(listed)
+    assert listed["ggml-org/gemma-3-270m-GGUF:Q4_K_M"]["metadata"]["architecture"] == "gemma3"
+    assert listed["smollm2"]["source"] == "folder" and listed["smollm2"]["catalog"] == "auto"
+    c = client(r)
+    for name in ("ggml-org/gemma-3-270m-GGUF:Q4_K_M", "smollm2"):
+        answer = await trio.to_thread.run_sync(lambda: c.chat.completions.create(
+            model=name, messages=MESSAGES, max_tokens=4))
+        assert answer.choices[0].message.content is not None
