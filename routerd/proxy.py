@@ -116,9 +116,8 @@ async def open_upstream(backend: Backend, method: str, path: str, *, headers: It
 
 async def _failure(backend: Backend, exc: BaseException, when: str = "") -> UpstreamFailed:
     """The 502 for a broken upstream call, with the backend's own reason when it died."""
-    if not backend.accepting:
-        with trio.move_on_after(1.0):  # a dying process: wait for its exit status, the real reason
-            await backend.wait_gone()
+    with trio.move_on_after(1.0):  # a dying process: wait (briefly) for its exit status, the real reason
+        await backend.wait_gone()
     why = backend.error or f"{type(exc).__name__}: {exc}"
     return UpstreamFailed(f"backend for {backend.name!r} failed{' ' + when if when else ''}: {why}",
                           data={"exit_code": backend.exit_code})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -198,3 +199,8 @@ def test_service_directories_come_from_systemd_then_user_defaults():
     assert paths.state_dir(user) == "/home/u/.local/state/routerd"
     assert paths.client_socket_candidates(user) == ["/run/user/1000/routerd/control.sock", paths.SYSTEM_SOCKET]
     assert paths.client_socket_candidates({**user, "ROUTERD_SOCKET": "/x.sock"}) == ["/x.sock"]
+
+
+def test_the_shipped_example_config_is_valid():
+    config = config_mod.load(Path(__file__).parent.parent / "config.toml.example")
+    assert config.catalog.hf_cache is True and config.scheduler.max_queue > 0
