@@ -42,7 +42,7 @@ test: setup
 	$(PY) -m pytest -v -rs tests
 
 bench: setup
-	$(PY) bench/run.py
+	$(PY) bench/run.py --write
 
 # As a system service: see README "Install as a service".
 install:

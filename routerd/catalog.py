@@ -53,11 +53,18 @@ class ModelEntry:
         return os.path.exists(self.path)
 
     def metadata_dict(self) -> dict[str, object] | None:
-        """Header facts for display (architecture, size, quantization, context), if readable."""
-        try:
-            return read_meta(self.path).public()
-        except (OSError, GGUFError):
-            return None
+        """Header facts for display (architecture, size, quantization, context), if readable.
+
+        Read once per entry: a rescan makes new entries when files change.
+        """
+        return _metadata(self.path)
+
+
+def _metadata(path: str) -> dict[str, object] | None:
+    try:
+        return read_meta(path).public()
+    except (OSError, GGUFError):
+        return None
 
 
 @attrs.frozen
@@ -79,6 +86,13 @@ class Catalog:
         for entry in self._entries.values():
             for alias in entry.aliases:
                 self._names.setdefault(alias, entry.name)
+        self._metadata: dict[str, dict[str, object] | None] = {}
+
+    def metadata(self, entry: ModelEntry) -> dict[str, object] | None:
+        """``entry.metadata_dict()``, read once per catalog (a rescan builds a new one)."""
+        if entry.name not in self._metadata:
+            self._metadata[entry.name] = entry.metadata_dict()
+        return self._metadata[entry.name]
 
     @classmethod
     def from_config(cls, config: Config, imported: Sequence[Found] = (), discovered: Sequence[Found] = ()) -> Catalog:

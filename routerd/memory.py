@@ -247,6 +247,7 @@ class MemoryManager:
         self._measured: dict[tuple[str, Any], Measured] = {}
         #: What each running model was admitted with: its floor until measured higher.
         self._reserved: dict[str, dict[str, int]] = {}
+        self._estimates: dict[tuple[BackendSpec, str | None], Footprint | None] = {}
         self._unreadable: set[str] = set()
 
     # devices and budgets
@@ -265,7 +266,7 @@ class MemoryManager:
         return {device.name: device.budget for device in self.devices()}
 
     def gpu_names(self) -> list[str]:
-        return [d.name for d in self.devices() if d.name != RAM]
+        return [f"gpu{index}" for index, *_ in (self.gpus.devices() if self.gpus else [])]
 
     # placement, estimates and measurements
     def placements(self, spec: BackendSpec) -> list[str | None]:
@@ -293,6 +294,17 @@ class MemoryManager:
         return gpus
 
     def estimate(self, spec: BackendSpec, gpu: str | None = None) -> Footprint | None:
+        """The footprint of ``spec`` (on ``gpu``), computed once per spec; ``forget_estimates()``
+        after a rescan, when files may have changed."""
+        key = (spec, gpu)
+        if key not in self._estimates:
+            self._estimates[key] = self._estimate(spec, gpu)
+        return self._estimates[key]
+
+    def forget_estimates(self) -> None:
+        self._estimates.clear()
+
+    def _estimate(self, spec: BackendSpec, gpu: str | None) -> Footprint | None:
         try:
             meta = read_meta(spec.model_path)
         except (OSError, GGUFError) as exc:

@@ -455,6 +455,7 @@ class Supervisor:
         """
         old_catalog = self.catalog
         self.config, self.catalog = config, catalog
+        self.memory.forget_estimates()  # files may have changed under the same names
         outcome: dict[str, list[str]] = {"restarted": [], "stopped": [], "kept": []}
         for name, backend in list(self._backends.items()):
             entry = catalog.get(name)
@@ -500,7 +501,7 @@ class Supervisor:
                                                       if entry.name in self._failures else None),
             exit_code=shown.exit_code if shown else None,
             memory=self.memory.model_report(entry, spec_for(entry, self.config, self.binary), backend),
-            metadata=entry.metadata_dict(),
+            metadata=self.catalog.metadata(entry),
         )
 
     def residents(self) -> list[admission.Resident]:

@@ -1,0 +1,453 @@
+#!/usr/bin/env python3
+"""`make bench`: routerd against llama.cpp's router mode and a directly started llama-server.
+
+All three run side by side on the demo models and are measured interleaved (the machine is
+noisy), so every figure is a ratio within one run. Prints a markdown table; with --write it
+also writes docs/benchmarks.md. Figures never fail anything: this is not a test.
+
+    .venv/bin/python bench/run.py [--quick] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import tomli_w
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "packaging"))
+sys.path.insert(0, str(ROOT))
+
+from demo import demo_model_paths  # noqa: E402
+
+from routerd import config as config_mod, discovery  # noqa: E402
+
+SMALL, OTHER = "smollm2", "gemma3"
+CHAT = [{"role": "user", "content": "Say hello."}]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+class Target:
+    """One server under test: a base URL and the model names it knows."""
+
+    def __init__(self, name: str, url: str, proc: subprocess.Popen, models: dict[str, str]) -> None:
+        self.name, self.url, self.proc, self.models = name, url, proc, models
+
+
+async def wait_http(url: str, path: str = "/health", timeout: float = 60) -> None:
+    async with httpx.AsyncClient(timeout=2, trust_env=False) as client:
+        deadline = trio.current_time() + timeout
+        while trio.current_time() < deadline:
+            try:
+                if (await client.get(url + path)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await trio.sleep(0.02)
+    raise RuntimeError(f"{url}{path} never answered")
+
+
+def start_all(work: Path, binary: str, models: dict[str, Path]) -> list[Target]:
+    common = ["--ctx-size", "2048", "--threads", "2", "--fit", "off"]
+    direct_port, router_port, routerd_port = free_port(), free_port(), free_port()
+    direct = subprocess.Popen([binary, "-m", str(models["smollm2-135m"]), "--port", str(direct_port), "--alias", SMALL,
+                               *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    models_dir = work / "models"
+    models_dir.mkdir()
+    (models_dir / f"{SMALL}.gguf").symlink_to(models["smollm2-135m"])
+    (models_dir / f"{OTHER}.gguf").symlink_to(models["gemma3-270m"])
+    router = subprocess.Popen([binary, "--models-dir", str(models_dir), "--models-max", "1", "--port",
+                               str(router_port), *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    config = {"server": {"port": routerd_port}, "control": {"socket": str(work / "control.sock")},
+              "backend": {"binary": binary, "args": common, "max_loaded_models": 1, "idle_ttl": 0},
+              "catalog": {"hf_cache": False},
+              "models": {SMALL: {"path": str(models["smollm2-135m"])}, OTHER: {"path": str(models["gemma3-270m"])}}}
+    (work / "routerd.toml").write_text(tomli_w.dumps(config))
+    env = {**os.environ, "STATE_DIRECTORY": str(work / "state")}
+    routerd = subprocess.Popen([sys.executable, "-m", "routerd", "serve", "--config", str(work / "routerd.toml"),
+                                "--log-level", "WARNING"], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    names = {SMALL: SMALL, OTHER: OTHER}
+    return [Target("direct", f"http://127.0.0.1:{direct_port}", direct, {SMALL: SMALL}),
+            Target("llama.cpp router", f"http://127.0.0.1:{router_port}", router, names),
+            Target("routerd", f"http://127.0.0.1:{routerd_port}", routerd, names)]
+
+
+async def interleaved(targets: list[Target], rounds: int, measure: Callable[[Target], Awaitable[float | None]],
+                      ) -> dict[str, list[float]]:
+    """Run ``measure`` round-robin over the targets in a shuffled order each round."""
+    results: dict[str, list[float]] = {t.name: [] for t in targets}
+    rng = random.Random(1)
+    for _ in range(rounds):
+        order = list(targets)
+        rng.shuffle(order)
+        for target in order:
+            value = await measure(target)
+            if value is not None:
+                results[target.name].append(value)
+    return results
+
+
+class Bench:
+    def __init__(self, targets: list[Target], quick: bool) -> None:
+        self.targets = targets
+        self.quick = quick
+        self.client = httpx.AsyncClient(timeout=120, trust_env=False, limits=httpx.Limits(max_connections=200))
+        self.rows: list[tuple[str, str, str, str]] = []  # figure, direct, router, routerd
+
+    def row(self, figure: str, values: dict[str, str]) -> None:
+        self.rows.append((figure, values.get("direct", "-"), values.get("llama.cpp router", "-"),
+                          values.get("routerd", "-")))
+        print(f"{figure}: {values}", flush=True)
+
+    def stats_rows(self, figure: str, results: dict[str, list[float]], baseline: str = "direct") -> None:
+        base = statistics.median(results[baseline]) if results.get(baseline) else None
+        cells = {}
+        for name, values in results.items():
+            if not values:
+                continue
+            median = statistics.median(values)
+            added = f", +{ms(median - base)}" if base is not None and name != baseline else ""
+            ratio = f", {median / base:.2f}x" if base and name != baseline else ""
+            cells[name] = f"{ms(median)} (p90 {ms(pct(values, 0.9))}, p99 {ms(pct(values, 0.99))}{added}{ratio})"
+        self.row(figure, cells)
+
+    async def timed(self, method: str, target: Target, path: str, body: dict) -> float:
+        start = time.perf_counter()
+        response = await self.client.request(method, target.url + path, json=body)
+        response.raise_for_status()
+        return time.perf_counter() - start
+
+    async def latency(self) -> None:
+        n = 30 if self.quick else 200
+
+        async def tokenize(t: Target) -> float:
+            return await self.timed("POST", t, "/tokenize", {"model": t.models[SMALL], "content": "hello world"})
+
+        async def one_token(t: Target) -> float:
+            return await self.timed("POST", t, "/v1/chat/completions",
+                                    {"model": t.models[SMALL], "messages": CHAT, "max_tokens": 1})
+        for t in self.targets:  # warm: every target has SMALL loaded
+            await one_token(t)
+        self.stats_rows("1. POST /tokenize", await interleaved(self.targets, n, tokenize))
+        self.stats_rows("1. chat, 1 token", await interleaved(self.targets, n // 4, one_token))
+
+    async def stream_once(self, t: Target, tokens: int) -> tuple[float, list[float], int]:
+        """Time to first byte, gaps between chunks, chunk count, for one streamed chat."""
+        body = {"model": t.models[SMALL], "messages": CHAT, "max_tokens": tokens, "stream": True,
+                "ignore_eos": True}
+        start = time.perf_counter()
+        first = None
+        gaps: list[float] = []
+        last = start
+        chunks = 0
+        async with self.client.stream("POST", t.url + "/v1/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                now = time.perf_counter()
+                if first is None:
+                    first = now - start
+                else:
+                    gaps.append(now - last)
+                last = now
+                chunks += 1
+        return first or float("nan"), gaps, chunks
+
+    async def streaming(self) -> None:
+        n = 3 if self.quick else 10
+        ttfb: dict[str, list[float]] = {t.name: [] for t in self.targets}
+        gaps: dict[str, list[float]] = {t.name: [] for t in self.targets}
+        routerd = self.targets[-1]
+        cpu_before, chunks_total = cpu_seconds(routerd.proc.pid), 0
+        for _ in range(n):
+            for t in random.sample(self.targets, len(self.targets)):
+                first, g, chunks = await self.stream_once(t, 128)
+                ttfb[t.name].append(first)
+                gaps[t.name] += g
+                if t is routerd:
+                    chunks_total += chunks
+        cpu = cpu_seconds(routerd.proc.pid) - cpu_before
+        self.stats_rows("2. stream 128 tokens: time to first byte", ttfb)
+        base = gaps["direct"]
+        cells = {name: f"p50 {ms(pct(v, 0.5))}, p99 {ms(pct(v, 0.99))}"
+                 + (f" (+{ms(pct(v, 0.5) - pct(base, 0.5))} p50, +{ms(pct(v, 0.99) - pct(base, 0.99))} p99)"
+                    if name != "direct" else "") for name, v in gaps.items()}
+        self.row("2. stream: gap between chunks", cells)
+        self.row("3. routerd CPU per 1000 streamed chunks", {"routerd": f"{cpu / max(1, chunks_total) * 1000:.2f} s"})
+
+    async def throughput(self) -> None:
+        for concurrency in (1, 16, 64):
+            total = concurrency * (2 if self.quick else 4)
+            cells = {}
+            for t in random.sample(self.targets, len(self.targets)):
+                errors = 0
+                start = time.perf_counter()
+
+                async def worker(count: int, t: Target = t) -> None:
+                    nonlocal errors
+                    for _ in range(count):
+                        try:
+                            await self.timed("POST", t, "/v1/chat/completions",
+                                             {"model": t.models[SMALL], "messages": CHAT, "max_tokens": 8})
+                        except httpx.HTTPError:
+                            errors += 1
+                async with trio.open_nursery() as nursery:
+                    for _ in range(concurrency):
+                        nursery.start_soon(worker, total // concurrency)
+                rate = total / (time.perf_counter() - start)
+                cells[t.name] = f"{rate:.1f} req/s" + (f", {errors} errors" if errors else "")
+            self.row(f"3. throughput, concurrency {concurrency} (8-token chats)", cells)
+
+    async def cold_and_swap(self, binary: str, small_path: str) -> None:
+        n = 2 if self.quick else 5
+        router, routerd = self.targets[1], self.targets[2]
+
+        async def first_token(t: Target, model: str) -> float:
+            start = time.perf_counter()
+            async with self.client.stream("POST", t.url + "/v1/chat/completions", json={
+                    "model": model, "messages": CHAT, "max_tokens": 4, "stream": True}) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        break
+            return time.perf_counter() - start
+
+        async def unload(t: Target, model: str) -> None:
+            if t is router:
+                await self.client.post(t.url + "/models/unload", json={"model": model})
+                while True:  # its unload returns before the child has exited: wait for "unloaded"
+                    listed = (await self.client.get(t.url + "/models")).json()["data"]
+                    if next(m for m in listed if m["id"] == model)["status"]["value"] == "unloaded":
+                        break
+                    await trio.sleep(0.05)
+            else:
+                subprocess.run([sys.executable, "-m", "routerctl", "--socket", str(control_socket(t)), "unload", model],
+                               capture_output=True, cwd=ROOT)
+
+        cold: dict[str, list[float]] = {"direct": [], router.name: [], routerd.name: []}
+        swap: dict[str, list[float]] = {router.name: [], routerd.name: []}
+        for _ in range(n):
+            cold["direct"].append(await direct_cold_start(binary, small_path))
+            for t in random.sample([router, routerd], 2):
+                await first_token(t, SMALL)
+                await unload(t, SMALL)
+                cold[t.name].append(await first_token(t, SMALL))
+            for t in random.sample([router, routerd], 2):
+                await first_token(t, SMALL)  # A loaded; B must replace it (one model at a time)
+                swap[t.name].append(await first_token(t, OTHER))
+        self.stats_rows("4. cold start: request to first token (direct: process start to first token)", cold)
+        self.stats_rows("5. swap A -> B under a one-model limit, to first token", swap, baseline=router.name)
+
+    async def many_streams(self) -> None:
+        cells = {}
+        routerd = self.targets[-1]
+        peak = [rss_mib(routerd.proc.pid)]
+        for t in random.sample(self.targets, len(self.targets)):
+            errors, durations = 0, []
+
+            async def one(t: Target = t) -> None:
+                nonlocal errors
+                start = time.perf_counter()
+                try:
+                    await self.stream_once(t, 32)
+                    durations.append(time.perf_counter() - start)
+                except httpx.HTTPError:
+                    errors += 1
+
+            async def sample_rss(stop: trio.Event) -> None:
+                while not stop.is_set():
+                    peak.append(rss_mib(routerd.proc.pid))
+                    with trio.move_on_after(0.05):
+                        await stop.wait()
+            stop = trio.Event()
+            async with trio.open_nursery() as outer:
+                outer.start_soon(sample_rss, stop)
+                async with trio.open_nursery() as nursery:
+                    for _ in range(64):
+                        nursery.start_soon(one)
+                stop.set()
+            cells[t.name] = f"{errors} errors, median {statistics.median(durations):.2f} s per 32-token stream"
+        self.row("6. 64 concurrent streams", cells)
+        self.row("7. routerd RSS under 64 streams (peak)", {"routerd": f"{max(peak):.1f} MiB"})
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def control_socket(target: Target) -> Path:
+    return Path(target.proc.args[target.proc.args.index("--config") + 1]).parent / "control.sock"
+
+
+async def direct_cold_start(binary: str, model: str) -> float:
+    """The limit: start llama-server, wait for /health, stream to the first token."""
+    port = free_port()
+    start = time.perf_counter()
+    proc = subprocess.Popen([binary, "-m", model, "--port", str(port), "--ctx-size", "2048", "--threads", "2",
+                             "--fit", "off"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
+            while True:
+                try:
+                    if (await client.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await trio.sleep(0.005)
+            async with client.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json={
+                    "messages": CHAT, "max_tokens": 4, "stream": True}) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        break
+        return time.perf_counter() - start
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def write_synthetic_ggufs(folder: Path, count: int) -> None:
+    import gguf
+    import numpy as np
+
+    for i in range(count):
+        writer = gguf.GGUFWriter(str(folder / f"synthetic-{i:04d}-Q4_K_M.gguf"), "llama")
+        writer.add_block_count(1)
+        writer.add_context_length(2048)
+        writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+
+async def catalog_scale(work: Path, binary: str, quick: bool) -> list[tuple[str, str]]:
+    count = 200 if quick else 1000
+    folder = work / "synthetic"
+    folder.mkdir()
+    write_synthetic_ggufs(folder, count)
+    start = time.perf_counter()
+    found = discovery.scan_folder(folder)
+    scan = time.perf_counter() - start
+    port = free_port()
+    config = {"server": {"port": port}, "control": {"socket": str(work / "scale.sock")},
+              "backend": {"binary": binary}, "catalog": {"hf_cache": False, "folders": [str(folder)]}}
+    (work / "scale.toml").write_text(tomli_w.dumps(config))
+    proc = subprocess.Popen([sys.executable, "-m", "routerd", "serve", "--config", str(work / "scale.toml"),
+                             "--log-level", "WARNING"], cwd=ROOT, env={**os.environ, "STATE_DIRECTORY": str(work / "s2")},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await wait_http(f"http://127.0.0.1:{port}")
+        times = []
+        async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+            for _ in range(5 if quick else 30):
+                t0 = time.perf_counter()
+                listed = (await client.get(f"http://127.0.0.1:{port}/v1/models")).json()
+                times.append(time.perf_counter() - t0)
+        idle = rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait()
+    assert len(found) == count and len(listed["data"]) >= count
+    return [(f"8. discovery of {count} GGUF files (cold header cache)", f"{scan:.2f} s"),
+            (f"8. GET /v1/models with {count} models", f"{ms(statistics.median(times))} median"),
+            (f"7. routerd RSS idle with {count} models", f"{idle:.1f} MiB")]
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal"))) / 2**20
+    return f"{os.cpu_count()} CPUs ({cpu}), {mem:.0f} GiB RAM, {platform.platform()}, Python {platform.python_version()}"
+
+
+async def main(quick: bool, write: bool) -> None:
+    models = demo_model_paths(ROOT / "demo")
+    binary = config_mod.resolve_llama_server(config_mod.Config(), os.environ)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        targets = start_all(work, binary, models)
+        try:
+            for t in targets:
+                await wait_http(t.url)
+            rss_idle = rss_mib(targets[-1].proc.pid)
+            bench = Bench(targets, quick)
+            bench.row("7. routerd RSS idle (2 models configured, none loaded)", {"routerd": f"{rss_idle:.1f} MiB"})
+            await bench.latency()
+            await bench.streaming()
+            await bench.throughput()
+            await bench.many_streams()
+            await bench.cold_and_swap(binary, str(models["smollm2-135m"]))
+            await bench.aclose()
+        finally:
+            for t in targets:
+                t.proc.terminate()
+                t.proc.wait()
+        scale = await catalog_scale(work, binary, quick)
+    lines = ["| figure | direct llama-server | llama.cpp router mode | routerd |", "|---|---|---|---|"]
+    lines += [f"| {f} | {d} | {r} | {o} |" for f, d, r, o in bench.rows]
+    lines += [f"| {f} | - | - | {v} |" for f, v in scale]
+    table = "\n".join(lines)
+    print("\n" + table)
+    if write:
+        out = ROOT / "docs" / "benchmarks.md"
+        text = out.read_text() if out.exists() else ""
+        marker = "<!-- bench table -->"
+        block = (f"{marker}\nMachine: {machine()}. Command: `make bench` "
+                 f"(`bench/run.py{' --quick' if quick else ''} --write`), {time.strftime('%Y-%m-%d')}.\n\n{table}\n{marker}")
+        if marker in text:
+            head, _, rest = text.partition(marker)
+            _, _, tail = rest.partition(marker)
+            text = head + block + tail
+        else:
+            text = text + "\n" + block + "\n"
+        out.write_text(text)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run")
+    parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md with the table")
+    args = parser.parse_args()
+    trio.run(main, args.quick, args.write)
