@@ -1,8 +1,10 @@
 """The supervisor: which backends run, and getting a ready one for a request.
 
 Owns the backends table and the nursery every backend runs in, the admission of new backends
-(group rules, ``max_loaded_models`` and the memory budget, decided by ``admission``), unloads,
-applying a new config (restart what changed, keep what did not), and status snapshots. The HTTP
+(group rules, ``max_loaded_models`` and the memory budget, decided by ``admission``; fair turns
+between models that cannot all be resident), each model's request queue and failure history
+(policies in ``scheduler``), unloads, preload, applying a new catalog (restart what changed,
+keep what did not), and status snapshots. The HTTP
 API and the control plane both call it; it must not parse HTTP or JSON-RPC, and nothing but the
 supervisor may start or stop a backend.
 """
