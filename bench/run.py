@@ -381,8 +381,9 @@ async def catalog_scale(work: Path, binary: str, quick: bool) -> list[tuple[str,
         async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
             for _ in range(5 if quick else 30):
                 t0 = time.perf_counter()
-                listed = (await client.get(f"http://127.0.0.1:{port}/v1/models")).json()
+                response = await client.get(f"http://127.0.0.1:{port}/v1/models")  # the whole body read
                 times.append(time.perf_counter() - t0)
+                listed = response.json()
         idle = rss_mib(proc.pid)
     finally:
         proc.terminate()

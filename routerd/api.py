@@ -34,6 +34,8 @@ PROXIED_POST = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v
                 "/v1/reranking", "/reranking", "/completion", "/completions", "/infill", "/tokenize",
                 "/detokenize", "/apply-template", "/embedding", "/embeddings", "/v1/responses",
                 "/v1/messages", "/v1/messages/count_tokens", "/chat/completions")
+#: Longest a rendered /v1/models body is reused while nothing changed (seconds).
+MODELS_VIEW_MAX_AGE = 1.0
 #: GET endpoints of a backend reachable as /{model}/{endpoint} (the seed's convention).
 SHORT_UPSTREAM_GET = ("health", "props", "slots", "metrics")
 
@@ -131,8 +133,17 @@ def create_app(supervisor: Supervisor, *, extra_status: Callable[[], dict[str, A
     async def health() -> Response:
         return _json({"status": "ok", "version": __version__, **supervisor.counts()})
 
+    models_view: dict[str, tuple[int, float, str]] = {}  # the last /v1/models body, by version
+
     @app.get("/v1/models")
     async def list_models() -> Response:
+        # Clients and UIs poll this; with many models rendering it is the cost. Reuse the last
+        # body while nothing changed (version) and it is under a second old (measured memory and
+        # TTLs move without events).
+        now = trio.current_time()
+        cached = models_view.get("body")
+        if cached and cached[0] == supervisor.version and now - cached[1] < MODELS_VIEW_MAX_AGE:
+            return Response(cached[2], content_type="application/json")
         data = []
         for status in supervisor.status():
             for shown in [status.name, *status.aliases]:
@@ -141,7 +152,9 @@ def create_app(supervisor: Supervisor, *, extra_status: Callable[[], dict[str, A
                 if shown != status.name:
                     entry["alias_of"] = status.name
                 data.append(entry)
-        return _json({"object": "list", "data": data})
+        body = json.dumps({"object": "list", "data": data}, default=_default)
+        models_view["body"] = (supervisor.version, now, body)
+        return Response(body, content_type="application/json")
 
     @app.get("/v1/models/<path:model>")
     async def show_model(model: str) -> Response:

@@ -92,6 +92,8 @@ class Supervisor:
         self._yielding: set[str] = set()
         self._admission_lock = trio.Lock()
         self._changed = trio.Event()
+        #: Bumped on every change of state, load, queue or catalog: lets views cache.
+        self.version = 0
         self._nursery: trio.Nursery | None = None
         self._closing = False
 
@@ -445,6 +447,7 @@ class Supervisor:
 
     def _signal_watchers(self) -> None:
         """Wake ``wait_changed()`` callers (status updates, admission waiting for room)."""
+        self.version += 1
         self._changed.set()
         self._changed = trio.Event()
 

@@ -278,3 +278,17 @@ async def test_each_model_goes_to_a_gpu_with_room_before_anything_is_evicted(sta
     assert (await r.http.post(CHAT, json=chat("c"))).status_code == 200
     assert a.gone and not b.gone
     assert _cuda_visible_devices(r.supervisor.running("c").pid) == a_gpu
+
+
+async def test_models_list_shows_a_change_at_once_despite_its_cache(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
+
+    async def state() -> str:
+        return next(m for m in (await r.http.get("/v1/models")).json()["data"] if m["id"] == "a")["state"]
+    assert await state() == "unloaded"
+    assert (await r.http.post(CHAT, json=chat("a"))).status_code == 200
+    assert await state() == "ready"  # well within the cache's one second
+    r.supervisor.unload("a")
+    with trio.fail_after(5):
+        await r.supervisor.running("a").wait_gone() if r.supervisor.running("a") else None
+    assert await state() == "unloaded"
