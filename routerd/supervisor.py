@@ -130,19 +130,10 @@ class Supervisor:
         self._queue(self.catalog.resolve(name).name).leave(ticket)
         self._signal_watchers()
 
-    async def acquire(self, name: str, priority: int = scheduler.PRIORITIES["normal"]) -> Backend:
-        """A ready backend for ``name`` with one request counted in flight; call ``release()``.
-
-        Waits in the model's queue (priority, aging, ``scheduler.max_queue_wait``) for a free slot.
-        """
-        ticket = self.enqueue(name, priority)
-        try:
-            return await self.acquire_ticket(name, ticket)
-        finally:
-            self.dequeue(name, ticket)
-
     async def acquire_ticket(self, name: str, ticket: scheduler.Ticket) -> Backend:
-        """Wait for ``ticket``'s turn on a ready backend; safe to cancel and call again."""
+        """A ready backend for ``name`` with one request counted in flight (call ``release()``),
+        once ``ticket``'s turn comes (priority, aging, a free slot); 503 at its deadline. Safe to
+        cancel and call again: the ticket keeps its place until ``dequeue``."""
         entry = self.catalog.resolve(name)
         queue = self._queue(entry.name)
         with trio.move_on_at(ticket.deadline):
