@@ -18,11 +18,10 @@ from pathlib import Path
 
 import attrs
 
-from routerd.gguf_meta import GGUFError, read_meta
+from routerd.gguf_meta import SPLIT_RE, GGUFError, read_meta, split_parts
 
 log = logging.getLogger("routerd.discovery")
 
-_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 #: Quantization tags as llama.cpp names files; longest first so Q4_K_M wins over Q4_K.
 QUANT_TAGS = sorted((
     "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_K", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S",
@@ -76,15 +75,12 @@ def model_files(names: Iterable[str]) -> tuple[list[str], list[str]]:
             continue
         if any(word in lower for word in _NOT_MODELS):
             continue
-        split = _SPLIT_RE.search(name)
-        if split:
-            if int(split.group(1)) != 1:
-                continue
-            total = int(split.group(2))
-            stem = name[: split.start()]
-            if not all(f"{stem}-{i:05d}-of-{total:05d}.gguf" in present for i in range(1, total + 1)):
-                log.warning("skipping %s: not every part of the split model is present", name)
-                continue
+        parts = split_parts(name)
+        if name != parts[0]:
+            continue
+        if not present.issuperset(parts):
+            log.warning("skipping %s: not every part of the split model is present", name)
+            continue
         models.append(name)
     return models, projectors
 
@@ -100,8 +96,15 @@ def _is_model_file(path: str) -> bool:
 
 
 def stem_of(filename: str) -> str:
-    name = _SPLIT_RE.sub("", filename)
+    name = SPLIT_RE.sub("", filename)
     return name[:-5] if name.lower().endswith(".gguf") else name
+
+
+def _models_in(directory: str, filenames: Iterable[str]) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(file name, path, paired projector) of each model file in one directory."""
+    models, projectors = model_files(filenames)
+    paired = tuple(os.path.join(directory, p) for p in projectors[:1])
+    return [(name, path, paired) for name in models if _is_model_file(path := os.path.join(directory, name))]
 
 
 def scan_folder(root: str | os.PathLike[str]) -> list[Found]:
@@ -109,12 +112,8 @@ def scan_folder(root: str | os.PathLike[str]) -> list[Found]:
     found: list[Found] = []
     for directory, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
-        models, projectors = model_files(filenames)
-        paired = tuple(os.path.join(directory, p) for p in projectors[:1])
-        for name in models:
-            path = os.path.join(directory, name)
-            if _is_model_file(path):
-                found.append(Found(stem_of(name), path, "folder", mmproj=paired))
+        found += [Found(stem_of(name), path, "folder", mmproj=paired)
+                  for name, path, paired in _models_in(directory, filenames)]
     return found
 
 
@@ -124,8 +123,7 @@ def scan_path(path: str | os.PathLike[str]) -> list[Found]:
         return scan_folder(path)
     directory, name = os.path.split(os.path.abspath(path))
     models, projectors = model_files(os.listdir(directory) if os.path.isdir(directory) else [])
-    split = _SPLIT_RE.search(name)
-    first = name[: split.start()] + f"-00001-of-{split.group(2)}.gguf" if split else name
+    first = split_parts(name)[0]
     if first not in models or not _is_model_file(os.path.join(directory, first)):
         return []
     paired = tuple(os.path.join(directory, p) for p in projectors[:1])
@@ -162,15 +160,9 @@ def repo_models(repo_id: str, snapshot: Path) -> list[Found]:
     by_dir: dict[str, list[str]] = {}
     for name in names:
         by_dir.setdefault(os.path.dirname(name), []).append(os.path.basename(name))
-    entries: list[tuple[str, str, tuple[str, ...]]] = []
-    for directory, files in sorted(by_dir.items()):
-        models, projectors = model_files(files)
-        paired = tuple(str(snapshot / directory / p) for p in projectors[:1])
-        for name in models:
-            path = str(snapshot / directory / name)
-            if _is_model_file(path):
-                tag = quant_of(name) or stem_of(name)
-                entries.append((tag, path, paired))
+    entries = [(quant_of(name) or stem_of(name), path, paired)
+               for directory, files in sorted(by_dir.items())
+               for name, path, paired in _models_in(os.path.join(snapshot, directory), files)]
     result = []
     default = choose_quant([tag for tag, _, _ in entries], None)
     for tag, path, paired in entries:

@@ -21,7 +21,8 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 #: Arrays up to this length are read (per-layer head counts); longer ones (vocabularies) skipped.
 _SMALL_ARRAY = 1024
-_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+#: A shard of a split model: ``NAME-00001-of-00003.gguf``.
+SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 
 # llama.cpp file types (general.file_type) by number, for display.
@@ -140,7 +141,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[tupl
 
 def split_parts(path: str) -> list[str]:
     """All shards of a split model given any of them (just ``[path]`` when not split)."""
-    match = _SPLIT_RE.search(path)
+    match = SPLIT_RE.search(path)
     if not match:
         return [path]
     total = int(match.group(2))
