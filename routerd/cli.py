@@ -12,7 +12,7 @@ import sys
 
 import trio
 
-from routerd import __version__, config as config_mod, logs, paths
+from routerd import __version__, config as config_mod, logs
 from routerd.errors import ConfigError, RouterdError
 
 
@@ -40,8 +40,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config_mod.unstructure(config), indent=2))
         return 0
     logs.setup(args.log_level)
-    # Before huggingface_hub is imported: it reads its cache location once, at import.
-    os.environ.update(paths.with_hub_cache(os.environ))
     try:
         config = config_mod.load(args.config)
         from routerd.daemon import serve

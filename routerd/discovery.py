@@ -133,8 +133,8 @@ def scan_path(path: str | os.PathLike[str]) -> list[Found]:
 def scan_hf_cache(cache_dir: str | os.PathLike[str] | None = None) -> list[Found]:
     """Every GGUF model in the Hugging Face hub cache, named ``org/repo:QUANT``.
 
-    Uses huggingface_hub's own cache scan (so HF_HUB_CACHE / HF_HOME are honoured the way ``hf``
-    honours them). Of several revisions, the one ``main`` points to wins, else the newest.
+    Uses huggingface_hub's own cache scan on ``cache_dir`` (``paths.hub_cache``: HF_HUB_CACHE,
+    HF_HOME as ``hf`` reads them). Of several revisions, the one ``main`` points to wins, else the newest.
     """
     from huggingface_hub import CacheNotFound, scan_cache_dir
 

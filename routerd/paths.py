@@ -50,23 +50,17 @@ def state_dir(environ: Mapping[str, str] | None = None) -> str:
     return os.path.join(base, "routerd")
 
 
-def with_hub_cache(environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment with the Hugging Face cache under $CACHE_DIRECTORY when run as a service.
-
-    An explicit HF_HUB_CACHE or HF_HOME wins; otherwise huggingface_hub's default (~/.cache) would
-    be read-only or absent for a service user.
-    """
-    env = dict(environ)
-    if env.get("CACHE_DIRECTORY") and not env.get("HF_HUB_CACHE") and not env.get("HF_HOME"):
-        env["HF_HUB_CACHE"] = os.path.join(_first(env["CACHE_DIRECTORY"]), "huggingface", "hub")
-    return env
-
-
 def hub_cache(environ: Mapping[str, str] | None = None) -> str:
-    """The Hugging Face hub cache as huggingface_hub finds it: HF_HUB_CACHE, HF_HOME/hub, ~/.cache."""
+    """The Hugging Face hub cache routerd scans and pulls into.
+
+    HF_HUB_CACHE, then HF_HOME/hub (as huggingface_hub finds it); as a service with neither set,
+    $CACHE_DIRECTORY/huggingface/hub, since ~/.cache is read-only or absent for a service user.
+    """
     env = os.environ if environ is None else environ
     if env.get("HF_HUB_CACHE"):
         return os.path.expanduser(env["HF_HUB_CACHE"])
+    if env.get("CACHE_DIRECTORY") and not env.get("HF_HOME"):
+        return os.path.join(_first(env["CACHE_DIRECTORY"]), "huggingface", "hub")
     home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join(
         env.get("HOME") or os.path.expanduser("~"), ".cache"), "huggingface")
     return os.path.join(os.path.expanduser(home), "hub")

@@ -192,8 +192,9 @@ def test_service_directories_come_from_systemd_then_user_defaults():
                "CACHE_DIRECTORY": "/var/cache/routerd"}
     assert paths.default_socket_path(service) == "/run/routerd/control.sock"
     assert paths.state_dir(service) == "/var/lib/routerd"
-    assert paths.with_hub_cache(service)["HF_HUB_CACHE"] == "/var/cache/routerd/huggingface/hub"
-    assert "HF_HUB_CACHE" not in paths.with_hub_cache({**service, "HF_HOME": "/srv/hf"})  # the user's choice wins
+    assert paths.hub_cache(service) == "/var/cache/routerd/huggingface/hub"
+    assert paths.hub_cache({**service, "HF_HOME": "/srv/hf"}) == "/srv/hf/hub"  # the user's choice wins
+    assert paths.hub_cache({**service, "HF_HUB_CACHE": "/srv/hub"}) == "/srv/hub"
     user = {"XDG_RUNTIME_DIR": "/run/user/1000", "HOME": "/home/u"}
     assert paths.default_socket_path(user) == "/run/user/1000/routerd/control.sock"
     assert paths.state_dir(user) == "/home/u/.local/state/routerd"
