@@ -171,14 +171,11 @@ class Supervisor:
         return trio.current_time() - min(t.enqueued for t in queue.tickets)
 
     # -- failures ---------------------------------------------------------------------------
-    def _failure_history(self, name: str) -> scheduler.FailureHistory:
-        return self._failures.setdefault(name, scheduler.FailureHistory())
-
     def crash_looping(self, name: str) -> bool:
         history = self._failures.get(name)
         policy = self.config.scheduler
-        return bool(history) and history.broken(trio.current_time(), policy.crash_loop_failures,
-                                                policy.crash_loop_window)
+        return history is not None and history.broken(trio.current_time(), policy.crash_loop_failures,
+                                                      policy.crash_loop_window)
 
     def _refuse_if_crash_looping(self, name: str) -> None:
         if self.crash_looping(name):
@@ -193,7 +190,8 @@ class Supervisor:
     def reset(self, name: str) -> bool:
         """Forget ``name``'s failures (the crash-loop breaker and backoff); True if there were any."""
         entry = self.catalog.resolve(name)
-        had = bool(self._failures.pop(entry.name, None)) | (self._last_failure.pop(entry.name, None) is not None)
+        had_history = self._failures.pop(entry.name, None) is not None  # a history exists only after a failure
+        had = had_history | (self._last_failure.pop(entry.name, None) is not None)
         self._notify_change()
         return had
 
@@ -209,9 +207,10 @@ class Supervisor:
             self._refuse_if_crash_looping(entry.name)
             backend = self._backends.get(entry.name)
             if backend is None:
-                policy = self.config.scheduler
-                await trio.sleep_until(self._failure_history(entry.name).next_start(
-                    policy.restart_backoff, policy.restart_backoff_max))
+                history = self._failures.get(entry.name)
+                if history is not None:  # restart backoff
+                    policy = self.config.scheduler
+                    await trio.sleep_until(history.next_start(policy.restart_backoff, policy.restart_backoff_max))
                 backend = await self._admit_and_start(entry)
             if backend.state is State.STOPPING or backend.stop_requested:
                 await backend.wait_gone()
@@ -424,8 +423,8 @@ class Supervisor:
             self._yielding.discard(backend.name)
             if backend.error:
                 self._last_failure[backend.name] = backend
-                self._failure_history(backend.name).record(trio.current_time(), backend.error, backend.exit_code,
-                                                           backend.log.text_tail(40))
+                history = self._failures.setdefault(backend.name, scheduler.FailureHistory())
+                history.record(trio.current_time(), backend.error, backend.exit_code, backend.log.text_tail(40))
             else:
                 self._last_failure.pop(backend.name, None)
             self._notify_change()

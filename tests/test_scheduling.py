@@ -264,3 +264,10 @@ async def test_preload_starts_models_after_ready_in_order(start_routerd, tmp_pat
     await trio.sleep(0.3)
     # b first, then the rest in catalog order, skipping what would need an eviction
     assert [n for n in ("a", "b", "c") if r.supervisor.running(n)] == ["a", "b"]
+
+
+async def test_reset_of_a_model_that_never_failed_says_so(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
+    assert (await post(r, "a")).status_code == 200
+    result = (await rpc(r.daemon.socket_path, call("reset", {"model": "a"})))[0]["result"]
+    assert result == {"model": "a", "had_failures": False, "state": "ready"}
