@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -48,12 +48,9 @@ def error_response(error: RouterdError) -> Response:
                     content_type="application/json")
 
 
-def model_from_body(body: bytes) -> str:
-    """The ``model`` field of a JSON request body (400 when missing or malformed)."""
-    return _model_and_stream(body)[0]
-
-
-def _model_and_stream(body: bytes) -> tuple[str, bool]:
+def model_and_stream(body: bytes) -> tuple[str, bool]:
+    """The ``model`` field of a JSON request body (400 when missing or malformed), and whether
+    it asks for a stream."""
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -67,7 +64,7 @@ def _model_and_stream(body: bytes) -> tuple[str, bool]:
     return model, payload.get("stream") is True
 
 
-def create_app(supervisor: Supervisor, *, extra_status: Callable[[], dict[str, Any]] | None = None) -> QuartTrio:
+def create_app(supervisor: Supervisor) -> QuartTrio:
     app = QuartTrio("routerd")
     app.config["RESPONSE_TIMEOUT"] = None  # streams last as long as they last
     app.config["MAX_CONTENT_LENGTH"] = supervisor.config.server.max_body_bytes
@@ -123,7 +120,7 @@ def create_app(supervisor: Supervisor, *, extra_status: Callable[[], dict[str, A
             raise PayloadTooLarge(f"request body is {request.content_length} bytes; the limit is {limit} "
                                   "(server.max_body_bytes)")
         body = await request.get_data(cache=False)
-        model, stream = _model_and_stream(body)
+        model, stream = model_and_stream(body)
         return await relay(model, "POST", request.path, body, stream=stream)
 
     for path in PROXIED_POST:
