@@ -31,6 +31,13 @@ async def wait_queued(r, model: str, n: int) -> None:
             await r.supervisor.wait_changed()
 
 
+async def wait_in_flight(r, model: str) -> None:
+    """Until ``model`` is running a request (its only slot is taken)."""
+    with trio.fail_after(10):
+        while not (r.supervisor.running(model) and r.supervisor.running(model).in_flight):
+            await r.supervisor.wait_changed()
+
+
 # -- pure policy ----------------------------------------------------------------------------
 def test_pick_next_orders_by_priority_then_arrival_and_ages_waiters():
     low = scheduler.Ticket(priority=2, enqueued=0.0, seq=0, deadline=99)
@@ -65,9 +72,7 @@ async def test_priority_order_with_fifo_within_a_priority(start_routerd, tmp_pat
     async with trio.open_nursery() as nursery:
         nursery.start_soon(request, "busy", None, 20)  # holds the only slot for ~1 s
         await wait_queued(r, "a", 0)
-        with trio.fail_after(10):
-            while not (r.supervisor.running("a") and r.supervisor.running("a").in_flight):
-                await r.supervisor.wait_changed()
+        await wait_in_flight(r, "a")
         for n, (label, priority) in enumerate([("low", "low"), ("normal-1", None), ("high", "high"),
                                                ("normal-2", "normal")]):
             nursery.start_soon(request, label, priority)
@@ -85,9 +90,7 @@ async def test_aging_lifts_a_waiting_low_request_above_newer_high_ones(start_rou
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(request, "busy", "normal", 20)
-        with trio.fail_after(10):
-            while not (r.supervisor.running("a") and r.supervisor.running("a").in_flight):
-                await r.supervisor.wait_changed()
+        await wait_in_flight(r, "a")
         nursery.start_soon(request, "old-low", "low")
         await wait_queued(r, "a", 1)
         await trio.sleep(0.7)  # three aging steps: low is now above high
@@ -114,9 +117,7 @@ async def test_full_queue_is_429_and_a_long_wait_is_503_both_with_retry_after(st
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(request, "busy", 40)  # ~2 s on the only slot
-        with trio.fail_after(10):
-            while not r.supervisor.running("a").in_flight:
-                await r.supervisor.wait_changed()
+        await wait_in_flight(r, "a")
         nursery.start_soon(request, "queued", 1)
         await wait_queued(r, "a", 1)
         nursery.start_soon(request, "over", 1)
@@ -131,9 +132,7 @@ async def test_a_queued_client_that_disconnects_leaves_the_queue_at_once(start_r
     r = await start_routerd(make_config(tmp_path, {"a": one_slot(model_file)}))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: post(r, "a", None, max_tokens=60))  # ~3 s on the only slot
-        with trio.fail_after(10):
-            while not (r.supervisor.running("a") and r.supervisor.running("a").in_flight):
-                await r.supervisor.wait_changed()
+        await wait_in_flight(r, "a")
         async with httpx.AsyncClient(base_url=r.url, timeout=0.3) as impatient:
             try:
                 await impatient.post(COMPLETIONS, json={"model": "a", "prompt": "hi"})
