@@ -354,12 +354,14 @@ class MemoryManager:
         if self.gpus is not None:
             for index, used in self.gpus.process_usage(backend.pid).items():
                 per_device[f"gpu{index}"] = used
-        logged = parse_logged_buffers([line.text for line in backend.log.tail(400)])
         key = (backend.name, backend.spec)
         previous = self._measured.get(key)
         if previous is not None:  # keep the peak: the next load of this spec needs that much
             for device, nbytes in previous.per_device.items():
                 per_device[device] = max(per_device.get(device, 0), nbytes)
+            logged = previous.logged  # printed once at load, the same for the same spec
+        else:  # parsed once: this runs on every admission plan, and the load lines scroll away
+            logged = parse_logged_buffers([line.text for line in backend.log.tail(400)])
         measured = Measured(per_device, logged)
         if per_device:
             self._measured[key] = measured
