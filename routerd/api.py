@@ -105,11 +105,15 @@ def create_app(supervisor: Supervisor) -> QuartTrio:
                     break
                 yield b": waiting for " + model.encode() + b"\n\n"
             upstream = await proxy.open_upstream(backend, method, path, headers=headers, body=body, query=query)
+            whole = None if upstream.is_event_stream else await upstream.read_all()
         except RouterdError as exc:  # the status line is sent: report in-band, as OpenAI streams do
             yield proxy.sse_error(exc)
             return
         finally:
             supervisor.dequeue(model, ticket)
+        if whole is not None:  # the backend answered without a stream (an error): one event
+            yield b"data: " + whole.strip() + b"\n\n"
+            return
         async with aclosing(upstream):
             async for chunk in upstream:
                 yield chunk

@@ -4,6 +4,7 @@ for waiting streams, preload."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import httpx
@@ -270,3 +271,14 @@ async def test_reset_of_a_model_that_never_failed_says_so(start_routerd, tmp_pat
     assert (await post(r, "a")).status_code == 200
     result = (await rpc(r.daemon.socket_path, call("reset", {"model": "a"})))[0]["result"]
     assert result == {"model": "a", "had_failures": False, "state": "ready"}
+
+
+async def test_a_waiting_stream_answered_without_a_stream_gets_that_answer_as_an_event(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(
+        tmp_path, {"slow": {"path": model_file("slow"), "args": ["--fake-load-seconds", "1.0"]}},
+        scheduler={"keepalive_interval": 0.2}))
+    # the fake llama-server has no rerank route: it answers 404 JSON, not an event stream
+    async with r.http.stream("POST", "/v1/rerank", json={"model": "slow", "stream": True, "query": "q"}) as response:
+        lines = [line async for line in response.aiter_lines() if line]
+    assert lines[0].startswith(":") and lines[-1].startswith("data: ")
+    assert json.loads(lines[-1].removeprefix("data: "))["error"]["code"] == 404
