@@ -16,13 +16,13 @@ import socket
 from collections.abc import Callable, Mapping
 
 import attrs
-import httpx
 import trio
 
 from routerd import llama_args
 from routerd.child import Child, spawn
 from routerd.errors import LoadFailed
 from routerd.logring import LogRing
+from routerd.upstream import ConnectionPool, UpstreamError
 
 log = logging.getLogger("routerd.backend")
 LOG_TAIL_LINES = 15
@@ -99,7 +99,7 @@ class Backend:
         self.exit_code: int | None = None
         self.error: str | None = None
         self.stop_reason: str | None = None
-        self.client: httpx.AsyncClient | None = None
+        self.upstream: ConnectionPool | None = None  # set while ready: the proxy's way in
         self._upstream_read_timeout = upstream_read_timeout
         self._env = dict(os.environ if env is None else env)
         self._on_change = on_change
@@ -117,10 +117,6 @@ class Backend:
     @property
     def name(self) -> str:
         return self.spec.name
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def gone(self) -> bool:
@@ -186,7 +182,7 @@ class Backend:
             await self._run()
         finally:
             self.state = State.FAILED if self.error else State.UNLOADED
-            self.client = None
+            self.upstream = None
             self.log.close()
             self._settled.set()
             self._gone.set()
@@ -202,47 +198,52 @@ class Backend:
             self.error = f"cannot run {argv[0]}: {exc.strerror or exc}"
             return
         self.pid, self.port = child.pid, port
-        timeout = httpx.Timeout(10.0, read=self._upstream_read_timeout, pool=None)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        async with child, httpx.AsyncClient(base_url=self.url, timeout=timeout, limits=limits,
-                                            trust_env=False) as client:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump_output, child)
-                nursery.start_soon(self._watch_exit, child, nursery.cancel_scope)
-                if not await self._become_ready(client):
-                    nursery.cancel_scope.cancel()
-                    return
-                self.client = client
-                self.state = State.READY
-                self.ready_at = trio.current_time()
-                self.last_used = self.ready_at
-                log.info("%s ready on port %d after %.2f s", self.name, port, self.ready_at - self.started_at)
-                self._settled.set()
-                self._on_change()
-                nursery.start_soon(self._idle_timer)
-                nursery.start_soon(self._watch_health, client)
-                await self._stop_requested.wait()
-                self.state = State.STOPPING
-                self._on_change()
-                await self._drain()
-                self._expect_exit = True
-                self.exit_code = await child.stop()
-                log.info("%s stopped (%s), exit status %s", self.name, self.stop_reason, self.exit_code)
+        # One idle connection per slot, plus one for health checks: more are never busy at once.
+        pool = ConnectionPool(port, max_idle=self.spec.slots + 1, read_timeout=self._upstream_read_timeout)
+        async with child:
+            try:
+                await self._serve(child, pool)
+            finally:
+                pool.close()
+
+    async def _serve(self, child: Child, pool: ConnectionPool) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump_output, child)
+            nursery.start_soon(self._watch_exit, child, nursery.cancel_scope)
+            if not await self._become_ready(pool):
                 nursery.cancel_scope.cancel()
+                return
+            self.upstream = pool
+            self.state = State.READY
+            self.ready_at = trio.current_time()
+            self.last_used = self.ready_at
+            log.info("%s ready on port %d after %.2f s", self.name, pool.port, self.ready_at - self.started_at)
+            self._settled.set()
+            self._on_change()
+            nursery.start_soon(self._idle_timer)
+            nursery.start_soon(self._watch_health, pool)
+            await self._stop_requested.wait()
+            self.state = State.STOPPING
+            self._on_change()
+            await self._drain()
+            self._expect_exit = True
+            self.exit_code = await child.stop()
+            log.info("%s stopped (%s), exit status %s", self.name, self.stop_reason, self.exit_code)
+            nursery.cancel_scope.cancel()
 
     async def _drain(self) -> None:
         with trio.move_on_after(self._drain_timeout):
             while self.in_flight:
                 await self._activity.wait()
 
-    async def _become_ready(self, client: httpx.AsyncClient) -> bool:
+    async def _become_ready(self, pool: ConnectionPool) -> bool:
         """Poll /health, woken by each line of output and by a short backoff timer.
 
         The ready timeout is a stall timeout: any output counts as progress and resets it.
         """
         delay = 0.005
         while not self._stop_requested.is_set():
-            if await self._healthy(client):
+            if await self._healthy(pool):
                 return True
             now = trio.current_time()
             deadline = self._last_output + self.spec.ready_timeout
@@ -256,19 +257,19 @@ class Backend:
         return False
 
     @staticmethod
-    async def _healthy(client: httpx.AsyncClient, timeout: float = 2.0) -> bool:
+    async def _healthy(pool: ConnectionPool, timeout: float = 2.0) -> bool:
         try:
-            response = await client.get("/health", timeout=timeout)
-        except httpx.HTTPError:
+            status, _ = await pool.get("/health", timeout=timeout)
+        except (UpstreamError, trio.TooSlowError):
             return False
-        return response.status_code == 200
+        return status == 200
 
-    async def _watch_health(self, client: httpx.AsyncClient) -> None:
+    async def _watch_health(self, pool: ConnectionPool) -> None:
         """Kill a ready backend that stops answering /health (hung, deadlocked, swapped out)."""
         missed = 0
         while True:
             await trio.sleep(self.health.interval)
-            if await self._healthy(client, self.health.timeout):
+            if await self._healthy(pool, self.health.timeout):
                 missed = 0
                 continue
             missed += 1

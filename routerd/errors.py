@@ -37,6 +37,12 @@ class RouterdError(Exception):
         error.update(self.data)
         return {"error": error}
 
+    def http_headers(self) -> list[tuple[str, str]]:
+        """Headers that go with the error's HTTP response (Retry-After when known)."""
+        if self.retry_after is None:
+            return []
+        return [("Retry-After", str(max(1, round(self.retry_after))))]
+
 
 class BadRequest(RouterdError):
     status = 400

@@ -1,91 +1,98 @@
-"""Forwarding one request to a backend and relaying the answer, streaming included.
+"""The proxied requests, from the client's connection to a backend's and back: a lean ASGI app.
 
-Owns the upstream call (headers filtered, body passed through untouched), the response body
-that streams chunks as they arrive and, when closed for any reason (end, error, client gone),
-closes the upstream connection at once (llama-server then stops generating) and releases the
-backend. It must not choose a backend; the caller passes one it acquired.
+Owns the hot path: which requests are proxied (``is_proxied``), reading the body and its
+``model``, queueing for a backend through the supervisor (with SSE keep-alive comments for a
+stream that waits), sending the request upstream, relaying the answer chunk by chunk, and
+rendering failures as OpenAI errors (in-band once a stream has started). A client that hangs up
+cancels the relay, which closes the upstream socket (llama-server then stops generating) and
+releases the backend. Every other request falls through to the Quart app (``api.py``).
+
+It must not choose a backend or decide about memory: the supervisor does. It runs on raw ASGI
+because a framework's request and response objects cost more than the rest of the relay.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
 
-import httpx
 import trio
 
+from routerd import scheduler
 from routerd.backend import Backend
-from routerd.errors import RouterdError, UpstreamFailed
+from routerd.errors import BadRequest, PayloadTooLarge, RouterdError, UpstreamFailed
+from routerd.supervisor import Supervisor
+from routerd.upstream import Response, UpstreamError
 
 log = logging.getLogger("routerd.proxy")
 
-#: What a dying backend raises at us: httpx errors, and httpx's "client has been closed"
-#: RuntimeError when the backend's client closes as its process is reaped.
-_BROKEN = (httpx.HTTPError, trio.BrokenResourceError, trio.ClosedResourceError, RuntimeError)
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                         "trailers", "transfer-encoding", "upgrade", "host", "content-length"})
+#: POST routes proxied to the backend named by the body's "model".
+PROXIED_POST = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/rerank", "/v1/reranking",
+    "/reranking", "/completion", "/completions", "/infill", "/tokenize", "/detokenize", "/apply-template",
+    "/embedding", "/embeddings", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
+    "/chat/completions"})
+#: GET endpoints of a backend reachable as /{model}/{endpoint} (the seed's convention).
+SHORT_UPSTREAM_GET = frozenset({"health", "props", "slots", "metrics"})
+#: GET paths under this prefix belong to the model views, whatever their last segment.
+_VIEW_PREFIX = "/v1/models/"
+
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+                         b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect"})
+_EVENT_STREAM_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                         (b"x-accel-buffering", b"no")]
 
 
-def forward_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Headers to pass on, without hop-by-hop ones (pure)."""
+def is_proxied(method: str, path: str) -> bool:
+    """Whether a request goes to a backend (pure): the proxied POST routes, GET /upstream/...,
+    and GET /{model}/{health,props,slots,metrics}."""
+    if method == "POST":
+        return path in PROXIED_POST
+    if method != "GET":
+        return False
+    if path.startswith("/upstream/"):
+        return True
+    model, _, endpoint = path[1:].rpartition("/")
+    return bool(model) and endpoint in SHORT_UPSTREAM_GET and not path.startswith(_VIEW_PREFIX)
+
+
+def forward_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Headers to pass on, without hop-by-hop ones (pure; names are lower-case bytes)."""
     return [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
 
 
-class UpstreamBody:
-    """The backend's response body as an async iterator that owns the backend lease."""
+def model_and_stream(body: bytes) -> tuple[str, bool]:
+    """The ``model`` field of a JSON request body (400 when missing or malformed), and whether
+    it asks for a stream."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("the request has no 'model' field: name the model to use (GET /v1/models lists them)",
+                         code="missing_model")
+    return model, payload.get("stream") is True
 
-    def __init__(self, response: httpx.Response, backend: Backend) -> None:
-        self._response = response
-        self._backend = backend
-        self._chunks = response.aiter_raw()
-        self._closed = False
-        self.status = response.status_code
-        self.is_event_stream = response.headers.get("content-type", "").startswith("text/event-stream")
 
-    def headers(self) -> list[tuple[str, str]]:
-        """Headers for the client: the backend's, plus no-buffering hints on event streams."""
-        headers = forward_headers(self._response.headers.multi_items())
-        if self.is_event_stream:
-            headers += [("X-Accel-Buffering", "no"), ("Cache-Control", "no-cache")]
-        return headers
-
-    def __aiter__(self) -> UpstreamBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._closed:
-            raise StopAsyncIteration
-        try:
-            return await self._chunks.__anext__()
-        except StopAsyncIteration:
-            await self.aclose()
-            raise
-        except _BROKEN as exc:
-            # Headers are sent; the status cannot change. Tell an SSE client in-band, then end.
-            log.warning("%s: stream broke: %s", self._backend.name, exc)
-            await self.aclose()
-            if self.is_event_stream:
-                return sse_error(await _failure(self._backend, exc, "mid-stream"))
-            raise
-
-    async def read_all(self) -> bytes:
-        """The whole body (for answers that are not event streams), or UpstreamFailed (502)."""
-        try:
-            return await self._response.aread()
-        except _BROKEN as exc:
-            raise await _failure(self._backend, exc) from None
-        finally:
-            await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._backend.release()
-        with trio.CancelScope(shield=True):  # runs during a client-disconnect cancellation too
-            await self._response.aclose()
+def split_model_path(rest: str, names: Iterable[str]) -> tuple[str, str]:
+    """Split ``{model}/{path}`` (pure): the longest known model name or alias that prefixes it
+    wins, so names with ``/`` and ``:`` (``org/repo:Q4_K_M``) are unambiguous; otherwise the
+    first segment."""
+    best = max((name for name in names if rest.startswith(name + "/")), key=len, default="")
+    if not best:
+        best = rest.split("/", 1)[0]
+    return best, rest[len(best) + 1:]
 
 
 def sse_error(error: RouterdError) -> bytes:
@@ -93,31 +100,180 @@ def sse_error(error: RouterdError) -> bytes:
     return b"data: " + json.dumps(error.openai_body()).encode() + b"\n\n"
 
 
-async def open_upstream(backend: Backend, method: str, path: str, *, headers: Iterable[tuple[str, str]],
-                        body: bytes, query: bytes = b"") -> UpstreamBody:
-    """Send the request to ``backend`` (already acquired) and return once headers arrive.
+class ProxyApp:
+    """ASGI: proxied requests are relayed here; everything else goes to ``fallback``."""
 
-    On failure the backend is released and UpstreamFailed raised (the process died or broke
-    the connection before answering).
-    """
-    assert backend.client is not None
+    def __init__(self, supervisor: Supervisor, fallback: ASGIApp) -> None:
+        self.supervisor = supervisor
+        self.fallback = fallback
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_proxied(scope["method"], scope["path"]):
+            await self.fallback(scope, receive, send)
+            return
+        client = _Client(send)
+        try:
+            await self._handle(scope, receive, client)
+        except RouterdError as exc:
+            await client.fail(exc)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            await client.fail(RouterdError("internal error while relaying the request"))
+
+    async def _handle(self, scope: Scope, receive: Receive, client: _Client) -> None:
+        method, path = scope["method"], scope["path"]
+        if method == "POST":
+            body = await _read_body(scope, receive, self.supervisor.config.server.max_body_bytes)
+            if body is None:
+                return  # the client left while sending
+            model, stream = model_and_stream(body)
+            target = path
+        else:
+            body, stream = b"", False
+            rest = path[len("/upstream/"):] if path.startswith("/upstream/") else path[1:]
+            names = [name for name, _ in self.supervisor.catalog.names_and_aliases()]
+            model, target = split_model_path(rest, names)
+            target = "/" + target
+        if scope["query_string"]:
+            target += "?" + scope["query_string"].decode("latin-1")
+        headers = scope["headers"]
+        priority = scheduler.parse_priority(_header(headers, scheduler.PRIORITY_HEADER.lower().encode()))
+        ticket = self.supervisor.enqueue(model, priority)  # 429 here, before anything is sent
+        async with trio.open_nursery() as nursery:  # lives as long as the request
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            try:
+                await self._relay(client, model, ticket, stream, method, target, headers, body)
+            except RouterdError as exc:
+                await client.fail(exc)
+            nursery.cancel_scope.cancel()
+
+    async def _relay(self, client: _Client, model: str, ticket: scheduler.Ticket, stream: bool, method: str,
+                     target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        supervisor = self.supervisor
+        try:
+            backend = await self._acquire(client, model, ticket, stream)
+        finally:
+            supervisor.dequeue(model, ticket)
+        try:
+            upstream = await backend.upstream.request(method, target, headers=forward_headers(headers), body=body)
+        except BaseException as exc:
+            backend.release()
+            if isinstance(exc, UpstreamError):
+                raise await _failure(backend, exc) from None
+            raise
+        upstream.on_end = backend.release  # the slot is free once the backend is done, not the client
+        try:
+            await _answer(client, backend, upstream)
+        finally:
+            upstream.aclose_now()  # unfinished (client gone): closing tells llama-server to stop
+
+    async def _acquire(self, client: _Client, model: str, ticket: scheduler.Ticket, stream: bool) -> Backend:
+        """Wait for a backend. A stream that has to wait gets its event-stream headers now and an
+        SSE comment every keep-alive interval (clients and proxies drop silent connections)."""
+        interval = self.supervisor.config.scheduler.keepalive_interval if stream else math.inf
+        while True:
+            with trio.move_on_after(interval):
+                return await self.supervisor.acquire_ticket(model, ticket)
+            if not client.started:
+                await client.start(200, _EVENT_STREAM_HEADERS, event_stream=True)
+            await client.body(b": waiting for " + model.encode() + b"\n\n")
+
+
+class _Client:
+    """The client's side of one exchange: what has been sent decides how an error is told."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self.event_stream = False
+        self.finished = False
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]], *, event_stream: bool = False) -> None:
+        self.started = True
+        self.event_stream = event_stream
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def body(self, chunk: bytes, *, more: bool = True) -> None:
+        self.finished = not more
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    async def fail(self, error: RouterdError) -> None:
+        if self.finished:
+            return
+        if not self.started:
+            payload = json.dumps(error.openai_body()).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
+            headers += [(k.lower().encode(), v.encode()) for k, v in error.http_headers()]
+            await self.start(error.status, headers)
+            await self.body(payload, more=False)
+        elif self.event_stream:  # the status line is sent: report in-band, as OpenAI streams do
+            await self.body(sse_error(error), more=False)
+        else:
+            await self.body(b"", more=False)
+
+
+async def _answer(client: _Client, backend: Backend, upstream: Response) -> None:
+    """Relay the backend's answer: an event stream chunk by chunk, anything else whole (so a
+    backend dying mid-body is still a clean 502)."""
+    is_stream = upstream.header(b"content-type").startswith(b"text/event-stream")
     try:
-        request = backend.client.build_request(
-            method, path, headers=forward_headers(headers), content=body,
-            params=query.decode("latin-1") if query else None)
-        response = await backend.client.send(request, stream=True)
-    except BaseException as exc:
-        backend.release()
-        if isinstance(exc, _BROKEN):
-            raise await _failure(backend, exc) from None
-        raise
-    return UpstreamBody(response, backend)
+        if not is_stream:
+            whole = await upstream.read()
+            if client.started:  # a waiting stream got a plain answer (an error): one event
+                await client.body(b"data: " + whole.strip() + b"\n\n", more=False)
+                return
+            headers = forward_headers(upstream.headers) + [(b"content-length", b"%d" % len(whole))]
+            await client.start(upstream.status, headers)
+            await client.body(whole, more=False)
+            return
+        if not client.started:
+            headers = forward_headers(upstream.headers)
+            await client.start(upstream.status, headers + _EVENT_STREAM_HEADERS[1:], event_stream=True)
+        async for chunk in upstream:
+            await client.body(chunk)
+        await client.body(b"", more=False)
+    except UpstreamError as exc:
+        log.warning("%s: answer broke: %s", backend.name, exc)
+        raise await _failure(backend, exc, "mid-stream" if client.started else "") from None
 
 
 async def _failure(backend: Backend, exc: BaseException, when: str = "") -> UpstreamFailed:
     """The 502 for a broken upstream call, with the backend's own reason when it died."""
     with trio.move_on_after(1.0):  # a dying process: wait (briefly) for its exit status, the real reason
         await backend.wait_gone()
-    why = backend.error or f"{type(exc).__name__}: {exc}"
+    why = backend.error or str(exc)
     return UpstreamFailed(f"backend for {backend.name!r} failed{' ' + when if when else ''}: {why}",
                           data={"exit_code": backend.exit_code})
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    """The whole request body (413 past ``limit``), or None when the client disconnects."""
+    declared = _header(scope["headers"], b"content-length")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is {int(declared)} bytes; the limit is {limit} (server.max_body_bytes)")
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes (server.max_body_bytes)")
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return ""

@@ -77,11 +77,6 @@ class ModelQueue:
         self.wake()
         return ticket
 
-    def rejoin(self, ticket: Ticket) -> None:
-        if ticket not in self.tickets:
-            self.tickets.append(ticket)
-            self.wake()
-
     def leave(self, ticket: Ticket) -> None:
         if ticket in self.tickets:
             self.tickets.remove(ticket)

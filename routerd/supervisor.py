@@ -121,11 +121,6 @@ class Supervisor:
         self._signal_watchers()
         return ticket
 
-    def requeue(self, name: str, ticket: scheduler.Ticket) -> None:
-        """Put a dequeued ticket back, in its old place (it keeps its time and sequence)."""
-        self._queue(self.catalog.resolve(name).name).rejoin(ticket)
-        self._signal_watchers()
-
     def dequeue(self, name: str, ticket: scheduler.Ticket) -> None:
         self._queue(self.catalog.resolve(name).name).leave(ticket)
         self._signal_watchers()

@@ -1,0 +1,214 @@
+"""HTTP/1.1 to one llama-server: a small keep-alive connection pool over trio and h11.
+
+Owns the sockets to one backend's loopback port: opening them, reusing idle ones, framing
+requests and responses (h11), timeouts, and closing them. It knows nothing of models, queues
+or clients; the proxy decides what to send and where the answer goes.
+
+Why not httpx: on this path a general client's per-request machinery (URL and header models,
+pool bookkeeping that slows as concurrency rises) cost more than the rest of the relay. The
+backend is one known HTTP/1.1 server on 127.0.0.1, so the whole client is a few dozen lines.
+"""
+
+from __future__ import annotations
+
+import math
+import select
+from collections.abc import Callable, Iterable
+
+import h11
+import trio
+
+#: Bytes asked of the socket per read; llama-server's SSE chunks are far smaller.
+READ_SIZE = 65536
+
+
+class UpstreamError(Exception):
+    """The backend refused the connection, closed it early, timed out or spoke invalid HTTP."""
+
+
+class _Connection:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
+
+    async def send(self, *events: h11.Event) -> None:
+        await self.stream.send_all(b"".join(self.h11.send(event) or b"" for event in events))
+
+    async def next_event(self, read_timeout: float) -> h11.Event:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            with trio.move_on_after(read_timeout) as scope:
+                data = await self.stream.receive_some(READ_SIZE)
+            if scope.cancelled_caught:
+                raise UpstreamError(f"no data from the backend for {read_timeout:g} s (server.upstream_read_timeout)")
+            self.h11.receive_data(data)  # b"" is EOF: h11 then reports the early close
+
+    def stale(self) -> bool:
+        """An idle keep-alive socket with something to read was closed by the server (or is
+        out of step): reusing it would fail the request."""
+        poller = select.poll()  # not select(): descriptors past 1024 are normal in a busy daemon
+        poller.register(self.stream.socket.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
+    def reusable(self) -> bool:
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+            return True
+        return False
+
+    def close(self) -> None:
+        self.stream.socket.close()
+
+
+class Response:
+    """A response whose headers have arrived; iterate it for the body, then (or instead) close it.
+
+    Closing before the end drops the connection, which is how llama-server learns to stop
+    generating; a fully read response returns its connection to the pool.
+    """
+
+    def __init__(self, pool: ConnectionPool, conn: _Connection, head: h11.Response, read_timeout: float) -> None:
+        self.status: int = head.status_code
+        self.headers: list[tuple[bytes, bytes]] = list(head.headers)
+        self._pool, self._conn, self._read_timeout = pool, conn, read_timeout
+        self._done = False
+        #: Called once when the response ends, read to the end or closed early.
+        self.on_end: Callable[[], None] | None = None
+
+    def header(self, name: bytes) -> bytes:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return b""
+
+    def __aiter__(self) -> Response:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._done:
+            try:
+                event = await self._conn.next_event(self._read_timeout)
+            except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self.aclose_now()
+                raise UpstreamError(_describe(exc)) from None
+            if type(event) is h11.Data:
+                return bytes(event.data)
+            if type(event) is not h11.EndOfMessage:  # ConnectionClosed cannot come before the end
+                self.aclose_now()
+                raise UpstreamError(f"unexpected {type(event).__name__} from the backend")
+            self._end()
+            self._pool.give_back(self._conn)
+        raise StopAsyncIteration
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self])
+
+    def aclose_now(self) -> None:
+        """Stop reading: an unfinished response's connection is closed, not reused."""
+        if not self._done:
+            self._end()
+            self._conn.close()
+
+    def _end(self) -> None:
+        self._done = True
+        if self.on_end is not None:
+            self.on_end()
+
+
+class ConnectionPool:
+    """Keep-alive HTTP/1.1 connections to ``127.0.0.1:port``; ``max_idle`` are kept between
+    requests (the backend's slot count: more can never be busy at once)."""
+
+    def __init__(self, port: int, *, max_idle: int, read_timeout: float = math.inf,
+                 connect_timeout: float = 10.0, idle_timeout: float = 4.0) -> None:
+        self.port = port
+        self.max_idle = max_idle
+        self.read_timeout = read_timeout
+        self.connect_timeout = connect_timeout
+        # llama-server (cpp-httplib) closes keep-alive sockets idle for 5 s; drop ours first.
+        self.idle_timeout = idle_timeout
+        self._idle: list[_Connection] = []
+        self._closed = False
+
+    async def request(self, method: str, target: str, *, headers: Iterable[tuple[bytes, bytes]] = (),
+                      body: bytes = b"", timeout: float | None = None) -> Response:
+        """Send a request and return once the response's headers arrive (UpstreamError if the
+        backend fails before that). ``timeout`` bounds each read; the pool's default otherwise."""
+        read_timeout = self.read_timeout if timeout is None else timeout
+        head = [(b"host", b"127.0.0.1:%d" % self.port), (b"content-length", b"%d" % len(body)), *headers]
+        request = h11.Request(method=method, target=target, headers=head)
+        while True:
+            conn, reused = self._take_idle(), True
+            if conn is None:
+                conn, reused = await self._connect(), False
+            try:
+                await conn.send(request, h11.Data(data=body), h11.EndOfMessage())
+                event = await conn.next_event(read_timeout)
+                while type(event) is h11.InformationalResponse:
+                    event = await conn.next_event(read_timeout)
+                if not isinstance(event, h11.Response):
+                    raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
+            except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                    UpstreamError) as exc:
+                conn.close()
+                if reused and not isinstance(exc, UpstreamError):
+                    continue  # the server closed an idle socket as we reused it: nothing was processed
+                raise UpstreamError(_describe(exc)) from None
+            except BaseException:
+                conn.close()
+                raise
+            return Response(self, conn, event, read_timeout)
+
+    async def get(self, target: str, *, timeout: float) -> tuple[int, bytes]:
+        """A whole GET (health checks): status and body, within ``timeout`` seconds."""
+        with trio.fail_after(timeout):
+            response = await self.request("GET", target, timeout=timeout)
+            try:
+                return response.status, await response.read()
+            finally:
+                response.aclose_now()
+
+    def give_back(self, conn: _Connection) -> None:
+        if self._closed or len(self._idle) >= self.max_idle or not conn.reusable():
+            conn.close()
+            return
+        conn.idle_since = trio.current_time()
+        self._idle.append(conn)
+
+    def close(self) -> None:
+        """Close idle connections; ones in use close as their responses end."""
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
+
+    def _take_idle(self) -> _Connection | None:
+        now = trio.current_time()
+        while self._idle:
+            conn = self._idle.pop()  # most recent first: the least likely to have timed out
+            if now - conn.idle_since < self.idle_timeout and not conn.stale():
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self) -> _Connection:
+        if self._closed:
+            raise UpstreamError("the backend's connections are closed (it is stopping)")
+        try:
+            with trio.fail_after(self.connect_timeout):
+                stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+        except (OSError, trio.TooSlowError) as exc:
+            raise UpstreamError(_describe(exc)) from None
+        return _Connection(stream)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out connecting to the backend"
+    if isinstance(exc, h11.RemoteProtocolError):
+        return f"the backend broke the connection ({exc})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot reach the backend: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
