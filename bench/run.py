@@ -76,7 +76,7 @@ async def wait_http(url: str, path: str = "/health", timeout: float = 60) -> Non
     raise RuntimeError(f"{url}{path} never answered")
 
 
-def start_all(work: Path, binary: str, models: dict[str, Path]) -> list[Target]:
+def start_all(work: Path, binary: str, models: dict[str, Path], routerd_log: Path | None) -> list[Target]:
     common = ["--ctx-size", "2048", "--threads", "2", "--fit", "off"]
     direct_port, router_port, routerd_port = free_port(), free_port(), free_port()
     direct = subprocess.Popen([binary, "-m", str(models["smollm2-135m"]), "--port", str(direct_port), "--alias", SMALL,
@@ -93,9 +93,10 @@ def start_all(work: Path, binary: str, models: dict[str, Path]) -> list[Target]:
               "models": {SMALL: {"path": str(models["smollm2-135m"])}, OTHER: {"path": str(models["gemma3-270m"])}}}
     (work / "routerd.toml").write_text(tomli_w.dumps(config))
     env = {**os.environ, "STATE_DIRECTORY": str(work / "state")}
+    log = open(routerd_log, "wb") if routerd_log else subprocess.DEVNULL  # noqa: SIM115 (lives with the process)
     routerd = subprocess.Popen([sys.executable, "-m", "routerd", "serve", "--config", str(work / "routerd.toml"),
-                                "--log-level", "WARNING"], env=env, cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "--log-level", "INFO" if routerd_log else "WARNING"], env=env, cwd=ROOT,
+                               stdout=log, stderr=log)
     names = {SMALL: SMALL, OTHER: OTHER}
     return [Target("direct", f"http://127.0.0.1:{direct_port}", direct, {SMALL: SMALL}),
             Target("llama.cpp router", f"http://127.0.0.1:{router_port}", router, names),
@@ -159,7 +160,7 @@ class Bench:
         for t in self.targets:  # warm: every target has SMALL loaded
             await one_token(t)
         self.stats_rows("1. POST /tokenize", await interleaved(self.targets, n, tokenize))
-        self.stats_rows("1. chat, 1 token", await interleaved(self.targets, n // 4, one_token))
+        self.stats_rows("1. chat, 1 token", await interleaved(self.targets, n // 2, one_token))
 
     async def stream_once(self, t: Target, tokens: int) -> tuple[float, list[float], int]:
         """Time to first byte, gaps between chunks, chunk count, for one streamed chat."""
@@ -402,12 +403,12 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs ({cpu}), {mem:.0f} GiB RAM, {platform.platform()}, Python {platform.python_version()}"
 
 
-async def main(quick: bool, write: bool) -> None:
+async def main(quick: bool, write: bool, routerd_log: Path | None) -> None:
     models = demo_model_paths(ROOT / "demo")
     binary = config_mod.resolve_llama_server(config_mod.Config(), os.environ)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        targets = start_all(work, binary, models)
+        targets = start_all(work, binary, models, routerd_log)
         try:
             for t in targets:
                 await wait_http(t.url)
@@ -450,5 +451,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md with the table")
+    parser.add_argument("--routerd-log", type=Path, help="keep routerd's log (INFO) in this file")
     args = parser.parse_args()
-    trio.run(main, args.quick, args.write)
+    trio.run(main, args.quick, args.write, args.routerd_log)
