@@ -199,16 +199,19 @@ class ConnectionPool:
         try:
             with trio.fail_after(self.connect_timeout):
                 stream = await trio.open_tcp_stream("127.0.0.1", self.port)
-        except (OSError, trio.TooSlowError) as exc:
-            raise UpstreamError(_describe(exc)) from None
+        except trio.TooSlowError:
+            raise UpstreamError(f"timed out connecting to the backend on port {self.port}") from None
+        except OSError as exc:
+            # trio reports each attempt's error in a group behind its own summary
+            attempts = exc.__cause__.exceptions if isinstance(exc.__cause__, BaseExceptionGroup) else [exc]
+            reason = getattr(attempts[-1], "strerror", None) or str(attempts[-1])
+            raise UpstreamError(f"cannot reach the backend on port {self.port}: {reason}") from None
         return _Connection(stream)
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return "timed out connecting to the backend"
     if isinstance(exc, h11.RemoteProtocolError):
         return f"the backend broke the connection ({exc})"
     if isinstance(exc, OSError) and exc.strerror:
-        return f"cannot reach the backend: {exc.strerror}"
+        return f"the backend's connection failed: {exc.strerror}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -9,8 +9,8 @@ import sys
 import pytest
 from hypothesis import given, strategies as st
 
-from routerd import admission, config as config_mod, llama_args, memory, paths
-from routerd.errors import ConfigError
+from routerd import admission, config as config_mod, llama_args, memory, paths, proxy
+from routerd.errors import BadRequest, ConfigError
 from routerd.gguf_meta import GGUFMeta
 from tests.conftest import FakeGpus
 
@@ -205,3 +205,31 @@ def test_service_directories_come_from_systemd_then_user_defaults():
 def test_the_shipped_example_config_is_valid():
     config = config_mod.load(Path(__file__).parent.parent / "config.toml.example")
     assert config.catalog.hf_cache is True and config.scheduler.max_queue > 0
+
+
+# -- which requests the proxy takes --------------------------------------------------------
+@pytest.mark.parametrize(("method", "path", "proxied"), [
+    ("POST", "/v1/chat/completions", True), ("POST", "/tokenize", True), ("GET", "/v1/chat/completions", False),
+    ("GET", "/upstream/org/repo:Q4_K_M/props", True), ("GET", "/smollm2/health", True),
+    ("GET", "/health", False), ("GET", "/v1/models", False), ("GET", "/v1/models/org/repo/health", False),
+    ("POST", "/v1/models", False), ("DELETE", "/v1/chat/completions", False), ("GET", "/smollm2/other", False),
+])
+def test_proxy_takes_the_model_routes_and_leaves_the_views(method, path, proxied):
+    assert proxy.is_proxied(method, path) is proxied
+
+
+def test_a_model_path_splits_at_the_longest_known_name():
+    names = ["org/repo", "org/repo:Q4_K_M", "small"]
+    assert proxy.split_model_path("org/repo:Q4_K_M/props", names) == ("org/repo:Q4_K_M", "props")
+    assert proxy.split_model_path("org/repo/slots", names) == ("org/repo", "slots")
+    assert proxy.split_model_path("unknown/props", names) == ("unknown", "props")
+
+
+def test_the_model_and_stream_flag_come_from_the_body_and_bad_bodies_are_400():
+    assert proxy.model_and_stream(b'{"model": "m", "stream": true}') == ("m", True)
+    assert proxy.model_and_stream(b'{"model": "m", "stream": "yes"}') == ("m", False)
+    for body, code in [(b"{", "invalid_json"), (b"[]", "invalid_json"), (b'{"model": ""}', "missing_model"),
+                       (b'{"prompt": "x"}', "missing_model"), (b"\xff", "invalid_json")]:
+        with pytest.raises(BadRequest) as caught:
+            proxy.model_and_stream(body)
+        assert caught.value.code == code
