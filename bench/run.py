@@ -149,7 +149,7 @@ class Bench:
         return time.perf_counter() - start
 
     async def latency(self) -> None:
-        n = 30 if self.quick else 200
+        n = 30 if self.quick else 400
 
         async def tokenize(t: Target) -> float:
             return await self.timed("POST", t, "/tokenize", {"model": t.models[SMALL], "content": "hello world"})
@@ -185,7 +185,7 @@ class Bench:
         return first or float("nan"), gaps, chunks
 
     async def streaming(self) -> None:
-        n = 3 if self.quick else 10
+        n = 3 if self.quick else 20
         ttfb: dict[str, list[float]] = {t.name: [] for t in self.targets}
         gaps: dict[str, list[float]] = {t.name: [] for t in self.targets}
         routerd = self.targets[-1]

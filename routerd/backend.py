@@ -26,6 +26,11 @@ from routerd.upstream import ConnectionPool, UpstreamError
 
 log = logging.getLogger("routerd.backend")
 LOG_TAIL_LINES = 15
+#: Once loaded, the output pipe is read at most this often. llama-server prints ~10 lines per
+#: request; waking for each one takes CPU from the generating threads on small machines
+#: (bench: 1-token chats 17.7 -> 13.2 ms, routerd CPU -30%). While loading, every line counts
+#: (readiness and the stall timeout), so reads stay immediate.
+OUTPUT_BATCH_INTERVAL = 0.02
 
 
 class State(str, enum.Enum):
@@ -302,6 +307,8 @@ class Backend:
                 *lines, pending = (pending + chunk).split(b"\n")
                 for raw in lines:
                     self._output_line(raw)
+                if self.state is not State.STARTING:
+                    await trio.sleep(OUTPUT_BATCH_INTERVAL)
         except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
             pass
         finally:

@@ -13,6 +13,7 @@ routerd dies, even by ``kill -9``. This module knows nothing about llama-server.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import signal
 import subprocess
@@ -113,11 +114,24 @@ class Child:
         os.close(self._pidfd)
 
 
+#: Pipe capacity asked for the child's output: the reader drains it in batches (see
+#: backend.OUTPUT_BATCH_INTERVAL) and a full pipe would stall llama-server mid-generation.
+OUTPUT_PIPE_SIZE = 1 << 20
+
+
+def _enlarge_pipe(fd: int) -> None:
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, OUTPUT_PIPE_SIZE)
+    except OSError:  # above /proc/sys/fs/pipe-max-size for an unprivileged user: keep the default
+        pass
+
+
 def spawn(argv: Sequence[str], *, env: Mapping[str, str], stop_grace: float) -> Child:
     """Start ``argv`` in a new session with the death signal armed. Must run in the main thread."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("spawn() must run in the main thread: PR_SET_PDEATHSIG follows the forking thread")
     read_fd, write_fd = os.pipe()
+    _enlarge_pipe(read_fd)
     try:
         popen = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
