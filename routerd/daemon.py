@@ -30,6 +30,8 @@ from routerd.sdnotify import Notifier
 from routerd.supervisor import Supervisor
 
 log = logging.getLogger("routerd")
+#: Shortest time between two recomputations of the STATUS line sent to systemd (seconds).
+STATUS_MIN_INTERVAL = 0.5
 
 
 @attrs.frozen
@@ -205,6 +207,9 @@ class Daemon:
                 self.notifier.status(line)
                 last = line
             await self.supervisor.wait_changed()
+            # Every request changes the supervisor (a slot taken, a slot freed) and the line walks
+            # the whole catalog: look at most twice a second, not four times per request.
+            await trio.sleep(STATUS_MIN_INTERVAL)
 
 
 async def serve(config: Config, environ: Mapping[str, str]) -> None:
