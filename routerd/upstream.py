@@ -88,19 +88,28 @@ class Response:
         return self
 
     async def __anext__(self) -> bytes:
+        """The next part of the body: everything that has arrived, joined (a backend ahead of
+        a slow client is relayed in fewer, larger writes)."""
+        parts: list[bytes] = []
         while not self._done:
             try:
-                event = await self._conn.next_event(self._read_timeout)
+                if not parts:
+                    event = await self._conn.next_event(self._read_timeout)
+                elif (event := self._conn.h11.next_event()) is h11.NEED_DATA:
+                    break  # nothing more buffered: send what we have
             except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.aclose_now()
                 raise UpstreamError(_describe(exc)) from None
             if type(event) is h11.Data:
-                return bytes(event.data)
-            if type(event) is not h11.EndOfMessage:  # ConnectionClosed cannot come before the end
+                parts.append(bytes(event.data))
+            elif type(event) is h11.EndOfMessage:
+                self._end()
+                self._pool.give_back(self._conn)
+            else:  # ConnectionClosed cannot come before the end
                 self.aclose_now()
                 raise UpstreamError(f"unexpected {type(event).__name__} from the backend")
-            self._end()
-            self._pool.give_back(self._conn)
+        if parts:
+            return b"".join(parts)
         raise StopAsyncIteration
 
     async def read(self) -> bytes:
