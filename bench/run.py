@@ -124,6 +124,8 @@ class Bench:
         self.quick = quick
         self.client = httpx.AsyncClient(timeout=120, trust_env=False, limits=httpx.Limits(max_connections=200))
         self.rows: list[tuple[str, str, str, str]] = []  # figure, direct, router, routerd
+        #: Requests a server answered by closing a kept-alive connection; each is retried once.
+        self.dropped = {t.name: 0 for t in targets}
 
     def row(self, figure: str, values: dict[str, str]) -> None:
         self.rows.append((figure, values.get("direct", "-"), values.get("llama.cpp router", "-"),
@@ -139,14 +141,29 @@ class Bench:
             median = statistics.median(values)
             added = f", +{ms(median - base)}" if base is not None and name != baseline else ""
             ratio = f", {median / base:.2f}x" if base and name != baseline else ""
-            cells[name] = f"{ms(median)} (p90 {ms(pct(values, 0.9))}, p99 {ms(pct(values, 0.99))}{added}{ratio})"
+            spread = (f"p90 {ms(pct(values, 0.9))}, p99 {ms(pct(values, 0.99))}" if len(values) >= 20
+                      else "each " + ", ".join(f"{v * 1000:.0f}" for v in sorted(values)) + " ms")
+            cells[name] = f"{ms(median)} ({spread}{added}{ratio})"
         self.row(figure, cells)
 
     async def timed(self, method: str, target: Target, path: str, body: dict) -> float:
-        start = time.perf_counter()
-        response = await self.client.request(method, target.url + path, json=body)
-        response.raise_for_status()
-        return time.perf_counter() - start
+        for attempt in (1, 2):
+            start = time.perf_counter()
+            try:
+                response = await self.client.request(method, target.url + path, json=body)
+            except httpx.RemoteProtocolError:
+                if attempt == 2:
+                    raise
+                self.dropped[target.name] += 1
+                continue
+            response.raise_for_status()
+            return time.perf_counter() - start
+        raise AssertionError("unreachable")
+
+    def dropped_row(self) -> None:
+        if any(self.dropped.values()):
+            self.row("requests answered by closing a kept-alive connection (retried, not timed)",
+                     {name: str(count) for name, count in self.dropped.items()})
 
     async def latency(self) -> None:
         n = 30 if self.quick else 400
@@ -192,7 +209,11 @@ class Bench:
         cpu_before, chunks_total = cpu_seconds(routerd.proc.pid), 0
         for _ in range(n):
             for t in random.sample(self.targets, len(self.targets)):
-                first, g, chunks = await self.stream_once(t, 128)
+                try:
+                    first, g, chunks = await self.stream_once(t, 128)
+                except httpx.RemoteProtocolError:  # a kept-alive connection the server closed: count, retry
+                    self.dropped[t.name] += 1
+                    first, g, chunks = await self.stream_once(t, 128)
                 ttfb[t.name].append(first)
                 gaps[t.name] += g
                 if t is routerd:
@@ -208,7 +229,7 @@ class Bench:
 
     async def throughput(self) -> None:
         for concurrency in (1, 16, 64):
-            total = concurrency * (2 if self.quick else 4)
+            total = max(16 if self.quick else 64, concurrency * (2 if self.quick else 4))
             cells = {}
             for t in random.sample(self.targets, len(self.targets)):
                 errors = 0
@@ -230,7 +251,7 @@ class Bench:
             self.row(f"3. throughput, concurrency {concurrency} (8-token chats)", cells)
 
     async def cold_and_swap(self, binary: str, small_path: str) -> None:
-        n = 2 if self.quick else 5
+        n = 2 if self.quick else 8
         router, routerd = self.targets[1], self.targets[2]
 
         async def first_token(t: Target, model: str) -> float:
@@ -420,6 +441,7 @@ async def main(quick: bool, write: bool, routerd_log: Path | None) -> None:
             await bench.throughput()
             await bench.many_streams()
             await bench.cold_and_swap(binary, str(models["smollm2-135m"]))
+            bench.dropped_row()
             await bench.aclose()
         finally:
             for t in targets:
