@@ -154,8 +154,10 @@ class ProxyApp:
             backend = await self._acquire(client, model, ticket, stream)
         finally:
             supervisor.dequeue(model, ticket)
+        pool = backend.upstream
+        assert pool is not None, "an acquired backend is ready, and a ready backend has its pool"
         try:
-            upstream = await backend.upstream.request(method, target, headers=forward_headers(headers), body=body)
+            upstream = await pool.request(method, target, headers=forward_headers(headers), body=body)
         except BaseException as exc:
             backend.release()
             if isinstance(exc, UpstreamError):
