@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -123,7 +125,11 @@ class Handler(BaseHTTPRequestHandler):
             if body.get("stream"):
                 self._stream(n, chat="chat" in path)
             else:
-                time.sleep(ARGS.fake_token_delay * n)
+                for _ in range(n):  # like llama-server, notice a client that hung up while generating
+                    time.sleep(ARGS.fake_token_delay)
+                    if self._client_gone():
+                        log("client disconnected; generation cancelled")
+                        return
                 text = " ".join(f"tok{i}" for i in range(n))
                 choice = {"index": 0, "finish_reason": "length"}
                 choice.update({"message": {"role": "assistant", "content": text}} if "chat" in path else {"text": text})
@@ -131,6 +137,10 @@ class Handler(BaseHTTPRequestHandler):
                                  "usage": {"completion_tokens": n}})
         else:
             self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
+
+    def _client_gone(self) -> bool:
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
 
     def _stream(self, n: int, chat: bool) -> None:
         self.send_response(200)

@@ -77,6 +77,24 @@ async def test_client_disconnect_cancels_upstream_and_frees_the_slot(start_route
             await trio.sleep(0.05)
 
 
+async def test_client_leaving_a_non_streamed_completion_frees_the_slot_and_stops_generation(
+        start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.1"]}}))
+    assert (await r.http.post(CHAT, json=chat("a", max_tokens=1))).status_code == 200  # loaded
+    backend = r.supervisor.running("a")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: r.http.post(CHAT, json=chat("a", max_tokens=1000)))  # 100 s if left alone
+        with trio.fail_after(5):
+            while not backend.in_flight:
+                await r.supervisor.wait_changed()
+        nursery.cancel_scope.cancel()  # the client hangs up
+    with trio.fail_after(5):
+        while backend.in_flight:
+            await r.supervisor.wait_changed()
+        while not any("client disconnected" in line.text for line in backend.log.tail(50)):
+            await trio.sleep(0.05)
+
+
 async def test_backend_failing_to_start_gives_503_with_exit_code_and_log(start_routerd, tmp_path, model_file):
     r = await start_routerd(make_config(tmp_path, {"bad": {"path": model_file("bad"), "args": ["--fake-exit-during-load", "3"]}}))
     response = await r.http.post(CHAT, json=chat("bad"))
