@@ -28,7 +28,7 @@ log = logging.getLogger("routerd.backend")
 LOG_TAIL_LINES = 15
 #: Once loaded, the output pipe is read at most this often. llama-server prints ~10 lines per
 #: request; waking for each one takes CPU from the generating threads on small machines
-#: (bench: 1-token chats 17.7 -> 13.2 ms, routerd CPU -30%). While loading, every line counts
+#: (sequential 1-token chats 17.7 -> 13.0 ms, routerd CPU -28%). While loading, every line counts
 #: (readiness and the stall timeout), so reads stay immediate.
 OUTPUT_BATCH_INTERVAL = 0.02
 
