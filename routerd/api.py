@@ -28,6 +28,8 @@ _converter = cattrs.Converter()
 
 #: Longest a rendered /v1/models body is reused while nothing changed (seconds).
 MODELS_VIEW_MAX_AGE = 1.0
+#: The views this app serves at fixed paths (GET).
+VIEW_PATHS = frozenset({"/health", "/v1/models", "/memory"})
 
 
 def error_response(error: RouterdError) -> Response:
@@ -101,6 +103,8 @@ def _views_app(supervisor: Supervisor) -> QuartTrio:
                 "(server.max_body_bytes)"))
         if code == 404:
             return error_response(NotFound(f"no route {request.method} {request.path}", code="route_not_found"))
+        if code == 405 and not _route_exists(request.path):  # only the GET catch-all matched
+            return error_response(NotFound(f"no route {request.method} {request.path}", code="route_not_found"))
         if code == 405:
             err = RouterdError(f"method {request.method} not allowed on {request.path}", code="method_not_allowed")
             err.status, err.type = 405, "invalid_request_error"  # type: ignore[misc]
@@ -116,6 +120,12 @@ def _views_app(supervisor: Supervisor) -> QuartTrio:
         return error_response(RouterdError(f"internal error: {type(error).__name__}"))
 
     return app
+
+
+def _route_exists(path: str) -> bool:
+    """Whether some method is served at ``path`` (a wrong method there is 405, not 404)."""
+    return (path in proxy.PROXIED_POST or path in VIEW_PATHS or path.startswith("/v1/models/")
+            or proxy.is_proxied("GET", path))
 
 
 def _json(data: Any) -> Response:

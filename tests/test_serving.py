@@ -233,6 +233,9 @@ async def test_unknown_route_and_method_are_openai_errors(start_routerd, tmp_pat
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
     wrong = await r.http.get(CHAT)
     assert wrong.status_code == 405 and "error" in wrong.json()
+    typo = await r.http.post("/v1/chat/completion", json={"model": "a"})  # no route takes any method here
+    assert typo.status_code == 404 and typo.json()["error"]["code"] == "route_not_found"
+    assert (await r.http.post("/v1/models")).status_code == 405
 
 
 async def test_missing_model_file_is_503_not_a_spawn(start_routerd, tmp_path, model_file):
