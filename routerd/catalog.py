@@ -54,17 +54,11 @@ class ModelEntry:
 
     def metadata_dict(self) -> dict[str, object] | None:
         """Header facts for display (architecture, size, quantization, context), if readable.
-
-        Read once per entry: a rescan makes new entries when files change.
-        """
-        return _metadata(self.path)
-
-
-def _metadata(path: str) -> dict[str, object] | None:
-    try:
-        return read_meta(path).public()
-    except (OSError, GGUFError):
-        return None
+        Reads the file each call; ``Catalog.metadata`` keeps the result."""
+        try:
+            return read_meta(self.path).public()
+        except (OSError, GGUFError):
+            return None
 
 
 @attrs.frozen

@@ -100,11 +100,33 @@ def stem_of(filename: str) -> str:
     return name[:-5] if name.lower().endswith(".gguf") else name
 
 
-def _models_in(directory: str, filenames: Iterable[str]) -> list[tuple[str, str, tuple[str, ...]]]:
-    """(file name, path, paired projector) of each model file in one directory."""
+def tag_of(filename: str) -> str:
+    """A model file's tag within its repo: its quantization, else its stem."""
+    return quant_of(filename) or stem_of(filename)
+
+
+def by_directory(paths: Iterable[str]) -> dict[str, list[str]]:
+    """Relative file paths grouped by directory: {directory: [file names]} (pure)."""
+    grouped: dict[str, list[str]] = {}
+    for path in paths:
+        grouped.setdefault(os.path.dirname(path), []).append(os.path.basename(path))
+    return grouped
+
+
+def _models_in(directory: str, filenames: Iterable[str], only: str | None = None,
+               ) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(file name, path, paired projector) of each model file in one directory (of ``only``
+    alone when given: its header is the only one read)."""
     models, projectors = model_files(filenames)
+    if only is not None:
+        models = [name for name in models if name == only]
     paired = tuple(os.path.join(directory, p) for p in projectors[:1])
     return [(name, path, paired) for name in models if _is_model_file(path := os.path.join(directory, name))]
+
+
+def _folder_models(directory: str, filenames: Iterable[str], only: str | None = None) -> list[Found]:
+    return [Found(stem_of(name), path, "folder", mmproj=paired)
+            for name, path, paired in _models_in(directory, filenames, only)]
 
 
 def scan_folder(root: str | os.PathLike[str]) -> list[Found]:
@@ -112,8 +134,7 @@ def scan_folder(root: str | os.PathLike[str]) -> list[Found]:
     found: list[Found] = []
     for directory, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
-        found += [Found(stem_of(name), path, "folder", mmproj=paired)
-                  for name, path, paired in _models_in(directory, filenames)]
+        found += _folder_models(directory, filenames)
     return found
 
 
@@ -122,12 +143,8 @@ def scan_path(path: str | os.PathLike[str]) -> list[Found]:
     if os.path.isdir(path):
         return scan_folder(path)
     directory, name = os.path.split(os.path.abspath(path))
-    models, projectors = model_files(os.listdir(directory) if os.path.isdir(directory) else [])
-    first = split_parts(name)[0]
-    if first not in models or not _is_model_file(os.path.join(directory, first)):
-        return []
-    paired = tuple(os.path.join(directory, p) for p in projectors[:1])
-    return [Found(stem_of(first), os.path.join(directory, first), "folder", mmproj=paired)]
+    listing = os.listdir(directory) if os.path.isdir(directory) else []
+    return _folder_models(directory, listing, only=split_parts(name)[0])
 
 
 def scan_hf_cache(cache_dir: str | os.PathLike[str] | None = None) -> list[Found]:
@@ -157,11 +174,8 @@ def scan_hf_cache(cache_dir: str | os.PathLike[str] | None = None) -> list[Found
 def repo_models(repo_id: str, snapshot: Path) -> list[Found]:
     """The models of one repo snapshot: ``repo:QUANT`` each, ``repo`` for the default quant."""
     names = [str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file() or p.is_symlink()]
-    by_dir: dict[str, list[str]] = {}
-    for name in names:
-        by_dir.setdefault(os.path.dirname(name), []).append(os.path.basename(name))
-    entries = [(quant_of(name) or stem_of(name), path, paired)
-               for directory, files in sorted(by_dir.items())
+    entries = [(tag_of(name), path, paired)
+               for directory, files in sorted(by_directory(names).items())
                for name, path, paired in _models_in(os.path.join(snapshot, directory), files)]
     result = []
     default = choose_quant([tag for tag, _, _ in entries], None)

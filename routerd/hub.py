@@ -45,19 +45,16 @@ class PullPlan:
 
 def plan_pull(repo_id: str, files: Sequence[str], tag: str | None, filename: str | None) -> PullPlan:
     """The files to download for ``repo_id[:tag]`` or ``--file filename`` (pure)."""
-    by_dir: dict[str, list[str]] = {}
-    for path in files:
-        by_dir.setdefault(os.path.dirname(path), []).append(os.path.basename(path))
     candidates: dict[str, tuple[str, str]] = {}  # tag -> (dir, first file)
     projectors: dict[str, str] = {}
-    for directory, names in sorted(by_dir.items()):
+    for directory, names in sorted(discovery.by_directory(files).items()):
         models, found_projectors = discovery.model_files(names)
         if found_projectors:
             projectors[directory] = found_projectors[0]
         for name in models:
             if filename is not None and filename not in (name, os.path.join(directory, name)):
                 continue
-            candidates.setdefault(discovery.quant_of(name) or discovery.stem_of(name), (directory, name))
+            candidates.setdefault(discovery.tag_of(name), (directory, name))
     if filename is not None and not candidates:
         raise NotFound(f"{repo_id} has no model file {filename!r}; its GGUF files: "
                        f"{', '.join(f for f in files if f.lower().endswith('.gguf')) or 'none'}", code="file_not_found")

@@ -25,7 +25,7 @@ from routerd import scheduler
 from routerd.backend import Backend
 from routerd.errors import BadRequest, PayloadTooLarge, RouterdError, UpstreamFailed
 from routerd.supervisor import Supervisor
-from routerd.upstream import Response, UpstreamError
+from routerd.upstream import Response, UpstreamError, first_header
 
 log = logging.getLogger("routerd.proxy")
 
@@ -137,7 +137,8 @@ class ProxyApp:
         if scope["query_string"]:
             target += "?" + scope["query_string"].decode("latin-1")
         headers = scope["headers"]
-        priority = scheduler.parse_priority(_header(headers, scheduler.PRIORITY_HEADER.lower().encode()))
+        priority_header = first_header(headers, scheduler.PRIORITY_HEADER.lower().encode())
+        priority = scheduler.parse_priority(priority_header.decode("latin-1"))
         ticket = self.supervisor.enqueue(model, priority)  # 429 here, before anything is sent
         async with trio.open_nursery() as nursery:  # lives as long as the request
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
@@ -250,7 +251,7 @@ async def _failure(backend: Backend, exc: BaseException, when: str = "") -> Upst
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
     """The whole request body (413 past ``limit``), or None when the client disconnects."""
-    declared = _header(scope["headers"], b"content-length")
+    declared = first_header(scope["headers"], b"content-length").decode("latin-1")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body is {int(declared)} bytes; the limit is {limit} (server.max_body_bytes)")
     parts: list[bytes] = []
@@ -272,10 +273,3 @@ async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> No
     while (await receive())["type"] != "http.disconnect":
         pass
     scope.cancel()
-
-
-def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str:
-    for key, value in headers:
-        if key == name:
-            return value.decode("latin-1")
-    return ""

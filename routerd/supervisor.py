@@ -474,8 +474,8 @@ class Supervisor:
 
     def model_status(self, entry: ModelEntry) -> ModelStatus:
         backend = self._backends.get(entry.name)
-        failure = self._last_failure.get(entry.name)
-        shown = backend or failure
+        shown = backend or self._last_failure.get(entry.name)
+        history = self._failures.get(entry.name)
         state = self.state_of(entry.name)
         return ModelStatus(
             name=entry.name, aliases=list(entry.aliases), group=entry.group, source=entry.source,
@@ -487,8 +487,7 @@ class Supervisor:
             last_used=_wall(shown.last_used) if shown else None,
             idle_ttl=entry.idle_ttl,
             idle_ttl_left=backend.idle_ttl_left() if backend else None,
-            last_error=failure.error if failure else (self._failures[entry.name].last_error
-                                                      if entry.name in self._failures else None),
+            last_error=history.last_error if history else None,
             exit_code=shown.exit_code if shown else None,
             memory=self.memory.model_report(entry, spec_for(entry, self.config, self.binary), backend),
             metadata=self.catalog.metadata(entry),

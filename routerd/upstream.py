@@ -79,10 +79,7 @@ class Response:
         self.on_end: Callable[[], None] | None = None
 
     def header(self, name: bytes) -> bytes:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return b""
+        return first_header(self.headers, name)
 
     def __aiter__(self) -> Response:
         return self
@@ -216,6 +213,14 @@ class ConnectionPool:
             reason = getattr(attempts[-1], "strerror", None) or str(attempts[-1])
             raise UpstreamError(f"cannot reach the backend on port {self.port}: {reason}") from None
         return _Connection(stream)
+
+
+def first_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes:
+    """The first value of header ``name`` (lower-case, as h11 and ASGI give names), or b""."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return b""
 
 
 def _describe(exc: BaseException) -> str:
