@@ -180,6 +180,8 @@ def print_reload(result: dict[str, Any]) -> None:
     for key in ("added", "removed", "changed", "restarted", "stopped", "kept"):
         if key in result:
             print(f"{key}: {', '.join(result[key]) or '-'}")
+    for problem in result.get("problems", []):
+        print(f"not served (corrupted cache entry): {problem}")
 
 
 class _ProgressLine:

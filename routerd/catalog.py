@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import tempfile
 import tomllib
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -23,7 +24,7 @@ import tomli_w
 
 from routerd.config import Config
 from routerd.discovery import Found, resolve_collisions
-from routerd.errors import UnknownModel
+from routerd.errors import NotWritable, UnknownModel
 from routerd.gguf_meta import GGUFError, read_meta
 
 log = logging.getLogger("routerd.catalog")
@@ -71,7 +72,9 @@ class CatalogDiff:
 class Catalog:
     """An immutable view of the servable models; replaced whole on reload or rescan."""
 
-    def __init__(self, entries: Iterable[ModelEntry] = ()) -> None:
+    def __init__(self, entries: Iterable[ModelEntry] = (), problems: Sequence[str] = ()) -> None:
+        #: What discovery could not read (corrupted cache repos), each naming where and why.
+        self.problems = tuple(problems)
         self._entries: dict[str, ModelEntry] = {}
         self._names: dict[str, str] = {}
         for entry in sorted(entries, key=lambda e: e.name):
@@ -89,7 +92,8 @@ class Catalog:
         return self._metadata[entry.name]
 
     @classmethod
-    def from_config(cls, config: Config, imported: Sequence[Found] = (), discovered: Sequence[Found] = ()) -> Catalog:
+    def from_config(cls, config: Config, imported: Sequence[Found] = (), discovered: Sequence[Found] = (),
+                    problems: Sequence[str] = ()) -> Catalog:
         """Config models first; then imported, then discovered ones whose names are still free."""
         entries = [ModelEntry(name=name, path=model.path, aliases=tuple(model.aliases), group=model.group,
                               idle_ttl=config.idle_ttl(name), args=tuple(model.args))
@@ -100,7 +104,7 @@ class Catalog:
         for found in resolve_collisions([imported, folders, cached], taken):
             entries.append(ModelEntry(name=found.name, path=found.path, aliases=found.aliases,
                                       idle_ttl=config.backend.idle_ttl, source=found.source, mmproj=found.mmproj))
-        return cls(entries)
+        return cls(entries, problems)
 
     def __iter__(self) -> Iterator[ModelEntry]:
         return iter(self._entries.values())
@@ -154,6 +158,17 @@ class ImportStore:
             return []
         return [Found(name=item["name"], path=item["path"], source="import", mmproj=tuple(item.get("mmproj", ())))
                 for item in data.get("imported", [])]
+
+    def check_writable(self) -> None:
+        """NotWritable unless imports can be saved (checked at startup, not at the first import)."""
+        directory = os.path.dirname(self.path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as exc:
+            raise NotWritable(f"the state directory {directory} is not writable: {exc.strerror}; fix its owner "
+                              "or permissions, or point STATE_DIRECTORY (or XDG_STATE_HOME) elsewhere") from None
 
     def save(self, imported: Sequence[Found]) -> None:
         """Write atomically (a crash mid-write keeps the old file)."""

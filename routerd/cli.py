@@ -1,6 +1,9 @@
 """The ``routerd`` command: ``serve`` and ``check-config``.
 
-Owns argument parsing and exit codes only; the daemon does the work.
+Owns argument parsing and exit codes only; the daemon does the work. A failure a user can cause
+(port in use, another routerd on the socket, a bad config, no llama-server, a state directory
+it cannot write) is one line on stderr and a documented exit status (``routerd.errors.EXIT_*``);
+a traceback only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -9,11 +12,12 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 import trio
 
 from routerd import __version__, config as config_mod, logs
-from routerd.errors import ConfigError, RouterdError
+from routerd.errors import EXIT_INTERNAL, ConfigError, RouterdError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,10 +27,33 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the daemon in the foreground")
     serve.add_argument("--config", "-c", metavar="PATH", default=os.environ.get("ROUTERD_CONFIG"),
                        help="TOML config (default: $ROUTERD_CONFIG, else built-in defaults)")
-    serve.add_argument("--log-level", default=os.environ.get("ROUTERD_LOG_LEVEL", "INFO"))
+    serve.add_argument("--log-level", default=os.environ.get("ROUTERD_LOG_LEVEL", "INFO"), type=str.upper,
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--debug", action="store_true", help="print the traceback of a fatal error")
     check = sub.add_parser("check-config", help="validate a config and print it resolved")
     check.add_argument("path", metavar="PATH")
     return parser
+
+
+def fatal(exc: BaseException) -> tuple[int, str]:
+    """The exit status and the message for an exception that ended the daemon (pure).
+
+    The root nursery wraps what its tasks raise in exception groups: the error a user can act on
+    is the one RouterdError among them; anything else is a bug, said as such.
+    """
+    leaves = list(_leaves(exc))
+    known = [leaf for leaf in leaves if isinstance(leaf, RouterdError)]
+    if known:
+        return known[0].exit_status, known[0].message
+    first = next((leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)), exc)
+    return EXIT_INTERNAL, (f"internal error: {type(first).__name__}: {first}; run `routerd serve --debug` "
+                           "for the traceback and please report it")
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             config = config_mod.load(args.path)
         except ConfigError as exc:
             print(f"routerd: {exc.message}", file=sys.stderr)
-            return 1
+            return 1  # a checker's "no" (serve exits EXIT_CONFIG on the same error)
         print(json.dumps(config_mod.unstructure(config), indent=2))
         return 0
     logs.setup(args.log_level)
@@ -45,13 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         from routerd.daemon import serve
 
         trio.run(serve, config, dict(os.environ))
-    except ConfigError as exc:
-        print(f"routerd: {exc.message}", file=sys.stderr)
-        return 1
-    except RouterdError as exc:
-        print(f"routerd: {exc.message}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"routerd: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # every kind: the user gets a line, never a traceback by surprise
+        status, message = fatal(exc)
+        if args.debug:
+            traceback.print_exception(exc)
+        print(f"routerd: {message}", file=sys.stderr)
+        return status
     return 0

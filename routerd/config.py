@@ -40,6 +40,15 @@ class ServerConfig:
     upstream_read_timeout: float = 600.0
     #: How long in-flight requests may run on after SIGTERM before backends are stopped.
     drain_timeout: float = 30.0
+    #: Seconds a connection has to send a whole request's headers, from when it opens or its
+    #: previous answer ends; idle keep-alive connections are closed after it too (slow clients
+    #: that never finish their headers hold nothing for long).
+    header_timeout: float = 10.0
+    #: Most bytes of request line and headers together (431 beyond), and most header fields.
+    max_header_bytes: int = 16384
+    max_headers: int = 100
+    #: Seconds a request body may take to arrive once its headers are in (408 beyond).
+    body_timeout: float = 60.0
 
 
 @attrs.frozen
@@ -68,6 +77,11 @@ class ControlConfig:
     socket: str = ""
     #: Members of this group may use the socket besides root and routerd's own user.
     group: str = ""
+    #: Connections served at once; at the limit the longest-idle one is closed for a newcomer,
+    #: and a newcomer is refused only when every connection is running a method.
+    max_connections: int = 64
+    #: Seconds a connection may stay open without sending a whole request line.
+    idle_timeout: float = 300.0
 
 
 @attrs.frozen
@@ -240,9 +254,12 @@ def _validate(config: Config) -> list[str]:
     errors: list[str] = []
     if not 0 <= config.server.port <= 65535:
         errors.append(f"server.port: {config.server.port} is not a port number (0-65535)")
-    for key in ("max_body_bytes",):
+    for key in ("max_body_bytes", "header_timeout", "max_header_bytes", "max_headers", "body_timeout"):
         if getattr(config.server, key) <= 0:
             errors.append(f"server.{key}: must be positive")
+    for key in ("max_connections", "idle_timeout"):
+        if getattr(config.control, key) <= 0:
+            errors.append(f"control.{key}: must be positive")
     for section, keys in (("server", ("upstream_read_timeout", "drain_timeout")),
                           ("backend", ("ready_timeout", "stop_grace", "idle_ttl")),
                           ("memory", ("busy_wait",)), ("catalog", ("rescan_interval",)),

@@ -12,12 +12,13 @@ import errno
 import grp
 import json
 import logging
+import math
 import os
 import pwd
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -25,9 +26,9 @@ import cattrs
 import trio
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
-from routerd import __version__
-from routerd.config import flatten_errors
-from routerd.errors import ConfigError, RouterdError
+from routerd import __version__, client_json
+from routerd.config import CONVERTER, ControlConfig, flatten_errors
+from routerd.errors import ConfigError, NotWritable, RouterdError, StartupError
 
 if TYPE_CHECKING:
     from routerd.backend import Backend
@@ -36,10 +37,17 @@ if TYPE_CHECKING:
     from routerd.supervisor import Supervisor
 
 log = logging.getLogger("routerd.control")
+#: Longest request line (bytes); a longer one is an error and ends the connection.
 MAX_LINE = 1 << 20
+#: Deepest nesting of arrays and objects in a request; routerd's own requests need 3.
+MAX_DEPTH = 32
+#: Most requests in one batch.
+MAX_BATCH = 64
 
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR = -32700, -32600, -32601, -32602, -32603
-PERMISSION_DENIED = -32010
+PERMISSION_DENIED, TOO_MANY_CONNECTIONS = -32010, -32011
+#: Methods that change something: each call is logged with the caller's uid.
+STATE_CHANGING = frozenset({"load", "unload", "reload", "rescan", "reset", "import", "pull"})
 
 
 # -- params (typed, structured with cattrs) ------------------------------------------------
@@ -71,11 +79,6 @@ class UnloadParams:
 
 
 @attrs.frozen
-class ModelParams:
-    model: str
-
-
-@attrs.frozen
 class PullParams:
     model: str
     file: str | None = None
@@ -93,7 +96,6 @@ class LogsParams:
     follow: bool = False
 
 
-_params_converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
 _converter = cattrs.Converter()
 
 
@@ -115,7 +117,7 @@ def _structure_params(raw: Any, cls: type) -> Any:
     if not isinstance(raw, dict):
         raise RpcError(INVALID_PARAMS, "params must be an object (by-name parameters)")
     try:
-        return _params_converter.structure(raw, cls)
+        return CONVERTER.structure(raw, cls)
     except (ClassValidationError, ForbiddenExtraKeysError) as exc:
         details = flatten_errors(exc, "params")
         raise RpcError(INVALID_PARAMS, "invalid params: " + "; ".join(details), {"errors": details}) from None
@@ -152,9 +154,19 @@ def authorize(uid: int, gid: int, *, own_uid: int, group: str) -> str | None:
 class Connection:
     """One client: reads lines, answers each request, may send notifications in between."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, *, peer: tuple[int, int, int] = (0, -1, -1),
+                 idle_timeout: float = math.inf) -> None:
         self.stream = stream
+        self.pid, self.uid, self.gid = peer
+        self.idle_timeout = idle_timeout
+        #: A method is running for this client (it is not idle, and is never evicted).
+        self.busy = False
+        self.idle_since = trio.current_time()
+        self.scope = trio.CancelScope()
         self._buffer = b""
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} uid {self.uid}"
 
     async def send(self, message: dict[str, Any] | list[dict[str, Any]]) -> None:
         await self.stream.send_all(json.dumps(message, default=_json_default).encode() + b"\n")
@@ -162,23 +174,40 @@ class Connection:
     async def notify(self, method: str, params: dict[str, Any]) -> None:
         await self.send({"jsonrpc": "2.0", "method": method, "params": params})
 
+    async def refuse(self, error: RpcError) -> None:
+        """Answer ``error`` and end the connection so that the client reads it: what it sent
+        meanwhile is read and dropped (closing with unread data would reset the connection)."""
+        await self.send(_error(None, error))
+        await self.stream.send_eof()
+        with trio.move_on_after(1.0):
+            while await self.stream.receive_some(65536):
+                pass
+
     async def hung_up(self) -> None:
         """Return when the client closes its end; for long methods that only send meanwhile.
 
-        Anything the client sends in the meantime is kept for the next request.
+        Anything the client sends in the meantime is kept for the next request, up to a line's
+        limit: a client that keeps sending past it is treated as gone.
         """
-        while chunk := await self.stream.receive_some(65536):
+        while len(self._buffer) <= MAX_LINE and (chunk := await self.stream.receive_some(65536)):
             self._buffer += chunk
 
-    async def lines(self) -> Any:
+    async def lines(self) -> AsyncIterator[bytes]:
+        """Each request line; ends when the client closes, or has been idle ``idle_timeout`` s."""
         while True:
+            deadline = trio.current_time() + self.idle_timeout
             while b"\n" not in self._buffer:
                 if len(self._buffer) > MAX_LINE:
-                    raise RpcError(INVALID_REQUEST, f"request line longer than {MAX_LINE} bytes")
-                chunk = await self.stream.receive_some(65536)
-                if not chunk:
-                    return
-                self._buffer += chunk
+                    raise RpcError(INVALID_REQUEST, f"request line longer than {MAX_LINE} bytes (the limit)")
+                with trio.move_on_at(deadline):
+                    chunk = await self.stream.receive_some(65536)
+                    if not chunk:
+                        return
+                    self._buffer += chunk
+                    continue
+                log.info("control: closing the connection of %s, idle for %g s (control.idle_timeout)",
+                         self, self.idle_timeout)
+                return
             line, self._buffer = self._buffer.split(b"\n", 1)
             if line.strip():
                 yield line
@@ -194,10 +223,11 @@ Method = Callable[[Any, Connection], Awaitable[Any]]
 
 
 class ControlServer:
-    def __init__(self, daemon: Daemon, path: str, *, allowed_group: str = "") -> None:
+    def __init__(self, daemon: Daemon, path: str, settings: ControlConfig = ControlConfig()) -> None:
         self.daemon = daemon
         self.path = path
-        self.allowed_group = allowed_group
+        self.settings = settings
+        self._connections: set[Connection] = set()
         self._scope = trio.CancelScope()
         self._methods: dict[str, tuple[type, Method]] = {
             "ping": (NoParams, self._ping),
@@ -230,17 +260,25 @@ class ControlServer:
             raise
         finally:
             probe.close()
-        raise RouterdError(f"another routerd is already listening on {self.path}; stop it first "
+        raise StartupError(f"another routerd is already listening on {self.path}; stop it first "
                            f"(routerctl --socket {self.path} status) or set control.socket to another path")
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         directory = os.path.dirname(self.path)
-        os.makedirs(directory, mode=0o750, exist_ok=True)
+        try:
+            os.makedirs(directory, mode=0o750, exist_ok=True)
+        except OSError as exc:
+            raise NotWritable(f"cannot create the control socket's directory {directory}: {exc.strerror}; "
+                              "fix its permissions or set control.socket to a path routerd may write") from None
         await self._refuse_if_live()
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o117)  # the socket is born 0660: no window with wider permissions
         try:
             await sock.bind(self.path)
+        except OSError as exc:
+            sock.close()
+            raise NotWritable(f"cannot create the control socket {self.path}: {exc.strerror}; "
+                              "fix its directory's permissions or set control.socket") from None
         finally:
             os.umask(old_umask)
         sock.listen(128)
@@ -262,46 +300,95 @@ class ControlServer:
         self._scope.cancel()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        conn = Connection(stream)
+        """One client's whole connection. Nothing it sends or causes may escape from here: an
+        exception leaving a handler would end ``serve_listeners`` and the daemon with it."""
         try:
-            _, uid, gid = peer_credentials(stream.socket)  # type: ignore[arg-type]
-            why = authorize(uid, gid, own_uid=os.getuid(), group=self.allowed_group)
-            if why:
-                log.warning("refused control connection: %s", why)
-                await conn.send({"jsonrpc": "2.0", "id": None,
-                                 "error": RpcError(PERMISSION_DENIED, f"permission denied: {why}").body()})
-                return
-            async for line in conn.lines():
-                reply = await self.handle_line(line, conn)
-                if reply is not None:
-                    await conn.send(reply)
-        except RpcError as exc:
-            await _try_send(conn, {"jsonrpc": "2.0", "id": None, "error": exc.body()})
+            peer = peer_credentials(stream.socket)  # type: ignore[arg-type]
+        except OSError:
+            peer = (0, -1, -1)
+        conn = Connection(stream, peer=peer, idle_timeout=self.settings.idle_timeout)
+        try:
+            with conn.scope:
+                await self._serve_connection(conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; nothing to clean beyond this connection
+        except Exception:
+            log.exception("control: connection of %s failed", conn)
+            await _try_send(conn, _error(None, RpcError(INTERNAL_ERROR, "internal error; see routerd's log")))
         finally:
-            await stream.aclose()
+            self._connections.discard(conn)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _serve_connection(self, conn: Connection) -> None:
+        why = authorize(conn.uid, conn.gid, own_uid=os.getuid(), group=self.settings.group)
+        if why:
+            log.warning("control: refused connection of %s: %s", conn, why)
+            await conn.refuse(RpcError(PERMISSION_DENIED, f"permission denied: {why}"))
+            return
+        if not self._make_room_for_connection():
+            log.warning("control: refused connection of %s: %d connections are busy (control.max_connections)",
+                        conn, len(self._connections))
+            await conn.refuse(RpcError(TOO_MANY_CONNECTIONS, f"too many control connections ({len(self._connections)} "
+                                                             "busy; control.max_connections); retry when one ends"))
+            return
+        self._connections.add(conn)
+        try:
+            async for line in conn.lines():
+                conn.busy = True
+                try:
+                    reply = await self.handle_line(line, conn)
+                    if reply is not None:
+                        await conn.send(reply)
+                finally:
+                    conn.busy = False
+                    conn.idle_since = trio.current_time()
+        except RpcError as exc:  # framing: the line itself is unusable, so is the connection
+            log.warning("control: closing the connection of %s: %s", conn, exc.message)
+            await _try_send(conn, _error(None, exc))
+
+    def _make_room_for_connection(self) -> bool:
+        """Whether another connection may be served, closing the longest-idle one if needed.
+
+        Idle clients never lock others out: at the limit, the one idle longest is closed (it may
+        reconnect); only when every connection is running a method is the newcomer refused.
+        """
+        if len(self._connections) < self.settings.max_connections:
+            return True
+        idle = [conn for conn in self._connections if not conn.busy]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda conn: conn.idle_since)
+        log.info("control: closing the idle connection of %s to make room (control.max_connections)", oldest)
+        self._connections.discard(oldest)
+        oldest.scope.cancel()
+        return True
 
     # -- protocol -------------------------------------------------------------------------
     async def handle_line(self, line: bytes, conn: Connection) -> Any:
         try:
-            message = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            message = client_json.loads(line, max_depth=MAX_DEPTH)
+        except client_json.InvalidJson as exc:
+            log.info("control: parse error from %s: %s", conn, exc)
             return _error(None, RpcError(PARSE_ERROR, f"parse error: {exc}"))
         if isinstance(message, list):
             if not message:
                 return _error(None, RpcError(INVALID_REQUEST, "invalid request: empty batch"))
+            if len(message) > MAX_BATCH:
+                return _error(None, RpcError(INVALID_REQUEST, f"invalid request: a batch holds at most "
+                                                              f"{MAX_BATCH} requests, this one {len(message)}"))
             replies = [await self.handle_one(item, conn) for item in message]
             return [r for r in replies if r is not None] or None
         return await self.handle_one(message, conn)
 
     async def handle_one(self, message: Any, conn: Connection) -> dict[str, Any] | None:
         if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or not isinstance(message.get("method"), str):
-            return _error(message.get("id") if isinstance(message, dict) else None,
+            request_id = message.get("id") if isinstance(message, dict) else None
+            return _error(request_id if _valid_id(request_id) else None,
                           RpcError(INVALID_REQUEST, "invalid request: need an object with jsonrpc \"2.0\" and a method"))
         request_id = message.get("id")
         is_notification = "id" not in message
-        if request_id is not None and not isinstance(request_id, (str, int)):
+        if not _valid_id(request_id):
             return _error(None, RpcError(INVALID_REQUEST, "invalid request: id must be a string, number or null"))
         try:
             result = await self.call(message["method"], message.get("params"), conn)
@@ -311,11 +398,16 @@ class ControlServer:
 
     async def call(self, method: str, raw_params: Any, conn: Connection) -> Any:
         if method not in self._methods:
-            raise RpcError(METHOD_NOT_FOUND, f"method not found: {method!r}; known: {', '.join(sorted(self._methods))}")
+            shown = method if len(method) <= 64 else method[:64] + "..."
+            raise RpcError(METHOD_NOT_FOUND, f"method not found: {shown!r}; known: {', '.join(sorted(self._methods))}")
         params_type, handler = self._methods[method]
-        params = _structure_params(raw_params, params_type)
         try:
+            params = _structure_params(raw_params, params_type)
+            if method in STATE_CHANGING:
+                log.info("control: %s %s by uid %d (pid %d)", method, _brief(raw_params), conn.uid, conn.pid)
             return await handler(params, conn)
+        except RpcError:
+            raise
         except ConfigError as exc:
             raise RpcError(exc.rpc_code, exc.message, {"errors": exc.errors}) from None
         except RouterdError as exc:
@@ -323,7 +415,7 @@ class ControlServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise
         except Exception as exc:
-            log.exception("control method %s failed", method)
+            log.exception("control method %s from %s failed", method, conn)
             raise RpcError(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}") from None
 
     # -- methods --------------------------------------------------------------------------
@@ -443,6 +535,16 @@ class _Progress:
     async def _send(self, backend: Backend, line: LogLine) -> None:
         self.last_seq = line.seq
         await self.conn.notify("progress", {"model": self.model, "state": backend.state.value, "line": line.text})
+
+
+def _valid_id(request_id: Any) -> bool:
+    return request_id is None or (isinstance(request_id, (str, int)) and not isinstance(request_id, bool))
+
+
+def _brief(params: Any) -> str:
+    """Params for a log line: short, whatever the client sent."""
+    text = json.dumps(params) if params is not None else "{}"
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _error(request_id: Any, exc: RpcError) -> dict[str, Any]:

@@ -8,8 +8,10 @@ and return. It holds no business logic: reload is "validate, then hand to the su
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import time
 from collections.abc import Mapping
 from functools import partial
@@ -22,7 +24,7 @@ import trio
 from routerd import __version__, config as config_mod
 from routerd import discovery, hub, paths
 from routerd.catalog import Catalog, ImportStore
-from routerd.errors import BadRequest, Unavailable
+from routerd.errors import BadRequest, StartupError, Unavailable
 from routerd.config import Config
 from routerd.control import ControlServer
 from routerd.memory import MemoryManager, NvmlProvider
@@ -42,6 +44,8 @@ class ReloadResult:
     added: list[str]
     removed: list[str]
     changed: list[str]
+    #: What discovery could not read (corrupted Hugging Face cache entries), each with its reason.
+    problems: list[str]
 
 
 class Daemon:
@@ -107,9 +111,12 @@ class Daemon:
     def discover(self, config: Config) -> Catalog:
         """The catalog for ``config``: blocking file-system work, run it in a thread."""
         found = [f for folder in config.catalog.folders for f in discovery.scan_folder(folder)]
+        problems: list[str] = []
         if config.catalog.hf_cache:
-            found += discovery.scan_hf_cache(self.hub_cache)
-        return Catalog.from_config(config, imported=self.imports.load(), discovered=found)
+            cache = discovery.scan_hf_cache(self.hub_cache)
+            found += cache.found
+            problems += cache.problems
+        return Catalog.from_config(config, imported=self.imports.load(), discovered=found, problems=problems)
 
     async def _apply(self, new: Config) -> ReloadResult:
         async with self._catalog_lock:  # one rescan at a time; the newest file system wins
@@ -119,8 +126,10 @@ class Daemon:
             diff = old_catalog.diff(new_catalog)
             self.config = new
         log.info("applied %s: %s; catalog %s", new.source, outcome, diff)
+        for problem in new_catalog.problems:
+            log.warning("not served, the Hugging Face cache has a corrupted entry: %s", problem)
         return ReloadResult(added=list(diff.added), removed=list(diff.removed), changed=list(diff.changed),
-                            **outcome)
+                            problems=list(new_catalog.problems), **outcome)
 
     async def _rescan_periodically(self) -> None:
         while self.config.catalog.rescan_interval > 0:
@@ -139,20 +148,29 @@ class Daemon:
     async def run(self, *, handle_signals: bool = True,
                   task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
+        self.imports.check_writable()
         async with trio.open_nursery() as root:
             await root.start(self.supervisor.run)
             await self._apply(config)  # discovery, before serving: discovered models are servable at READY
             http_config = hypercorn.config.Config()
             http_config.bind = [f"{config.server.host}:{config.server.port}"]
             http_config.graceful_timeout = 1.0  # requests have drained before it applies
+            # A connection must finish its headers within header_timeout of opening (hypercorn's
+            # keep-alive timer runs until a request's headers are in), so slow clients hold little.
+            http_config.keep_alive_timeout = config.server.header_timeout
+            http_config.h11_max_incomplete_size = config.server.max_header_bytes
+            http_config.h2_max_header_list_size = config.server.max_header_bytes
             http_config.accesslog = None
             http_config.errorlog = logging.getLogger("hypercorn.error")
             http_stopped = trio.Event()
             from routerd.api import create_app  # quart is heavy; import once the daemon starts
 
             app = create_app(self.supervisor)
-            self.http_urls = await root.start(partial(self._serve_http, app, http_config, http_stopped))
-            control = ControlServer(self, self.socket_path, allowed_group=config.control.group)
+            try:
+                self.http_urls = await root.start(partial(self._serve_http, app, http_config, http_stopped))
+            except OSError as exc:
+                raise StartupError(listen_failure(config.server.host, config.server.port, exc)) from None
+            control = ControlServer(self, self.socket_path, config.control)
             await root.start(control.serve)
             log.info("routerd %s serving on %s, control socket %s", __version__, ", ".join(self.http_urls),
                      self.socket_path)
@@ -210,6 +228,19 @@ class Daemon:
             # Every request changes the supervisor (a slot taken, a slot freed) and the line walks
             # the whole catalog: look at most twice a second, not four times per request.
             await trio.sleep(STATUS_MIN_INTERVAL)
+
+
+def listen_failure(host: str, port: int, exc: OSError) -> str:
+    """What to tell a user whose HTTP port could not be opened (pure)."""
+    where = f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {where}: the address is in use (another routerd, or another program); "
+                f"stop it (`ss -ltnp 'sport = :{port}'` names it) or set server.port")
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges); set server.port"
+    if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        return f"cannot listen on {where}: this host has no such address; set server.host"
+    return f"cannot listen on {where}: {exc.strerror or exc}"
 
 
 async def serve(config: Config, environ: Mapping[str, str]) -> None:

@@ -32,6 +32,8 @@ QUANT_TAGS = sorted((
 #: llama.cpp's choice when no quant is named: Q4_K_M, then Q8_0.
 DEFAULT_QUANTS = ("Q4_K_M", "Q8_0")
 _NOT_MODELS = ("mmproj", "imatrix")
+#: A repo's folder in the hub cache: ``models--org--repo`` (group 2 is ``org--repo``).
+_CACHE_FOLDER_RE = re.compile(r"(models|datasets|spaces)--([^/\s`'\"]+)")
 
 
 @attrs.frozen
@@ -147,8 +149,18 @@ def scan_path(path: str | os.PathLike[str]) -> list[Found]:
     return _folder_models(directory, listing, only=split_parts(name)[0])
 
 
-def scan_hf_cache(cache_dir: str | os.PathLike[str] | None = None) -> list[Found]:
-    """Every GGUF model in the Hugging Face hub cache, named ``org/repo:QUANT``.
+@attrs.frozen
+class CacheScan:
+    """What a scan of the Hugging Face cache found."""
+
+    found: list[Found]
+    #: Repos huggingface_hub reports as corrupted (left out of ``found``): ``org/repo: reason``.
+    problems: list[str]
+
+
+def scan_hf_cache(cache_dir: str | os.PathLike[str] | None = None) -> CacheScan:
+    """Every GGUF model in the Hugging Face hub cache, named ``org/repo:QUANT``, and the repos
+    that could not be read.
 
     Uses huggingface_hub's own cache scan on ``cache_dir`` (``paths.hub_cache``: HF_HUB_CACHE,
     HF_HOME as ``hf`` reads them). Of several revisions, the one ``main`` points to wins, else the newest.
@@ -158,7 +170,7 @@ def scan_hf_cache(cache_dir: str | os.PathLike[str] | None = None) -> list[Found
     try:
         info = scan_cache_dir(cache_dir)
     except CacheNotFound:
-        return []
+        return CacheScan([], [])
     found: list[Found] = []
     for repo in sorted(info.repos, key=lambda r: r.repo_id):
         if repo.repo_type != "model":
@@ -168,7 +180,16 @@ def scan_hf_cache(cache_dir: str | os.PathLike[str] | None = None) -> list[Found
             continue
         snapshot = revisions[0].snapshot_path
         found += repo_models(repo.repo_id, snapshot)
-    return found
+    return CacheScan(found, sorted(cache_problem(str(warning)) for warning in info.warnings))
+
+
+def cache_problem(message: str) -> str:
+    """A corrupted-cache warning as ``org/repo: reason`` (pure): the repo named by its cache
+    folder (``models--org--repo``) when the message holds one."""
+    match = _CACHE_FOLDER_RE.search(message)
+    if match is None:
+        return message
+    return f"{match.group(2).replace('--', '/')}: {message}"
 
 
 def repo_models(repo_id: str, snapshot: Path) -> list[Found]:

@@ -10,6 +10,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+#: ``routerd serve`` exit statuses (sysexits.h where one fits): documented in the README.
+EXIT_INTERNAL = 1  # a bug: routerd says so and points at --debug
+EXIT_USAGE = 2  # a bad command line (argparse's own)
+EXIT_UNAVAILABLE = 69  # something is in the way: the port, another routerd's socket
+EXIT_CANTCREAT = 73  # a directory routerd must write is not writable
+EXIT_CONFIG = 78  # the config is invalid or unreadable, or llama-server cannot be found
+
 
 class RouterdError(Exception):
     """Base class: a failure to report to a client rather than a bug."""
@@ -17,6 +24,8 @@ class RouterdError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
     rpc_code: ClassVar[int] = -32000
+    #: How ``routerd serve`` exits when this error stops it from starting.
+    exit_status: ClassVar[int] = EXIT_INTERNAL
     code: str | None = None
 
     def __init__(self, message: str, *, code: str | None = None, data: dict[str, Any] | None = None,
@@ -70,6 +79,20 @@ class PayloadTooLarge(RouterdError):
     rpc_code = -32602
 
 
+class RequestTimeout(RouterdError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    rpc_code = -32602
+
+
+class HeadersTooLarge(RouterdError):
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
+    rpc_code = -32602
+
+
 class TooManyRequests(RouterdError):
     status = 429
     type = "rate_limit_error"
@@ -104,6 +127,20 @@ class UpstreamFailed(RouterdError):
     rpc_code = -32006
 
 
+class StartupError(RouterdError):
+    """routerd cannot start because something is in its way (a port, another routerd)."""
+
+    exit_status = EXIT_UNAVAILABLE
+    code = "startup_failed"
+
+
+class NotWritable(StartupError):
+    """A directory routerd must write to (state, control socket) is not writable."""
+
+    exit_status = EXIT_CANTCREAT
+    code = "not_writable"
+
+
 class ConfigError(RouterdError):
     """A config that does not validate; ``errors`` lists every problem with its path."""
 
@@ -111,6 +148,7 @@ class ConfigError(RouterdError):
     type = "invalid_request_error"
     code = "invalid_config"
     rpc_code = -32007
+    exit_status = EXIT_CONFIG
 
     def __init__(self, errors: list[str], source: str = "config") -> None:
         self.errors = errors

@@ -23,9 +23,11 @@ import trio
 
 from routerd import scheduler
 from routerd.backend import Backend
-from routerd.errors import BadRequest, PayloadTooLarge, RouterdError, UpstreamFailed
+from routerd import client_json
+from routerd.errors import (BadRequest, HeadersTooLarge, PayloadTooLarge, RequestTimeout, RouterdError,
+                            UpstreamFailed)
 from routerd.supervisor import Supervisor
-from routerd.upstream import Response, UpstreamError, first_header
+from routerd.upstream import NotDelivered, Response, UpstreamError, first_header
 
 log = logging.getLogger("routerd.proxy")
 
@@ -44,6 +46,12 @@ PROXIED_POST = frozenset({
 SHORT_UPSTREAM_GET = frozenset({"health", "props", "slots", "metrics"})
 #: GET paths under this prefix belong to the model views, whatever their last segment.
 _VIEW_PREFIX = "/v1/models/"
+
+#: Tries to deliver one request; only a request no backend received is tried again.
+MAX_DELIVERY_ATTEMPTS = 3
+#: How long a failed call waits for its backend's exit to be noticed (the exit watcher reads
+#: the last output for up to 0.5 s first).
+EXIT_NOTICE_TIME = 1.0
 
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
                          b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect"})
@@ -73,9 +81,9 @@ def model_and_stream(body: bytes) -> tuple[str, bool]:
     """The ``model`` field of a JSON request body (400 when missing or malformed), and whether
     it asks for a stream."""
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        payload = client_json.loads(body)
+    except client_json.InvalidJson as exc:
+        raise BadRequest(f"request body is {exc}", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
     model = payload.get("model")
@@ -108,22 +116,35 @@ class ProxyApp:
         self.fallback = fallback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_proxied(scope["method"], scope["path"]):
+        if scope["type"] != "http":
             await self.fallback(scope, receive, send)
             return
         client = _Client(send)
+        limit = self.supervisor.config.server.max_headers
+        if len(scope["headers"]) > limit:
+            await client.fail(HeadersTooLarge(f"the request has {len(scope['headers'])} header fields; the limit "
+                                              f"is {limit} (server.max_headers)"))
+            return
+        if not is_proxied(scope["method"], scope["path"]):
+            await self.fallback(scope, receive, send)
+            return
         try:
             await self._handle(scope, receive, client)
         except RouterdError as exc:
             await client.fail(exc)
         except Exception:
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            log.exception("unhandled error on %s %s from %s", scope["method"], scope["path"], _peer(scope))
             await client.fail(RouterdError("internal error while relaying the request"))
 
     async def _handle(self, scope: Scope, receive: Receive, client: _Client) -> None:
         method, path = scope["method"], scope["path"]
+        server = self.supervisor.config.server
         if method == "POST":
-            body = await _read_body(scope, receive, self.supervisor.config.server.max_body_bytes)
+            with trio.move_on_after(server.body_timeout) as reading:
+                body = await _read_body(scope, receive, server.max_body_bytes)
+            if reading.cancelled_caught:
+                raise RequestTimeout(f"the request body did not arrive within {server.body_timeout:g} s "
+                                     "(server.body_timeout)")
             if body is None:
                 return  # the client left while sending
             model, stream = model_and_stream(body)
@@ -146,29 +167,49 @@ class ProxyApp:
                 await self._relay(client, model, ticket, stream, method, target, headers, body)
             except RouterdError as exc:
                 await client.fail(exc)
+            finally:
+                self.supervisor.dequeue(model, ticket)
             nursery.cancel_scope.cancel()
 
     async def _relay(self, client: _Client, model: str, ticket: scheduler.Ticket, stream: bool, method: str,
                      target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        supervisor = self.supervisor
-        try:
-            backend = await self._acquire(client, model, ticket, stream)
-        finally:
-            supervisor.dequeue(model, ticket)
-        pool = backend.upstream
-        assert pool is not None, "an acquired backend is ready, and a ready backend has its pool"
-        try:
-            upstream = await pool.request(method, target, headers=forward_headers(headers), body=body)
-        except BaseException as exc:
-            backend.release()
-            if isinstance(exc, UpstreamError):
-                raise await _failure(backend, exc) from None
-            raise
+        upstream, backend = await self._deliver(client, model, ticket, stream, method, target, headers, body)
         upstream.on_end = backend.release  # the slot is free once the backend is done, not the client
         try:
             await _answer(client, backend, upstream)
         finally:
             upstream.aclose_now()  # unfinished (client gone): closing tells llama-server to stop
+
+    async def _deliver(self, client: _Client, model: str, ticket: scheduler.Ticket, stream: bool, method: str,
+                       target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[Response, Backend]:
+        """Send the request to a ready backend once its turn comes; the response and its backend.
+
+        A request that never reached its backend (it died between our turn and our connect)
+        goes back to its place in the queue and waits for the next backend: nothing was done
+        for it, so nothing is lost by trying again. One that reached it is never sent twice.
+        """
+        supervisor = self.supervisor
+        for attempt in range(1, MAX_DELIVERY_ATTEMPTS + 1):
+            backend = await self._acquire(client, model, ticket, stream)
+            supervisor.dequeue(model, ticket)
+            pool = backend.upstream
+            assert pool is not None, "an acquired backend is ready, and a ready backend has its pool"
+            try:
+                return await pool.request(method, target, headers=forward_headers(headers), body=body), backend
+            except NotDelivered as exc:
+                backend.release()
+                if attempt == MAX_DELIVERY_ATTEMPTS:
+                    raise await _failure(backend, exc) from None
+                log.info("%s: request not delivered (%s); back in the queue for a working backend",
+                         backend.name, exc)
+                await _await_exit(backend)
+                supervisor.requeue(model, ticket)
+            except BaseException as exc:
+                backend.release()
+                if isinstance(exc, UpstreamError):
+                    raise await _failure(backend, exc) from None
+                raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _acquire(self, client: _Client, model: str, ticket: scheduler.Ticket, stream: bool) -> Backend:
         """Wait for a backend. A stream that has to wait gets its event-stream headers now and an
@@ -240,10 +281,16 @@ async def _answer(client: _Client, backend: Backend, upstream: Response) -> None
         raise await _failure(backend, exc, "mid-stream" if client.started else "") from None
 
 
+async def _await_exit(backend: Backend) -> None:
+    """After a failed call: give a dying backend a moment to be reaped (its exit status is the
+    real reason, and a backend that is gone is not chosen again)."""
+    with trio.move_on_after(EXIT_NOTICE_TIME):
+        await backend.wait_gone()
+
+
 async def _failure(backend: Backend, exc: BaseException, when: str = "") -> UpstreamFailed:
     """The 502 for a broken upstream call, with the backend's own reason when it died."""
-    with trio.move_on_after(1.0):  # a dying process: wait (briefly) for its exit status, the real reason
-        await backend.wait_gone()
+    await _await_exit(backend)
     why = backend.error or str(exc)
     return UpstreamFailed(f"backend for {backend.name!r} failed{' ' + when if when else ''}: {why}",
                           data={"exit_code": backend.exit_code})
@@ -267,6 +314,11 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None
         parts.append(chunk)
         if not message.get("more_body", False):
             return b"".join(parts)
+
+
+def _peer(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "?"
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:

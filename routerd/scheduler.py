@@ -77,6 +77,13 @@ class ModelQueue:
         self.wake()
         return ticket
 
+    def rejoin(self, ticket: Ticket) -> None:
+        """Put back a ticket that left (its request could not be delivered): it keeps its place,
+        since order is by priority, time waited and arrival, never by when it rejoined."""
+        if ticket not in self.tickets:
+            self.tickets.append(ticket)
+            self.wake()
+
     def leave(self, ticket: Ticket) -> None:
         if ticket in self.tickets:
             self.tickets.remove(ticket)

@@ -125,6 +125,11 @@ class Supervisor:
         self._queue(self.catalog.resolve(name).name).leave(ticket)
         self._signal_watchers()
 
+    def requeue(self, name: str, ticket: scheduler.Ticket) -> None:
+        """Put a dequeued ticket back in its place (its request never reached a backend)."""
+        self._queue(self.catalog.resolve(name).name).rejoin(ticket)
+        self._signal_watchers()
+
     async def acquire_ticket(self, name: str, ticket: scheduler.Ticket) -> Backend:
         """A ready backend for ``name`` with one request counted in flight (call ``release()``),
         once ``ticket``'s turn comes (priority, aging, a free slot); 503 at its deadline. Safe to

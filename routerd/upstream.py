@@ -26,6 +26,11 @@ class UpstreamError(Exception):
     """The backend refused the connection, closed it early, timed out or spoke invalid HTTP."""
 
 
+class NotDelivered(UpstreamError):
+    """The request never reached the backend whole (no connection, or the send failed), so the
+    backend cannot have acted on it: sending it again, elsewhere or later, is safe."""
+
+
 class _Connection:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
@@ -152,6 +157,15 @@ class ConnectionPool:
                 conn, reused = await self._connect(), False
             try:
                 await conn.send(request, h11.Data(data=body), h11.EndOfMessage())
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                conn.close()
+                if reused:
+                    continue  # the server closed an idle socket as we reused it
+                raise NotDelivered(_describe(exc)) from None
+            except BaseException:
+                conn.close()
+                raise
+            try:
                 event = await conn.next_event(read_timeout)
                 while type(event) is h11.InformationalResponse:
                     event = await conn.next_event(read_timeout)
@@ -201,17 +215,17 @@ class ConnectionPool:
 
     async def _connect(self) -> _Connection:
         if self._closed:
-            raise UpstreamError("the backend's connections are closed (it is stopping)")
+            raise NotDelivered("the backend's connections are closed (it is stopping)")
         try:
             with trio.fail_after(self.connect_timeout):
                 stream = await trio.open_tcp_stream("127.0.0.1", self.port)
         except trio.TooSlowError:
-            raise UpstreamError(f"timed out connecting to the backend on port {self.port}") from None
+            raise NotDelivered(f"timed out connecting to the backend on port {self.port}") from None
         except OSError as exc:
             # trio reports each attempt's error in a group behind its own summary
             attempts = exc.__cause__.exceptions if isinstance(exc.__cause__, BaseExceptionGroup) else [exc]
             reason = getattr(attempts[-1], "strerror", None) or str(attempts[-1])
-            raise UpstreamError(f"cannot reach the backend on port {self.port}: {reason}") from None
+            raise NotDelivered(f"cannot reach the backend on port {self.port}: {reason}") from None
         return _Connection(stream)
 
 

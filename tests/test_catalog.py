@@ -79,7 +79,7 @@ def test_hf_cache_repos_become_org_repo_quant_with_the_main_revision(tmp_path):
     hf_repo(cache, "org/chat", {"chat-Q4_K_M.gguf": "model"}, revision="c" * 40, main=False)  # older revision
     hf_repo(cache, "org/split", {"big-Q4_K_M-00001-of-00002.gguf": "model", "big-Q4_K_M-00002-of-00002.gguf": "model",
                                  "bad-Q8_0-00001-of-00002.gguf": "model"})
-    found = {f.name: f for f in discovery.scan_hf_cache(cache)}
+    found = {f.name: f for f in discovery.scan_hf_cache(cache).found}
     assert set(found) == {"org/chat:Q4_K_M", "org/chat:Q8_0", "org/split:Q4_K_M", "org/old:Q4_K_M"}
     chat = found["org/chat:Q4_K_M"]
     assert chat.path.startswith(str(snapshot)) and chat.aliases == ("org/chat",)  # the default quant
