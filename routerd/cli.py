@@ -17,7 +17,7 @@ import traceback
 import trio
 
 from routerd import __version__, config as config_mod, logs
-from routerd.errors import EXIT_INTERNAL, ConfigError, RouterdError
+from routerd.errors import EXIT_INTERNAL, ConfigError, RouterdError, leaves
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,19 +41,13 @@ def fatal(exc: BaseException) -> tuple[int, str]:
     The root nursery wraps what its tasks raise in exception groups: the error a user can act on
     is the one RouterdError among them; anything else is a bug, said as such.
     """
-    leaves = list(_leaves(exc))
-    known = [leaf for leaf in leaves if isinstance(leaf, RouterdError)]
+    found = leaves(exc)
+    known = [leaf for leaf in found if isinstance(leaf, RouterdError)]
     if known:
         return known[0].exit_status, known[0].message
-    first = next((leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)), exc)
+    first = next((leaf for leaf in found if not isinstance(leaf, trio.Cancelled)), exc)
     return EXIT_INTERNAL, (f"internal error: {type(first).__name__}: {first}; run `routerd serve --debug` "
                            "for the traceback and please report it")
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
 
 
 def main(argv: list[str] | None = None) -> int:

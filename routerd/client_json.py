@@ -24,7 +24,8 @@ def loads(data: bytes | str, *, max_depth: int | None = None) -> Any:
     """Parse ``data``; InvalidJson for anything wrong with it, including nesting deeper than
     ``max_depth`` (None: as deep as the parser goes)."""
     try:
-        value = json.loads(data)
+        # Explicitly UTF-8 (RFC 8259): json.loads would guess UTF-16 or -32 from the first bytes.
+        value = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
     except UnicodeDecodeError as exc:
         raise InvalidJson(f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except json.JSONDecodeError as exc:

@@ -24,7 +24,7 @@ import trio
 from routerd import __version__, config as config_mod
 from routerd import discovery, hub, paths
 from routerd.catalog import Catalog, ImportStore
-from routerd.errors import BadRequest, StartupError, Unavailable
+from routerd.errors import BadRequest, StartupError, Unavailable, leaves
 from routerd.config import Config
 from routerd.control import ControlServer
 from routerd.memory import MemoryManager, NvmlProvider
@@ -168,8 +168,10 @@ class Daemon:
             app = create_app(self.supervisor)
             try:
                 self.http_urls = await root.start(partial(self._serve_http, app, http_config, http_stopped))
-            except OSError as exc:
-                raise StartupError(listen_failure(config.server.host, config.server.port, exc)) from None
+            except* OSError as group:  # hypercorn binds inside its own nurseries
+                bind_error = leaves(group)[0]
+                assert isinstance(bind_error, OSError)
+                raise StartupError(listen_failure(config.server.host, config.server.port, bind_error)) from None
             control = ControlServer(self, self.socket_path, config.control)
             await root.start(control.serve)
             log.info("routerd %s serving on %s, control socket %s", __version__, ", ".join(self.http_urls),

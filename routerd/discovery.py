@@ -33,7 +33,7 @@ QUANT_TAGS = sorted((
 DEFAULT_QUANTS = ("Q4_K_M", "Q8_0")
 _NOT_MODELS = ("mmproj", "imatrix")
 #: A repo's folder in the hub cache: ``models--org--repo`` (group 2 is ``org--repo``).
-_CACHE_FOLDER_RE = re.compile(r"(models|datasets|spaces)--([^/\s`'\"]+)")
+_CACHE_FOLDER_RE = re.compile(r"(models|datasets|spaces)--([^/\s`'\"()]+?)(?=[/\s`'\"()]|\.?$)")
 
 
 @attrs.frozen

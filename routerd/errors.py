@@ -153,3 +153,10 @@ class ConfigError(RouterdError):
     def __init__(self, errors: list[str], source: str = "config") -> None:
         self.errors = errors
         super().__init__(f"{source} is invalid:\n  " + "\n  ".join(errors), data={"errors": errors})
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``'s (nested) exception groups, or ``[exc]`` (pure)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
+    return [exc]
