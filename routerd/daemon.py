@@ -18,11 +18,10 @@ from functools import partial
 
 import attrs
 import hypercorn.config
-import hypercorn.trio
 import trio
 
 from routerd import __version__, config as config_mod
-from routerd import discovery, hub, paths
+from routerd import discovery, http_server, hub, paths
 from routerd.catalog import Catalog, ImportStore
 from routerd.errors import BadRequest, StartupError, Unavailable, leaves
 from routerd.config import Config
@@ -168,7 +167,7 @@ class Daemon:
             app = create_app(self.supervisor)
             try:
                 self.http_urls = await root.start(partial(self._serve_http, app, http_config, http_stopped))
-            except* OSError as group:  # hypercorn binds inside its own nurseries
+            except* OSError as group:  # the bind fails inside the server's nurseries
                 bind_error = leaves(group)[0]
                 assert isinstance(bind_error, OSError)
                 raise StartupError(listen_failure(config.server.host, config.server.port, bind_error)) from None
@@ -201,8 +200,7 @@ class Daemon:
     async def _serve_http(self, app: object, http_config: hypercorn.config.Config, stopped: trio.Event,
                           *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            await hypercorn.trio.serve(app, http_config, shutdown_trigger=self._http_stop.wait,  # type: ignore[arg-type]
-                                       task_status=task_status)
+            await http_server.serve(app, http_config, shutdown_trigger=self._http_stop.wait, task_status=task_status)
         finally:
             stopped.set()
 

@@ -1,0 +1,78 @@
+"""Serving the HTTP front: listening sockets, one contained task per connection, shutdown.
+
+Owns the accept loop in front of hypercorn's HTTP/1.1 and HTTP/2 protocol code. hypercorn's own
+``serve`` runs each connection in a task that lets any exception other than OSError escape (its
+issue #203: a protocol state it did not expect), and under trio that ends every connection and
+the daemon around them. Here each connection's task contains its failures: the connection is
+closed and the failure logged once with the peer; the listener and every other connection go on.
+
+It uses hypercorn's per-connection server (``TCPServer``), worker context and lifespan, the same
+pieces ``hypercorn.trio.serve`` wires; the version range is pinned in pyproject.toml. It must not
+know about routes, models or backends: the ASGI app does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import hypercorn.config
+import trio
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import repr_socket_addr, wrap_app
+
+log = logging.getLogger("routerd.http")
+
+
+async def serve(app: Any, config: hypercorn.config.Config, *, shutdown_trigger: Callable[[], Awaitable[object]],
+                task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` on ``config.bind`` until ``shutdown_trigger`` returns; reports the bound URLs
+    to ``task_status``. Open connections then get ``config.graceful_timeout`` to finish."""
+    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
+    lifespan_state: dict[str, Any] = {}
+    lifespan = Lifespan(wrapped, config, lifespan_state)
+    context = WorkerContext(None)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as connections:
+            sockets = config.create_sockets()  # OSError here (port in use) reaches the caller
+            listeners = []
+            for sock in sockets.insecure_sockets:
+                sock.listen(config.backlog)
+                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+            urls = [f"http://{repr_socket_addr(sock.family, sock.getsockname())}" for sock in sockets.insecure_sockets]
+            task_status.started(urls)
+            handler = partial(_connection, wrapped, config, context, lifespan_state)
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(partial(trio.serve_listeners, handler, listeners, handler_nursery=connections))
+                await shutdown_trigger()
+                accepting.cancel_scope.cancel()
+            await context.terminated.set()  # keep-alive connections close after their request
+            connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
+
+
+async def _connection(app: Any, config: hypercorn.config.Config, context: WorkerContext,
+                      lifespan_state: dict[str, Any], stream: trio.SocketStream) -> None:
+    """One client connection, from accept to close, whatever hypercorn raises on the way."""
+    try:
+        await TCPServer(app, config, context, ConnectionState(lifespan_state.copy()), stream)
+    except* Exception as group:  # Cancelled (shutdown) passes through untouched
+        log.error("HTTP connection from %s failed inside the HTTP server and was closed",
+                  _peer(stream), exc_info=group)
+        await trio.aclose_forcefully(stream)
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
