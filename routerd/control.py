@@ -19,7 +19,7 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import cattrs
@@ -32,7 +32,6 @@ from routerd.errors import ConfigError, NotWritable, RouterdError, StartupError
 
 if TYPE_CHECKING:
     from routerd.backend import Backend
-    from routerd.daemon import Daemon
     from routerd.logring import LogLine
     from routerd.supervisor import Supervisor
 
@@ -222,8 +221,31 @@ def _json_default(value: Any) -> Any:
 Method = Callable[[Any, Connection], Awaitable[Any]]
 
 
+class Operations(Protocol):
+    """What the control plane asks of the running daemon (``routerd.daemon.Daemon``), named here
+    so that this module does not import the daemon that imports it."""
+
+    supervisor: Supervisor
+    started: float
+    http_urls: list[str]
+
+    @property
+    def config(self) -> Any: ...
+
+    def status_line(self) -> str: ...
+
+    async def reload(self) -> Any: ...
+
+    async def rescan(self) -> Any: ...
+
+    async def import_models(self, path: str) -> list[str]: ...
+
+    async def pull(self, ref: str, filename: str | None, progress: Callable[[str, int, int | None], None],
+                   ) -> dict[str, object]: ...
+
+
 class ControlServer:
-    def __init__(self, daemon: Daemon, path: str, settings: ControlConfig = ControlConfig()) -> None:
+    def __init__(self, daemon: Operations, path: str, settings: ControlConfig = ControlConfig()) -> None:
         self.daemon = daemon
         self.path = path
         self.settings = settings

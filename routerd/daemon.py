@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import resource
 import signal
 import socket
 import time
@@ -33,6 +34,8 @@ from routerd.supervisor import Supervisor
 log = logging.getLogger("routerd")
 #: Shortest time between two recomputations of the STATUS line sent to systemd (seconds).
 STATUS_MIN_INTERVAL = 0.5
+#: Open-files limit asked for when the hard limit is unlimited.
+OPEN_FILES_CAP = 65536
 
 
 @attrs.frozen
@@ -243,7 +246,19 @@ def listen_failure(host: str, port: int, exc: OSError) -> str:
     return f"cannot listen on {where}: {exc.strerror or exc}"
 
 
+def raise_open_file_limit() -> int:
+    """Every client and backend connection is a descriptor, and the usual soft limit (1024) is
+    far below the hard one: use the hard limit (capped, when unlimited). Returns the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_CAP if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        return wanted
+    return soft
+
+
 async def serve(config: Config, environ: Mapping[str, str]) -> None:
+    log.info("open files limit: %d", raise_open_file_limit())
     binary = config_mod.resolve_llama_server(config, environ)
     memory = MemoryManager(config.memory, NvmlProvider.open())
     daemon = Daemon(config, binary=binary, environ=environ, memory=memory)

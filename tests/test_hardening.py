@@ -311,3 +311,37 @@ async def test_rescan_lists_corrupted_cache_entries_and_logs_them(start_routerd,
     printed = await trio.run_process([sys.executable, "-m", "routerctl", "--socket", r.daemon.socket_path, "rescan"],
                                      capture_stdout=True, check=False)
     assert b"not served (corrupted cache entry): org/broken: " in printed.stdout
+
+
+# -- the HTTP server's per-connection containment ----------------------------------------------
+class _FailingStream:
+    """A real socket stream whose reads fail the way no HTTP server expects (a stand-in for
+    hypercorn's own protocol races, such as the BusyResourceError the fuzz suite found in its
+    close path)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        raise RuntimeError("injected fault inside the HTTP server")
+
+
+async def test_a_failure_inside_the_http_server_closes_only_that_connection(caplog):
+    import hypercorn.config
+
+    from routerd import http_server
+
+    async def app(scope, receive, send):  # never reached: the connection fails first
+        raise AssertionError("the app should not run")
+
+    config = hypercorn.config.Config()
+    ours, theirs = trio.socket.socketpair()
+    stream = _FailingStream(trio.SocketStream(ours))
+    with trio.fail_after(5):
+        await http_server._connection(app, config, http_server.WorkerContext(None), {}, stream)
+    assert stream.socket.fileno() == -1  # closed
+    assert any("failed inside the HTTP server" in rec.getMessage() for rec in caplog.records)
+    theirs.close()
