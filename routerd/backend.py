@@ -117,6 +117,9 @@ class Backend:
         self._output_seen = trio.Event()
         self._last_output = trio.current_time()
         self._output_done = trio.Event()
+        self._trusted = trio.Event()
+        self._trusted.set()
+        self._nursery: trio.Nursery | None = None
 
     # -- what the supervisor and proxy use -------------------------------------------------
     @property
@@ -129,8 +132,30 @@ class Backend:
 
     @property
     def accepting(self) -> bool:
-        """Ready and not asked to stop: new requests may be sent here."""
-        return self.state is State.READY and not self._stop_requested.is_set()
+        """Ready, trusted and not asked to stop: new requests may be sent here."""
+        return self.state is State.READY and not self._stop_requested.is_set() and self._trusted.is_set()
+
+    @property
+    def suspect(self) -> bool:
+        """A call to it broke and /health has not answered since (see ``distrust``)."""
+        return not self._trusted.is_set()
+
+    def distrust(self) -> None:
+        """A call to this backend broke: send it nothing new until /health answers again.
+
+        A process that was just killed can still accept connections for a moment while the
+        kernel tears it down; a request sent then is reset without an answer, and routerd could
+        not tell it was never processed. Waiting for the verdict (healthy, or gone) avoids that.
+        """
+        if self.state is not State.READY or self.suspect or self._nursery is None:
+            return
+        self._trusted = trio.Event()
+        self._nursery.start_soon(self._regain_trust)
+        self._touch()
+
+    async def wait_trusted(self) -> None:
+        """Return once the backend is trusted again, or gone."""
+        await self._trusted.wait()
 
     @property
     def stop_requested(self) -> bool:
@@ -189,6 +214,7 @@ class Backend:
             self.state = State.FAILED if self.error else State.UNLOADED
             self.upstream = None
             self.log.close()
+            self._trusted.set()  # nobody waits for the verdict on a backend that is gone
             self._settled.set()
             self._gone.set()
             self._on_change()
@@ -213,6 +239,7 @@ class Backend:
 
     async def _serve(self, child: Child, pool: ConnectionPool) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._pump_output, child)
             nursery.start_soon(self._watch_exit, child, nursery.cancel_scope)
             if not await self._become_ready(pool):
@@ -268,6 +295,15 @@ class Backend:
         except (UpstreamError, trio.TooSlowError):
             return False
         return status == 200
+
+    async def _regain_trust(self) -> None:
+        delay = 0.05
+        while self.upstream is not None and not await self._healthy(self.upstream, self.health.timeout):
+            await trio.sleep(delay)  # dying: the exit watcher ends this backend (and this task)
+            delay = min(delay * 2, 1.0)
+        log.info("%s answers /health again after a broken call; taking requests", self.name)
+        self._trusted.set()
+        self._touch()
 
     async def _watch_health(self, pool: ConnectionPool) -> None:
         """Kill a ready backend that stops answering /health (hung, deadlocked, swapped out)."""

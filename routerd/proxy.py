@@ -197,6 +197,7 @@ class ProxyApp:
             try:
                 return await pool.request(method, target, headers=forward_headers(headers), body=body), backend
             except NotDelivered as exc:
+                backend.distrust()  # before the slot is freed: nobody else is sent there meanwhile
                 backend.release()
                 if attempt == MAX_DELIVERY_ATTEMPTS:
                     raise await _failure(backend, exc) from None
@@ -204,10 +205,11 @@ class ProxyApp:
                          backend.name, exc)
                 await _await_exit(backend)
                 supervisor.requeue(model, ticket)
-            except BaseException as exc:
+            except UpstreamError as exc:
                 backend.release()
-                if isinstance(exc, UpstreamError):
-                    raise await _failure(backend, exc) from None
+                raise await _failure(backend, exc) from None  # distrusts it before anyone else runs
+            except BaseException:
+                backend.release()
                 raise
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -290,6 +292,7 @@ async def _await_exit(backend: Backend) -> None:
 
 async def _failure(backend: Backend, exc: BaseException, when: str = "") -> UpstreamFailed:
     """The 502 for a broken upstream call, with the backend's own reason when it died."""
+    backend.distrust()
     await _await_exit(backend)
     why = backend.error or str(exc)
     return UpstreamFailed(f"backend for {backend.name!r} failed{' ' + when if when else ''}: {why}",

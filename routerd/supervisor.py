@@ -221,6 +221,9 @@ class Supervisor:
                 if backend.exit_code is not None and backend.exit_code < 0 and not self.crash_looping(entry.name):
                     continue  # killed from outside while loading (the OOM killer, an operator): try again
                 raise
+            if backend.suspect:  # a call to it just broke: healthy again, or gone (then a new one)
+                await backend.wait_trusted()
+                continue
             if entry.name in self._failures:
                 self._failures[entry.name].loaded()
             return backend

@@ -26,6 +26,7 @@ from tests.conftest import make_config, spawn_routerd
 
 FUZZ = settings(max_examples=100, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+PING = b'{"jsonrpc": "2.0", "id": "after", "method": "ping"}'
 METHODS = sorted(STATE_CHANGING | {"ping", "version", "status", "models", "logs", "memory"})
 
 
@@ -54,20 +55,26 @@ class Target:
         return received.split(b"\r\n", 1)[0]
 
     def control(self, line: bytes) -> list[Any]:
-        """Send one line; every reply line, parsed (the connection is closed after the first)."""
+        """Send one line, then a ping on the same connection; every reply before the ping's
+        (notifications and blank lines get none), parsed."""
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(30)
             s.connect(self.socket_path)
-            s.sendall(line + b"\n")
+            s.sendall(line + b"\n" + PING + b"\n")
             received = b""
-            while b"\n" not in received and (chunk := s.recv(65536)):
+            while b'"id": "after"' not in received and (chunk := s.recv(65536)):
                 received += chunk
-        return [json.loads(part) for part in received.split(b"\n") if part.strip()]
+        replies = [json.loads(part) for part in received.split(b"\n") if part.strip()]
+        return [reply for reply in replies if not (isinstance(reply, dict) and reply.get("id") == "after")]
 
     def assert_alive(self) -> None:
         assert self.proc.poll() is None, "routerd exited"
         assert self.http.get("/health").status_code == 200
-        assert self.control(b'{"jsonrpc":"2.0","id":0,"method":"ping"}')[0]["result"] == "pong"
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(self.socket_path)
+            s.sendall(PING + b"\n")
+            assert json.loads(s.makefile("rb").readline())["result"] == "pong"
 
 
 @pytest.fixture(scope="module")

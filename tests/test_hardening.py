@@ -261,12 +261,19 @@ async def test_requests_still_queued_when_the_backend_dies_are_served_by_the_nex
         tmp_path, {"a": {"path": model_file("a"), "args": ["--parallel", "4", "--fake-token-delay", "0.1"]}},
         scheduler={"restart_backoff": 0.1}))
     bodies: list[str] = []
+    started = 0
+    progress = trio.Event()
 
     async def stream() -> None:
+        nonlocal started, progress
         body = ""
         async with r.http.stream("POST", CHAT, json={"model": "a", "stream": True, "max_tokens": 40,
                                                      "messages": [{"role": "user", "content": "hi"}]}) as response:
             async for chunk in response.aiter_text():
+                if not body and "tok0" in chunk:  # delivered: the backend is answering it
+                    started += 1
+                    progress.set()
+                    progress = trio.Event()
                 body += chunk
         bodies.append(body)
 
@@ -275,14 +282,27 @@ async def test_requests_still_queued_when_the_backend_dies_are_served_by_the_nex
     async with trio.open_nursery() as nursery:
         for _ in range(6):
             nursery.start_soon(stream)
-        with trio.fail_after(10):
-            while not (first.in_flight == 4 and r.supervisor.queued("a") == 2):
-                await r.supervisor.wait_changed()
+        with trio.fail_after(10):  # four streams answering, two still queued in routerd
+            while not (started == 4 and r.supervisor.queued("a") == 2):
+                await progress.wait()
         os.kill(first.pid, signal.SIGKILL)
     failed = [b for b in bodies if "backend_failed" in b]
     served = [b for b in bodies if b.rstrip().endswith("data: [DONE]")]
-    assert len(failed) == 4 and len(served) == 2, bodies
+    assert len(failed) == 4 and len(served) == 2, [body[:120] + " ... " + body[-200:] for body in bodies]
     assert r.supervisor.running("a").pid != first.pid
+
+
+async def test_a_backend_whose_call_broke_takes_requests_again_once_healthy(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.5"]}},
+                                        server={"upstream_read_timeout": 0.2}))
+    slow = await r.http.post(CHAT, json={"model": "a", "max_tokens": 3, "messages": []})
+    assert slow.status_code == 502 and "no data from the backend" in slow.json()["error"]["message"]
+    backend = r.supervisor.running("a")
+    with trio.fail_after(10):  # /health answers: the same process serves again
+        while backend.suspect:
+            await r.supervisor.wait_changed()
+    quick = await r.http.post("/tokenize", json={"model": "a", "content": "hi"})
+    assert quick.status_code == 200 and r.supervisor.running("a") is backend
 
 
 # -- corrupted cache entries ---------------------------------------------------------------------
