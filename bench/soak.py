@@ -186,7 +186,10 @@ def start_routerd(work: Path) -> tuple[subprocess.Popen[bytes], str, str]:
         "backend": {"args": ["--ctx-size", "2048", "--threads", "1"], "idle_ttl": 120, "stop_grace": 5.0},
         "control": {"socket": socket_path},
         "catalog": {"hf_cache": False},
-        "scheduler": {"restart_backoff": 0.5, "max_queue_wait": 120.0},
+        # The soak kills backends on purpose, every kill_every seconds: with the default breaker
+        # (3 failures in 300 s) a model would sit "failed" for minutes and see no traffic. The
+        # breaker has its own tests; here every kill must be recovered from.
+        "scheduler": {"restart_backoff": 0.5, "max_queue_wait": 120.0, "crash_loop_failures": 20},
         "models": {name: {"path": str(path)} for name, path in paths.items()},
     }
     config_path = work / "config.toml"
