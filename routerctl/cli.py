@@ -63,21 +63,35 @@ class Client:
         request_id = self._next_id
         self._next_id += 1
         message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
-        self._sock.sendall(json.dumps(message).encode() + b"\n")
-        for reply in self._replies():
-            if "id" not in reply and "method" in reply:
-                if on_notification:
-                    on_notification(reply)
-                continue
-            if "error" in reply:
-                raise DaemonError(reply["error"])
-            return reply.get("result")
+        try:
+            self._sock.sendall(json.dumps(message).encode() + b"\n")
+            for reply in self._replies():
+                if "id" not in reply and "method" in reply:
+                    if on_notification:
+                        on_notification(reply)
+                    continue
+                if "error" in reply:
+                    raise DaemonError(reply["error"])
+                return reply.get("result")
+        except TimeoutError:
+            raise Unreachable(f"routerd at {self.path} did not answer within {self._sock.gettimeout():g} s; "
+                              "it may be overloaded: see `journalctl -u routerd` or its log") from None
+        except OSError as exc:
+            raise Unreachable(f"the connection to routerd at {self.path} broke: {exc.strerror or exc}; "
+                              "retry, and check that routerd is running") from None
         raise Unreachable(f"routerd at {self.path} closed the connection without answering")
 
     def _replies(self) -> Iterator[dict[str, Any]]:
         for line in self._file:
             if line.strip():
-                yield json.loads(line)
+                try:
+                    reply = json.loads(line)
+                except ValueError:
+                    reply = None
+                if not isinstance(reply, dict):
+                    raise Unreachable(f"{self.path} answered something that is not routerd's JSON-RPC "
+                                      f"({line[:80]!r}); is --socket pointing at routerd?")
+                yield reply
 
 
 # -- output -------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def _views_app(supervisor: Supervisor) -> QuartTrio:
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s from %s", request.method, request.path, request.remote_addr)
         return error_response(RouterdError(f"internal error: {type(error).__name__}"))
 
     return app

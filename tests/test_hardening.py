@@ -365,3 +365,33 @@ async def test_a_failure_inside_the_http_server_closes_only_that_connection(capl
     assert stream.socket.fileno() == -1  # closed
     assert any("failed inside the HTTP server" in rec.getMessage() for rec in caplog.records)
     theirs.close()
+
+
+# -- routerctl against a socket that misbehaves ------------------------------------------------
+@pytest.mark.parametrize("answer", [None, b"HTTP/1.1 400 Bad Request\r\n\r\n", b"[1, 2]\n"])
+def test_routerctl_says_what_went_wrong_when_the_socket_misbehaves(tmp_path, answer):
+    """A peer that hangs up at once, or that is not routerd: one line and exit 3, no traceback."""
+    import threading
+
+    path = str(tmp_path / "not-routerd.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+
+    def serve_once() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        if answer is not None:
+            conn.sendall(answer)
+        conn.close()
+
+    thread = threading.Thread(target=serve_once)
+    thread.start()
+    try:
+        result = subprocess.run([sys.executable, "-m", "routerctl", "--socket", path, "status"],
+                                capture_output=True, text=True, timeout=30)
+    finally:
+        thread.join(10)
+        server.close()
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith("routerctl: ") and "Traceback" not in result.stderr
