@@ -45,6 +45,13 @@ CHAT = "/v1/chat/completions"
 WARM_UP = 60.0
 #: Longest any one request may take before it counts as hung (seconds).
 REQUEST_BOUND = 180.0
+READING = """Reading it: `502 backend_failed` (in-band once a stream had started) are the requests
+that were in a backend's hands when it was killed: they may have had effects, so they are never
+sent again. Requests still queued in routerd at a kill wait for the restarted backend instead.
+`400`/`404` answer the bad requests the soak sends on purpose (not JSON, nested 50,000 deep, a
+5000-digit number, invalid UTF-8, no model, an unknown model). RSS grows in the first minutes
+(allocator arenas, per-model log rings and caches filling) and must then stay flat; open fds
+follow the number of loaded backends and pooled connections."""
 BAD_BODIES = [b"{nope", b"[" * 50_000 + b"]" * 50_000, b'{"model": "smollm2-135m", "n": ' + b"9" * 5000 + b"}",
               json.dumps({"messages": []}).encode(), json.dumps({"model": "no-such-model"}).encode(),
               b"\xff\xfe", json.dumps(["a list"]).encode()]
@@ -250,6 +257,7 @@ def report(soak: Soak, minutes: float, clients: int, exit_code: int, left: int) 
         "", "Outcomes (action: status and error code):", "", "| outcome | count |", "|---|---|",
     ]
     lines += [f"| {outcome} | {count} |" for outcome, count in sorted(soak.outcomes.items())]
+    lines += ["", READING]
     lines += ["", "RSS (MiB) and open fds every 30 s: " +
               ", ".join(f"{t / 60:.0f}m {rss:.0f}/{fds}" for t, rss, fds in soak.samples)]
     return "\n".join(lines) + "\n"

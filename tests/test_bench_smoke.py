@@ -26,3 +26,17 @@ def test_quick_bench_prints_a_row_for_every_figure():
     assert figures == {str(n) for n in range(1, 9)}, rows
     routerd_cells = [line.rstrip(" |").rsplit("| ", 1)[-1] for line in rows[1:]]
     assert all(cell and "nan" not in cell for cell in routerd_cells), rows
+
+
+def test_short_soak_loses_nothing_and_leaves_nothing():
+    """`bench/soak.py` for 40 s with a kill and a reload every 10 s: the harness still runs, no
+    request hangs, routerd exits 0 on SIGTERM and no llama-server outlives it."""
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--minutes", "0.67", "--kill-every", "10",
+                          "--reload-every", "10"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|$", run.stdout, re.MULTILINE))
+    assert figures["hung requests (must be 0)"] == "0", run.stdout
+    assert figures["routerd exit status after SIGTERM"] == "0", run.stdout
+    assert figures["llama-server processes left after stop (must be 0)"].startswith("0 of "), run.stdout
+    assert int(figures["llama-servers killed with SIGKILL"]) >= 2, run.stdout
+    assert "Tracebacks in routerd's log: 0" in run.stdout
