@@ -8,6 +8,7 @@ error, 3 the daemon is not reachable. It imports nothing from the daemon but the
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import socket
@@ -198,6 +199,34 @@ def print_reload(result: dict[str, Any]) -> None:
         print(f"not served (corrupted cache entry): {problem}")
 
 
+def print_new_key(result: dict[str, Any]) -> None:
+    print(f"key {result['name']!r} made; it is shown this once, store it now:")
+    print(f"  {result['key']}")
+    print("clients send it as 'Authorization: Bearer KEY' (OpenAI SDKs: api_key=KEY) or 'x-api-key: KEY'")
+
+
+def print_keys(result: dict[str, Any]) -> None:
+    rows = []
+    for k in result["keys"]:
+        limits = [f"{k['rpm']}/min" if k["rpm"] else "", f"{k['concurrent']} at once" if k["concurrent"] else ""]
+        rows.append([k["name"], k["prefix"] + "...", ", ".join(k["models"]), k["priority_max"],
+                     ", ".join(x for x in limits if x) or "-", "yes" if k["admin"] else "no",
+                     k["expires"] or "never", _ago_iso(k["last_used"]), k["source"]])
+    print(table(rows, ["NAME", "KEY", "MODELS", "PRIORITY MAX", "LIMITS", "ADMIN", "EXPIRES", "LAST USED", "SOURCE"]))
+    print("keys are required on every request" if result["required"]
+          else "no key exists: requests need none (routerd listens on loopback only)")
+
+
+def _ago_iso(stamp: str) -> str:
+    if not stamp:
+        return "never"
+    try:
+        moment = datetime.datetime.fromisoformat(stamp)
+    except ValueError:
+        return stamp
+    return _ago(moment.timestamp())
+
+
 class _ProgressLine:
     """Download progress: a redrawn line on a terminal, a line per file otherwise."""
 
@@ -253,7 +282,22 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("memory", help="memory budget, estimates and measured use")
     sub.add_parser("version", help="daemon version")
     sub.add_parser("ping", help="check the daemon answers")
-    for command in sub.choices.values():  # --json is accepted after the command too
+    keys = sub.add_parser("keys", help="API keys for the HTTP front: add, list, revoke")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    add = keys_sub.add_parser("add", help="make a key (printed once) and require keys from now on")
+    add.add_argument("name")
+    add.add_argument("--models", nargs="+", metavar="GLOB", default=["*"],
+                     help="models it may use: names, aliases or globs like 'qwen*' (default: all)")
+    add.add_argument("--priority-max", choices=["high", "normal", "low"], default="high",
+                     help="the best X-Request-Priority its requests get (default: high, no cap)")
+    add.add_argument("--rpm", type=_natural, default=0, help="requests per minute (default: no limit)")
+    add.add_argument("--concurrent", type=_natural, default=0, help="requests at once (default: no limit)")
+    add.add_argument("--expires", default="", metavar="DATE", help="last day it works (2026-12-31) or a time")
+    add.add_argument("--admin", action="store_true", help="may also do admin actions over HTTP")
+    keys_sub.add_parser("list", help="names, prefixes, scope and last use (never the keys)")
+    revoke = keys_sub.add_parser("revoke", help="stop a key working, at once")
+    revoke.add_argument("name")
+    for command in [*sub.choices.values(), *keys_sub.choices.values()]:  # --json after the command too
         command.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -311,9 +355,25 @@ def run(args: argparse.Namespace) -> Any:
             return client.call("version"), lambda r: print(f"routerd {r['version']} (llama-server: {r['llama_server']})")
         if c == "ping":
             return client.call("ping"), print
+        if c == "keys":
+            if args.keys_command == "add":
+                return client.call("keys.add", {
+                    "name": args.name, "models": args.models, "priority_max": args.priority_max, "rpm": args.rpm,
+                    "concurrent": args.concurrent, "expires": args.expires, "admin": args.admin}), print_new_key
+            if args.keys_command == "list":
+                return client.call("keys.list"), print_keys
+            return client.call("keys.revoke", {"name": args.name}), \
+                lambda r: print(f"key {r['name']!r} ({r['prefix']}...) revoked; it no longer works")
         raise AssertionError(c)
     finally:
         client.close()
+
+
+def _natural(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; 0 means no limit")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

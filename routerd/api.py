@@ -20,6 +20,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from routerd import __version__, proxy
+from routerd.access import Gate
 from routerd.errors import NotFound, PayloadTooLarge, RouterdError
 from routerd.supervisor import Supervisor
 
@@ -30,6 +31,8 @@ _converter = cattrs.Converter()
 MODELS_VIEW_MAX_AGE = 1.0
 #: The views this app serves at fixed paths (GET).
 VIEW_PATHS = frozenset({"/health", "/v1/models", "/memory"})
+#: Distinct key scopes whose /v1/models body is kept.
+MODELS_VIEWS_KEPT = 64
 
 
 def error_response(error: RouterdError) -> Response:
@@ -37,12 +40,13 @@ def error_response(error: RouterdError) -> Response:
                     content_type="application/json")
 
 
-def create_app(supervisor: Supervisor) -> proxy.ProxyApp:
-    """The whole HTTP front as one ASGI app."""
-    return proxy.ProxyApp(supervisor, fallback=_views_app(supervisor))
+def create_app(supervisor: Supervisor, gate: Gate) -> proxy.ProxyApp:
+    """The whole HTTP front as one ASGI app; ``gate`` has checked each request's key before
+    any view runs, and the views show a caller only what its key's scope covers."""
+    return proxy.ProxyApp(supervisor, gate, fallback=_views_app(supervisor, gate))
 
 
-def _views_app(supervisor: Supervisor) -> QuartTrio:
+def _views_app(supervisor: Supervisor, gate: Gate) -> QuartTrio:
     app = QuartTrio("routerd")
     app.config["MAX_CONTENT_LENGTH"] = supervisor.config.server.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
@@ -51,19 +55,23 @@ def _views_app(supervisor: Supervisor) -> QuartTrio:
     async def health() -> Response:
         return _json({"status": "ok", "version": __version__, **supervisor.counts()})
 
-    models_view: dict[str, tuple[int, float, str]] = {}  # the last /v1/models body, by version
+    models_view: dict[tuple[str, ...], tuple[int, float, str]] = {}  # the last /v1/models body per scope
 
     @app.get("/v1/models")
     async def list_models() -> Response:
         # Clients and UIs poll this; with many models rendering it is the cost. Reuse the last
         # body while nothing changed (version) and it is under a second old (measured memory and
-        # TTLs move without events).
+        # TTLs move without events). One body per key scope: a key sees only its models.
+        caller = proxy.caller_of(request.scope)
+        view = caller.key.models if caller.key else ()
         now = trio.current_time()
-        cached = models_view.get("body")
+        cached = models_view.get(view)
         if cached and cached[0] == supervisor.version and now - cached[1] < MODELS_VIEW_MAX_AGE:
             return Response(cached[2], content_type="application/json")
         data = []
         for status in supervisor.status():
+            if not caller.allows([status.name, *status.aliases]):
+                continue
             for shown in [status.name, *status.aliases]:
                 entry = {"id": shown, "object": "model", "created": 0, "owned_by": "routerd",
                          **_converter.unstructure(status)}
@@ -71,16 +79,24 @@ def _views_app(supervisor: Supervisor) -> QuartTrio:
                     entry["alias_of"] = status.name
                 data.append(entry)
         body = json.dumps({"object": "list", "data": data}, default=_default)
-        models_view["body"] = (supervisor.version, now, body)
+        if len(models_view) > MODELS_VIEWS_KEPT:
+            models_view.clear()
+        models_view[view] = (supervisor.version, now, body)
         return Response(body, content_type="application/json")
 
     @app.get("/v1/models/<path:model>")
     async def show_model(model: str) -> Response:
+        caller = proxy.caller_of(request.scope)
+        if caller.key is not None:
+            entry = supervisor.catalog.get(model)
+            gate.check_model(caller, model, None if entry is None else (entry.name, *entry.aliases))
         entry = supervisor.catalog.resolve(model)
         return _json({"id": model, "object": "model", **_converter.unstructure(supervisor.model_status(entry))})
 
     @app.get("/memory")
     async def memory() -> Response:
+        # Every model's name and footprint: not for a key scoped to some of them.
+        gate.require_admin(proxy.caller_of(request.scope), "GET /memory")
         return _json(supervisor.memory_view())
 
     @app.route("/<path:rest>", methods=["GET"])

@@ -12,6 +12,7 @@ import enum
 import logging
 import math
 import os
+import secrets
 import socket
 from collections.abc import Callable, Mapping
 
@@ -52,6 +53,8 @@ class BackendSpec:
     ready_timeout: float
     stop_grace: float
     extra: tuple[llama_args.Flag, ...] = ()
+    #: Variables the config sets for this process (backend.env, then the model's env).
+    env: tuple[tuple[str, str], ...] = ()
 
     def argv(self, port: int) -> list[str]:
         return llama_args.build_argv(self.binary, self.flags, model_path=self.model_path, port=port,
@@ -75,6 +78,28 @@ class HealthPolicy:
     interval: float = 10.0
     timeout: float = 5.0
     failures: int = 2
+
+
+#: What a llama-server keeps from routerd's environment: the system basics, and what llama.cpp,
+#: its math libraries and the GPU runtimes read. Everything else stays behind: routerd's own
+#: secrets (HF_TOKEN, remote endpoints' keys) and service context (NOTIFY_SOCKET: a child
+#: could tell systemd it is ready on routerd's behalf).
+KEPT_VARIABLES = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+                            "LD_LIBRARY_PATH", "LD_PRELOAD", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR"})
+KEPT_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "__NV_", "CUBLAS_", "HIP_", "ROCM_", "ROCR_", "HSA_", "GPU_",
+                 "AMD_", "GGML_", "LLAMA_ARG_", "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "BLIS_",
+                 "VK_", "MESA_", "SYCL_", "ONEAPI_", "ZE_", "OCL_", "MUSA_", "CANN_", "ASCEND_")
+#: The variable llama-server reads its API key from (argv is world-readable; the environment
+#: of another user's process is not).
+API_KEY_VARIABLE = "LLAMA_API_KEY"
+
+
+def child_environment(inherited: Mapping[str, str], configured: Mapping[str, str], api_key: str) -> dict[str, str]:
+    """A llama-server's whole environment (pure): the kept part of routerd's, what the config
+    sets, and its own API key (which nothing overrides)."""
+    kept = {name: value for name, value in inherited.items()
+            if name in KEPT_VARIABLES or name.startswith(KEPT_PREFIXES)}
+    return {**kept, **configured, API_KEY_VARIABLE: api_key}
 
 
 def free_port() -> int:
@@ -223,14 +248,17 @@ class Backend:
         port = free_port()
         argv = self.spec.argv(port)
         log.info("starting %s: %s", self.name, " ".join(argv))
+        api_key = secrets.token_urlsafe(32)  # this process's only: routerd is its sole client
+        env = child_environment(self._env, dict(self.spec.env), api_key)
         try:
-            child = spawn(argv, env=self._env, stop_grace=self.spec.stop_grace)
+            child = spawn(argv, env=env, stop_grace=self.spec.stop_grace)
         except OSError as exc:
             self.error = f"cannot run {argv[0]}: {exc.strerror or exc}"
             return
         self.pid, self.port = child.pid, port
         # One idle connection per slot, plus one for health checks: more are never busy at once.
-        pool = ConnectionPool(port, max_idle=self.spec.slots + 1, read_timeout=self._upstream_read_timeout)
+        pool = ConnectionPool(port, max_idle=self.spec.slots + 1, read_timeout=self._upstream_read_timeout,
+                              authorization=b"Bearer " + api_key.encode())
         async with child:
             try:
                 await self._serve(child, pool)

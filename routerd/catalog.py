@@ -20,8 +20,8 @@ import tomllib
 from collections.abc import Iterable, Iterator, Sequence
 
 import attrs
-import tomli_w
 
+from routerd import statefile
 from routerd.config import Config
 from routerd.discovery import Found, resolve_collisions
 from routerd.errors import NotWritable, UnknownModel
@@ -43,6 +43,8 @@ class ModelEntry:
     source: str = "config"
     #: Multimodal projector files passed as --mmproj.
     mmproj: tuple[str, ...] = ()
+    #: Environment variables its llama-server gets (the config's models.NAME.env).
+    env: tuple[tuple[str, str], ...] = ()
 
     @property
     def state(self) -> str:
@@ -96,7 +98,8 @@ class Catalog:
                     problems: Sequence[str] = ()) -> Catalog:
         """Config models first; then imported, then discovered ones whose names are still free."""
         entries = [ModelEntry(name=name, path=model.path, aliases=tuple(model.aliases), group=model.group,
-                              idle_ttl=config.idle_ttl(name), args=tuple(model.args))
+                              idle_ttl=config.idle_ttl(name), args=tuple(model.args),
+                              env=tuple(sorted(model.env.items())))
                    for name, model in config.models.items()]
         taken = [name for entry in entries for name in (entry.name, *entry.aliases)]
         folders = [f for f in discovered if f.source == "folder"]
@@ -172,10 +175,5 @@ class ImportStore:
 
     def save(self, imported: Sequence[Found]) -> None:
         """Write atomically (a crash mid-write keeps the old file)."""
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         data = {"imported": [{"name": f.name, "path": f.path, "mmproj": list(f.mmproj)} for f in imported]}
-        tmp = self.path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(b"# Models imported with `routerctl import`; managed by routerd.\n")
-            tomli_w.dump(data, f)
-        os.replace(tmp, self.path)
+        statefile.write_toml(self.path, data, header="Models imported with `routerctl import`; managed by routerd.")

@@ -1,6 +1,6 @@
 """One child process whose life is tied to routerd's.
 
-Owns spawning (in routerd's main thread, own process group, clean environment, stdout and
+Owns spawning (in routerd's main thread, own process group, the environment it is given, stdout and
 stderr merged into one pipe), waiting for exit without a thread (pidfd), and stopping the whole
 process group: SIGTERM, then SIGKILL after a grace period.
 
@@ -25,16 +25,6 @@ import trio
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
-
-#: Variables that describe routerd's own service context and must not leak into children:
-#: a child that inherits NOTIFY_SOCKET could tell systemd it is ready on routerd's behalf.
-_PRIVATE_ENV_PREFIXES = ("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_")
-
-
-def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """``environ`` without routerd's service-manager variables."""
-    return {key: value for key, value in environ.items() if not key.startswith(_PRIVATE_ENV_PREFIXES)}
-
 
 def _die_with(parent_pid: int) -> None:
     # Runs in the child between fork and exec; only async-signal-safe work here.
@@ -127,7 +117,8 @@ def _enlarge_pipe(fd: int) -> None:
 
 
 def spawn(argv: Sequence[str], *, env: Mapping[str, str], stop_grace: float) -> Child:
-    """Start ``argv`` in a new session with the death signal armed. Must run in the main thread."""
+    """Start ``argv`` in a new session with the death signal armed, with exactly ``env`` as its
+    environment (the caller decides what a child may see). Must run in the main thread."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("spawn() must run in the main thread: PR_SET_PDEATHSIG follows the forking thread")
     read_fd, write_fd = os.pipe()
@@ -135,7 +126,7 @@ def spawn(argv: Sequence[str], *, env: Mapping[str, str], stop_grace: float) -> 
     try:
         popen = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
-            env=child_environment(env), start_new_session=True, close_fds=True,
+            env=dict(env), start_new_session=True, close_fds=True,
             preexec_fn=lambda parent=os.getpid(): _die_with(parent),  # noqa: PLW0108
         )
     except BaseException:

@@ -49,6 +49,12 @@ class ServerConfig:
     max_headers: int = 100
     #: Seconds a request body may take to arrive once its headers are in (408 beyond).
     body_timeout: float = 60.0
+    #: Origins (``https://chat.example.org``) whose pages may call routerd from a browser; none
+    #: gets any Access-Control-Allow-* header unless listed here. ``"*"`` allows every origin.
+    cors_origins: list[str] = attrs.field(factory=list)
+    #: PEM certificate (chain) and private key: serve HTTPS. Re-read on SIGHUP.
+    certfile: str = ""
+    keyfile: str = ""
 
 
 @attrs.frozen
@@ -67,6 +73,20 @@ class BackendConfig:
     idle_ttl: float = 900.0
     #: Most models loaded at once; 0 leaves it to groups and the memory budget.
     max_loaded_models: int = 0
+    #: Environment variables set for every llama-server (besides the ones it keeps from
+    #: routerd's own: see backend.child_environment).
+    env: dict[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class AuthConfig:
+    """Who may use the HTTP front. Keys are made with `routerctl keys add`; once one exists,
+    every request needs one (``/health`` excepted)."""
+
+    #: A TOML file of hashed keys kept by other tools (same format as routerd's keys.toml).
+    keys_file: str = ""
+    #: Serve without keys on an address beyond loopback (refused otherwise).
+    allow_unauthenticated: bool = False
 
 
 @attrs.frozen
@@ -152,6 +172,8 @@ class ModelConfig:
     idle_ttl: float | None = None
     #: Extra llama-server args; a flag here replaces the same flag in backend.args.
     args: list[str] = attrs.field(factory=list)
+    #: Environment variables for this model's llama-server (over backend.env).
+    env: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -162,6 +184,7 @@ class Config:
     memory: MemoryConfig = attrs.field(factory=MemoryConfig)
     scheduler: SchedulerConfig = attrs.field(factory=SchedulerConfig)
     catalog: CatalogConfig = attrs.field(factory=CatalogConfig)
+    auth: AuthConfig = attrs.field(factory=AuthConfig)
     models: dict[str, ModelConfig] = attrs.field(factory=dict)
     #: Where this config was read from (None for the built-in defaults).
     source: str | None = attrs.field(default=None, metadata={"internal": True})
@@ -283,6 +306,12 @@ def _validate(config: Config) -> list[str]:
                 parse_size(value, total=1 << 40)
             except ValueError as exc:
                 errors.append(f"memory.{key}: {exc}")
+    if bool(config.server.certfile) != bool(config.server.keyfile):
+        errors.append("server.certfile, server.keyfile: set both to serve HTTPS, or neither")
+    for origin in config.server.cors_origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            errors.append(f"server.cors_origins: {origin!r} is not an origin like https://chat.example.org "
+                          "(scheme and host, no path) or \"*\"")
     if config.memory.when_busy not in ("wait", "fail"):
         errors.append(f"memory.when_busy: {config.memory.when_busy!r} is not one of 'wait', 'fail'")
 
@@ -321,7 +350,10 @@ def _resolve_paths(config: Config, base: Path) -> Config:
 
     models = {name: attrs.evolve(model, path=absolute(model.path)) for name, model in config.models.items()}
     catalog = attrs.evolve(config.catalog, folders=[absolute(f) for f in config.catalog.folders])
-    return attrs.evolve(config, models=models, catalog=catalog)
+    server = attrs.evolve(config.server, **{key: absolute(getattr(config.server, key))
+                                            for key in ("certfile", "keyfile") if getattr(config.server, key)})
+    auth = attrs.evolve(config.auth, keys_file=absolute(config.auth.keys_file)) if config.auth.keys_file else config.auth
+    return attrs.evolve(config, models=models, catalog=catalog, server=server, auth=auth)
 
 
 def from_mapping(data: Mapping[str, Any], *, source: str | None = None, base: Path | None = None) -> Config:

@@ -27,6 +27,7 @@ import trio
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 from routerd import __version__, client_json
+from routerd.access import Gate
 from routerd.config import CONVERTER, ControlConfig, flatten_errors
 from routerd.errors import ConfigError, NotWritable, RouterdError, StartupError
 
@@ -46,7 +47,8 @@ MAX_BATCH = 64
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR = -32700, -32600, -32601, -32602, -32603
 PERMISSION_DENIED, TOO_MANY_CONNECTIONS = -32010, -32011
 #: Methods that change something: each call is logged with the caller's uid.
-STATE_CHANGING = frozenset({"load", "unload", "reload", "rescan", "reset", "import", "pull"})
+STATE_CHANGING = frozenset({"load", "unload", "reload", "rescan", "reset", "import", "pull", "keys.add",
+                            "keys.revoke"})
 
 
 # -- params (typed, structured with cattrs) ------------------------------------------------
@@ -93,6 +95,22 @@ class LogsParams:
     model: str
     lines: int = 100
     follow: bool = False
+
+
+@attrs.frozen
+class KeyAddParams:
+    name: str
+    models: list[str] = attrs.field(factory=lambda: ["*"])
+    priority_max: str = "high"
+    rpm: int = 0
+    concurrent: int = 0
+    expires: str = ""
+    admin: bool = False
+
+
+@attrs.frozen
+class NameParams:
+    name: str
 
 
 _converter = cattrs.Converter()
@@ -226,6 +244,7 @@ class Operations(Protocol):
     so that this module does not import the daemon that imports it."""
 
     supervisor: Supervisor
+    gate: Gate
     started: float
     http_urls: list[str]
 
@@ -265,6 +284,9 @@ class ControlServer:
             "reset": (ModelParams, self._reset),
             "import": (PathParams, self._import),
             "pull": (PullParams, self._pull),
+            "keys.add": (KeyAddParams, self._keys_add),
+            "keys.list": (NoParams, self._keys_list),
+            "keys.revoke": (NameParams, self._keys_revoke),
         }
 
     # -- socket ---------------------------------------------------------------------------
@@ -529,6 +551,21 @@ class ControlServer:
 
     async def _memory(self, params: NoParams, conn: Connection) -> dict[str, Any]:
         return self.daemon.supervisor.memory_view()
+
+    async def _keys_add(self, params: KeyAddParams, conn: Connection) -> dict[str, Any]:
+        settings = attrs.asdict(params)
+        name = settings.pop("name")
+        key, record = self.daemon.gate.add(name, **settings)
+        log.info("control: API key %r (%s...) made by uid %d", name, record.prefix, conn.uid)
+        return {"name": name, "key": key, "prefix": record.prefix, "required": self.daemon.gate.required}
+
+    async def _keys_list(self, params: NoParams, conn: Connection) -> dict[str, Any]:
+        return {"keys": self.daemon.gate.listing(), "required": self.daemon.gate.required}
+
+    async def _keys_revoke(self, params: NameParams, conn: Connection) -> dict[str, Any]:
+        record = self.daemon.gate.revoke(params.name)
+        log.info("control: API key %r (%s...) revoked by uid %d", record.name, record.prefix, conn.uid)
+        return {"name": record.name, "prefix": record.prefix, "required": self.daemon.gate.required}
 
 
 class _Progress:

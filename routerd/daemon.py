@@ -23,6 +23,7 @@ import trio
 
 from routerd import __version__, config as config_mod
 from routerd import discovery, http_server, hub, paths
+from routerd.access import Gate
 from routerd.catalog import Catalog, ImportStore
 from routerd.errors import BadRequest, StartupError, Unavailable, leaves
 from routerd.config import Config
@@ -30,6 +31,7 @@ from routerd.control import ControlServer
 from routerd.memory import MemoryManager, NvmlProvider
 from routerd.sdnotify import Notifier
 from routerd.supervisor import Supervisor
+from routerd.tls import Certificates
 
 log = logging.getLogger("routerd")
 #: Shortest time between two recomputations of the STATUS line sent to systemd (seconds).
@@ -66,6 +68,10 @@ class Daemon:
         self._catalog_lock = trio.Lock()
         self.imports = ImportStore(paths.state_dir(environ))
         self.hub_cache = paths.hub_cache(environ)
+        # Both raise ConfigError (exit 78) for a broken key store or certificate, or for serving
+        # beyond loopback with no key.
+        self.gate = Gate(config.auth, listening_on=config.server.host, state_dir=paths.state_dir(environ))
+        self.certificates = Certificates(config.server)
 
     def status_line(self) -> str:
         c = self.supervisor.counts()
@@ -75,7 +81,13 @@ class Daemon:
         """Re-read the config file and rescan; a bad file raises ConfigError and changes nothing."""
         self.notifier.reloading()
         try:
-            return await self._apply(config_mod.load(self.config.source))
+            new = config_mod.load(self.config.source)
+            # Check everything before changing anything: a bad key file or certificate keeps
+            # the running config whole.
+            context = self.certificates.prepare(new.server)
+            self.gate.configure(new.auth, listening_on=self.config.server.host)
+            self.certificates.context = context
+            return await self._apply(new)
         finally:
             self.notifier.ready(self.status_line())
 
@@ -167,7 +179,7 @@ class Daemon:
             http_stopped = trio.Event()
             from routerd.api import create_app  # quart is heavy; import once the daemon starts
 
-            app = create_app(self.supervisor)
+            app = create_app(self.supervisor, self.gate)
             try:
                 self.http_urls = await root.start(partial(self._serve_http, app, http_config, http_stopped))
             except* OSError as group:  # the bind fails inside the server's nurseries
@@ -197,13 +209,18 @@ class Daemon:
             with trio.move_on_after(1.0):
                 await http_stopped.wait()
             root.cancel_scope.cancel()
+        try:
+            self.gate.save_last_used()
+        except Unavailable as exc:
+            log.warning("could not save when each API key was last used: %s", exc.message)
         self.notifier.close()
         log.info("routerd stopped")
 
     async def _serve_http(self, app: object, http_config: hypercorn.config.Config, stopped: trio.Event,
                           *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            await http_server.serve(app, http_config, shutdown_trigger=self._http_stop.wait, task_status=task_status)
+            await http_server.serve(app, http_config, shutdown_trigger=self._http_stop.wait,
+                                    tls=self.certificates.current, task_status=task_status)
         finally:
             stopped.set()
 

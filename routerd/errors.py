@@ -8,6 +8,7 @@ other routerd module.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 #: ``routerd serve`` exit statuses (sysexits.h where one fits): documented in the README.
@@ -50,7 +51,7 @@ class RouterdError(Exception):
         """Headers that go with the error's HTTP response (Retry-After when known)."""
         if self.retry_after is None:
             return []
-        return [("Retry-After", str(max(1, round(self.retry_after))))]
+        return [("Retry-After", str(max(1, math.ceil(self.retry_after))))]  # never too early
 
 
 class BadRequest(RouterdError):
@@ -70,6 +71,27 @@ class NotFound(RouterdError):
 class UnknownModel(NotFound):
     code = "model_not_found"
     rpc_code = -32001
+
+
+class Unauthorized(RouterdError):
+    """No API key, or one routerd does not know (or has expired): OpenAI's 401."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+    rpc_code = -32010
+
+    def http_headers(self) -> list[tuple[str, str]]:
+        return [("WWW-Authenticate", 'Bearer realm="routerd"'), *super().http_headers()]
+
+
+class Forbidden(RouterdError):
+    """A valid key that may not do this (an admin action with a key that is not admin)."""
+
+    status = 403
+    type = "permission_error"
+    code = "admin_key_required"
+    rpc_code = -32010
 
 
 class PayloadTooLarge(RouterdError):

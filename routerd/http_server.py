@@ -14,6 +14,7 @@ know about routes, models or backends: the ASGI app does.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -30,9 +31,13 @@ log = logging.getLogger("routerd.http")
 
 
 async def serve(app: Any, config: hypercorn.config.Config, *, shutdown_trigger: Callable[[], Awaitable[object]],
+                tls: Callable[[], ssl.SSLContext | None] = lambda: None,
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` on ``config.bind`` until ``shutdown_trigger`` returns; reports the bound URLs
-    to ``task_status``. Open connections then get ``config.graceful_timeout`` to finish."""
+    to ``task_status``. Open connections then get ``config.graceful_timeout`` to finish.
+
+    ``tls`` gives the TLS context for each new connection (None: plain HTTP); asking per
+    connection is what lets a renewed certificate apply without a restart."""
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
@@ -46,9 +51,11 @@ async def serve(app: Any, config: hypercorn.config.Config, *, shutdown_trigger: 
             for sock in sockets.insecure_sockets:
                 sock.listen(config.backlog)
                 listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-            urls = [f"http://{repr_socket_addr(sock.family, sock.getsockname())}" for sock in sockets.insecure_sockets]
+            scheme = "https" if tls() else "http"
+            urls = [f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}"
+                    for sock in sockets.insecure_sockets]
             task_status.started(urls)
-            handler = partial(_connection, wrapped, config, context, lifespan_state)
+            handler = partial(_connection, wrapped, config, context, lifespan_state, tls)
             async with trio.open_nursery() as accepting:
                 accepting.start_soon(partial(trio.serve_listeners, handler, listeners, handler_nursery=connections))
                 await shutdown_trigger()
@@ -60,10 +67,15 @@ async def serve(app: Any, config: hypercorn.config.Config, *, shutdown_trigger: 
 
 
 async def _connection(app: Any, config: hypercorn.config.Config, context: WorkerContext,
-                      lifespan_state: dict[str, Any], stream: trio.SocketStream) -> None:
+                      lifespan_state: dict[str, Any], tls: Callable[[], ssl.SSLContext | None],
+                      stream: trio.SocketStream) -> None:
     """One client connection, from accept to close, whatever hypercorn raises on the way."""
+    ssl_context = tls()
+    served: Any = stream
+    if ssl_context is not None:  # hypercorn's server does the handshake (bounded by its timeout)
+        served = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
     try:
-        await TCPServer(app, config, context, ConnectionState(lifespan_state.copy()), stream)
+        await TCPServer(app, config, context, ConnectionState(lifespan_state.copy()), served)
     except* Exception as group:  # Cancelled (shutdown) passes through untouched
         log.error("HTTP connection from %s failed inside the HTTP server and was closed",
                   _peer(stream), exc_info=group)

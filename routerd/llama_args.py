@@ -35,7 +35,8 @@ _SYNONYMS: tuple[tuple[str, ...], ...] = (
 CANONICAL: dict[str, str] = {spelling: names[0] for names in _SYNONYMS for spelling in names}
 
 #: Flags routerd sets itself on every backend; a config may not set them.
-MANAGED_FLAGS = frozenset({"--model", "--host", "--port", "--alias", "--models-dir", "--hf-repo", "-hf"})
+MANAGED_FLAGS = frozenset({"--model", "--host", "--port", "--alias", "--models-dir", "--hf-repo", "-hf",
+                           "--api-key", "--api-key-file"})
 
 
 @attrs.frozen

@@ -21,9 +21,9 @@ from typing import Any
 
 import trio
 
-from routerd import scheduler
+from routerd import client_json, cors, scheduler
+from routerd.access import ANONYMOUS, Caller, Gate
 from routerd.backend import Backend
-from routerd import client_json
 from routerd.errors import (BadRequest, HeadersTooLarge, PayloadTooLarge, RequestTimeout, RouterdError,
                             UpstreamFailed)
 from routerd.supervisor import Supervisor
@@ -53,8 +53,14 @@ MAX_DELIVERY_ATTEMPTS = 3
 #: the last output for up to 0.5 s first).
 EXIT_NOTICE_TIME = 1.0
 
-_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-                         b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect"})
+#: Never passed on: hop-by-hop headers, and credentials (a backend has its own key, and a
+#: client's key is for routerd alone).
+_NOT_FORWARDED = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+                            b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
+                            b"authorization", b"x-api-key", b"cookie", b"set-cookie"})
+#: CORS is routerd's decision (server.cors_origins), never a backend's: llama-server allows every
+#: origin by default.
+_CORS_PREFIX = b"access-control-"
 _EVENT_STREAM_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                          (b"x-accel-buffering", b"no")]
 
@@ -73,8 +79,10 @@ def is_proxied(method: str, path: str) -> bool:
 
 
 def forward_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Headers to pass on, without hop-by-hop ones (pure; names are lower-case bytes)."""
-    return [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
+    """Headers to pass on, either way: without hop-by-hop ones, credentials and CORS (pure;
+    names are lower-case bytes)."""
+    return [(k, v) for k, v in headers
+            if (name := k.lower()) not in _NOT_FORWARDED and not name.startswith(_CORS_PREFIX)]
 
 
 def model_and_stream(body: bytes) -> tuple[str, bool]:
@@ -108,23 +116,50 @@ def sse_error(error: RouterdError) -> bytes:
     return b"data: " + json.dumps(error.openai_body()).encode() + b"\n\n"
 
 
-class ProxyApp:
-    """ASGI: proxied requests are relayed here; everything else goes to ``fallback``."""
+#: Where a request's Caller is kept in its ASGI scope, for the views.
+CALLER = "routerd.caller"
+#: Paths open to anyone, key or not: load balancers and container runtimes probe them.
+OPEN_PATHS = frozenset({"/health"})
 
-    def __init__(self, supervisor: Supervisor, fallback: ASGIApp) -> None:
+
+def caller_of(scope: Scope) -> Caller:
+    return scope.get(CALLER, ANONYMOUS)
+
+
+class ProxyApp:
+    """ASGI: proxied requests are relayed here; everything else goes to ``fallback``. Every
+    request passes the access gate and CORS here first, whichever serves it."""
+
+    def __init__(self, supervisor: Supervisor, gate: Gate, fallback: ASGIApp) -> None:
         self.supervisor = supervisor
+        self.gate = gate
         self.fallback = fallback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.fallback(scope, receive, send)
             return
+        server = self.supervisor.config.server
+        if server.cors_origins:
+            allowed = cors.allowed_origin(first_header(scope["headers"], b"origin"), server.cors_origins)
+            if scope["method"] == "OPTIONS" and first_header(scope["headers"], b"access-control-request-method"):
+                await cors.answer_preflight(send, allowed)
+                return
+            if allowed:
+                send = cors.with_headers(send, allowed)
         client = _Client(send)
-        limit = self.supervisor.config.server.max_headers
+        limit = server.max_headers
         if len(scope["headers"]) > limit:
             await client.fail(HeadersTooLarge(f"the request has {len(scope['headers'])} header fields; the limit "
                                               f"is {limit} (server.max_headers)"))
             return
+        if scope["path"] not in OPEN_PATHS:
+            try:
+                scope[CALLER] = self.gate.authenticate(scope["headers"])
+            except RouterdError as exc:
+                log.info("refused %s %s from %s: %s", scope["method"], scope["path"], _peer(scope), exc.code)
+                await client.fail(exc)
+                return
         if not is_proxied(scope["method"], scope["path"]):
             await self.fallback(scope, receive, send)
             return
@@ -158,8 +193,17 @@ class ProxyApp:
         if scope["query_string"]:
             target += "?" + scope["query_string"].decode("latin-1")
         headers = scope["headers"]
+        caller = caller_of(scope)
+        if caller.key is not None:
+            entry = self.supervisor.catalog.get(model)
+            self.gate.check_model(caller, model, None if entry is None else (entry.name, *entry.aliases))
         priority_header = first_header(headers, scheduler.PRIORITY_HEADER.lower().encode())
-        priority = scheduler.parse_priority(priority_header.decode("latin-1"))
+        priority = caller.priority(scheduler.parse_priority(priority_header.decode("latin-1")))
+        with self.gate.admit(caller):  # 429 over the key's rate or concurrency
+            await self._queue_and_relay(client, receive, model, priority, stream, method, target, headers, body)
+
+    async def _queue_and_relay(self, client: _Client, receive: Receive, model: str, priority: int, stream: bool,
+                               method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         ticket = self.supervisor.enqueue(model, priority)  # 429 here, before anything is sent
         async with trio.open_nursery() as nursery:  # lives as long as the request
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)

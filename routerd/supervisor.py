@@ -39,9 +39,10 @@ def spec_for(entry: ModelEntry, config: Config, binary: str) -> BackendSpec:
     flags = llama_args.merge_args(config.backend.args, entry.args)
     extra = [flag for flag in IMPLIED_FLAGS if not llama_args.has_flag(flags, flag.name)]
     extra += [llama_args.Flag("--mmproj", p) for p in entry.mmproj]
+    env = {**config.backend.env, **dict(entry.env)}
     return BackendSpec(name=entry.name, binary=binary, model_path=entry.path, flags=tuple(flags),
                        ready_timeout=config.backend.ready_timeout, stop_grace=config.backend.stop_grace,
-                       extra=tuple(extra))
+                       extra=tuple(extra), env=tuple(sorted(env.items())))
 
 
 @attrs.frozen

@@ -134,8 +134,10 @@ class ConnectionPool:
     requests (the backend's slot count: more can never be busy at once)."""
 
     def __init__(self, port: int, *, max_idle: int, read_timeout: float = math.inf,
-                 connect_timeout: float = 10.0, idle_timeout: float = 4.0) -> None:
+                 connect_timeout: float = 10.0, idle_timeout: float = 4.0, authorization: bytes = b"") -> None:
         self.port = port
+        # Sent with every request (the backend's own key): callers' credentials never are.
+        self._fixed_headers = [(b"authorization", authorization)] if authorization else []
         self.max_idle = max_idle
         self.read_timeout = read_timeout
         self.connect_timeout = connect_timeout
@@ -149,7 +151,8 @@ class ConnectionPool:
         """Send a request and return once the response's headers arrive (UpstreamError if the
         backend fails before that). ``timeout`` bounds each read; the pool's default otherwise."""
         read_timeout = self.read_timeout if timeout is None else timeout
-        head = [(b"host", b"127.0.0.1:%d" % self.port), (b"content-length", b"%d" % len(body)), *headers]
+        head = [(b"host", b"127.0.0.1:%d" % self.port), (b"content-length", b"%d" % len(body)),
+                *self._fixed_headers, *headers]
         request = h11.Request(method=method, target=target, headers=head)
         while True:
             conn, reused = self._take_idle(), True

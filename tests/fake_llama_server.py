@@ -82,8 +82,19 @@ class Handler(BaseHTTPRequestHandler):
             return True
         return False
 
+    def _refused(self) -> bool:
+        """Like llama-server with LLAMA_API_KEY set: every endpoint but /health wants the key."""
+        key = os.environ.get("LLAMA_API_KEY")
+        if not key or self.path == "/health":
+            return False
+        given = self.headers.get("Authorization", "").removeprefix("Bearer ") or self.headers.get("X-Api-Key", "")
+        if given == key:
+            return False
+        self._json(401, {"error": {"code": 401, "message": "Invalid API Key", "type": "authentication_error"}})
+        return True
+
     def do_GET(self) -> None:
-        if self._loading():
+        if self._loading() or self._refused():
             return
         if self.path == "/health":
             self._json(200, {"status": "ok"})
@@ -99,7 +110,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length) or b"{}")
-        if self._loading():
+        if self._loading() or self._refused():
             return
         with LOCK:
             STATE["in_flight"] += 1
