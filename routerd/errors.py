@@ -94,14 +94,22 @@ class Forbidden(RouterdError):
     rpc_code = -32010
 
 
-class PayloadTooLarge(RouterdError):
+class _BodyUnread(RouterdError):
+    """Answered before the request's body was read: the connection cannot carry another
+    request, and saying so stops a keep-alive client from sending one into a closing socket."""
+
+    def http_headers(self) -> list[tuple[str, str]]:
+        return [("Connection", "close"), *super().http_headers()]
+
+
+class PayloadTooLarge(_BodyUnread):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
     rpc_code = -32602
 
 
-class RequestTimeout(RouterdError):
+class RequestTimeout(_BodyUnread):
     status = 408
     type = "invalid_request_error"
     code = "request_timeout"

@@ -220,8 +220,9 @@ def test_random_http_framing(target: Target, data: bytes) -> None:
 
 @FUZZ
 @given(route=st.sampled_from(sorted(PROXIED_POST)), body=request_bodies(),
+       # (a header value cannot start or end with a space: the client itself refuses to send one)
        priority=st.none() | st.sampled_from(["high", "low"]) | st.text(st.characters(min_codepoint=32, max_codepoint=126),
-                                                                        max_size=20))
+                                                                        max_size=20).map(str.strip))
 def test_random_json_bodies(target: Target, route: str, body: bytes, priority: str | None) -> None:
     headers = {"content-type": "application/json"}
     if priority is not None:

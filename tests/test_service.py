@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -162,3 +163,15 @@ def test_unit_passes_systemd_analyze_verify_as_installed(installed_tree, tmp_pat
                               capture_output=True, text=True)
     # verify exits 0 even on unknown keys or bad values; those come out as messages
     assert verified.returncode == 0 and verified.stdout + verified.stderr == ""
+
+
+def test_unit_exposure_is_at_most_2_5(tmp_path):
+    """The hardening the README states: systemd-analyze's exposure score for the unit as shipped."""
+    _need("systemd-analyze")
+    unit = tmp_path / "routerd.service"
+    shutil.copy(ROOT / "systemd" / "routerd.service", unit)
+    scored = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                            capture_output=True, text=True)
+    match = re.search(r"Overall exposure level for routerd\.service: (\d+\.\d+)", scored.stdout)
+    assert match, scored.stdout + scored.stderr
+    assert float(match.group(1)) <= 2.5, scored.stdout
