@@ -555,8 +555,7 @@ class ControlServer:
     async def _keys_add(self, params: KeyAddParams, conn: Connection) -> dict[str, Any]:
         settings = attrs.asdict(params)
         name = settings.pop("name")
-        key, record = self.daemon.gate.add(name, **settings)
-        log.info("control: API key %r (%s...) made by uid %d", name, record.prefix, conn.uid)
+        key, record = self.daemon.gate.add(name, **settings)  # logged (never the key) by call()
         return {"name": name, "key": key, "prefix": record.prefix, "required": self.daemon.gate.required}
 
     async def _keys_list(self, params: NoParams, conn: Connection) -> dict[str, Any]:
@@ -564,7 +563,6 @@ class ControlServer:
 
     async def _keys_revoke(self, params: NameParams, conn: Connection) -> dict[str, Any]:
         record = self.daemon.gate.revoke(params.name)
-        log.info("control: API key %r (%s...) revoked by uid %d", record.name, record.prefix, conn.uid)
         return {"name": record.name, "prefix": record.prefix, "required": self.daemon.gate.required}
 
 
