@@ -142,7 +142,7 @@ class KeyFile:
         try:
             with open(self.path, "rb") as f:
                 data = tomllib.load(f)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # an unwritable state dir is reported at start
             return {}
         except OSError as exc:
             raise ConfigError([f"{self.path}: cannot read: {exc.strerror}"], self.path) from None
