@@ -214,7 +214,7 @@ def print_keys(result: dict[str, Any]) -> None:
                      k["expires"] or "never", _ago_iso(k["last_used"]), k["source"]])
     print(table(rows, ["NAME", "KEY", "MODELS", "PRIORITY MAX", "LIMITS", "ADMIN", "EXPIRES", "LAST USED", "SOURCE"]))
     print("keys are required on every request" if result["required"]
-          else "no key exists: requests need none (routerd listens on loopback only)")
+          else "no key exists: requests need none (add one to require keys)")
 
 
 def _ago_iso(stamp: str) -> str:
