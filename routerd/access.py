@@ -20,6 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -28,6 +29,9 @@ from routerd.config import AuthConfig
 from routerd.errors import (BadRequest, ConfigError, Forbidden, NotFound, TooManyRequests, Unauthorized,
                             Unavailable)
 from routerd.keys import ApiKey, KeyFile
+
+if TYPE_CHECKING:
+    from routerd.catalog import ModelEntry
 
 log = logging.getLogger("routerd.access")
 #: The external keys file is looked at (one stat) at most this often, when requests come.
@@ -228,10 +232,11 @@ class Gate:
                 del self._running[name]
 
     @staticmethod
-    def check_model(caller: Caller, requested: str, names: Iterable[str] | None) -> None:
-        """NotFound, worded as for a model that does not exist, when the caller may not use it:
-        a scoped key learns nothing about models outside its scope."""
-        if names is None or not caller.allows(names):
+    def check_model(caller: Caller, requested: str, entry: ModelEntry | None) -> None:
+        """NotFound, worded as for a model that does not exist, when a keyed caller may not use
+        the model ``requested`` names (``entry``, None when no model has that name): a scoped key
+        learns nothing about models outside its scope."""
+        if caller.key is not None and (entry is None or not caller.allows((entry.name, *entry.aliases))):
             raise NotFound(f"model {requested!r} not found", code="model_not_found")
 
     @staticmethod

@@ -86,10 +86,7 @@ def _views_app(supervisor: Supervisor, gate: Gate) -> QuartTrio:
 
     @app.get("/v1/models/<path:model>")
     async def show_model(model: str) -> Response:
-        caller = proxy.caller_of(request.scope)
-        if caller.key is not None:
-            entry = supervisor.catalog.get(model)
-            gate.check_model(caller, model, None if entry is None else (entry.name, *entry.aliases))
+        gate.check_model(proxy.caller_of(request.scope), model, supervisor.catalog.get(model))
         entry = supervisor.catalog.resolve(model)
         return _json({"id": model, "object": "model", **_converter.unstructure(supervisor.model_status(entry))})
 

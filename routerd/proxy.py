@@ -194,9 +194,7 @@ class ProxyApp:
             target += "?" + scope["query_string"].decode("latin-1")
         headers = scope["headers"]
         caller = caller_of(scope)
-        if caller.key is not None:
-            entry = self.supervisor.catalog.get(model)
-            self.gate.check_model(caller, model, None if entry is None else (entry.name, *entry.aliases))
+        self.gate.check_model(caller, model, self.supervisor.catalog.get(model))
         priority_header = first_header(headers, scheduler.PRIORITY_HEADER.lower().encode())
         priority = caller.priority(scheduler.parse_priority(priority_header.decode("latin-1")))
         with self.gate.admit(caller):  # 429 over the key's rate or concurrency

@@ -35,16 +35,12 @@ class Certificates:
 
     def __init__(self, server: ServerConfig) -> None:
         self.enabled = bool(server.certfile)
-        self.context: ssl.SSLContext | None = None
-        self.configure(server)
-
-    def configure(self, server: ServerConfig) -> None:
-        """Load the config's pair (at start and on reload); ConfigError keeps the current one.
-        Switching HTTPS on or off needs a restart: clients know the listener by its scheme."""
-        self.context = self.prepare(server)
+        self.context: ssl.SSLContext | None = self.prepare(server)
 
     def prepare(self, server: ServerConfig) -> ssl.SSLContext | None:
-        """The context ``server`` asks for, without using it yet (ConfigError when broken)."""
+        """The context ``server`` asks for, without using it yet: the caller sets ``context``
+        once everything else in a reload checked out. ConfigError when the pair is broken, or
+        when it would switch HTTPS on or off (clients know the listener by its scheme)."""
         if bool(server.certfile) != self.enabled:
             raise ConfigError([f"server.certfile: switching HTTPS {'off' if self.enabled else 'on'} needs a "
                                "restart (systemctl restart routerd)"], "TLS")
