@@ -251,6 +251,47 @@ class _ProgressLine:
 
 
 # -- commands -----------------------------------------------------------------------------
+def format_event(event: dict[str, Any]) -> str:
+    """One event as a line for people (pure)."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.get("time", 0)))
+    kind, model = event.get("type", "?"), event.get("model") or ""
+    if kind == "model.ready":
+        detail = f"ready in {event['load_seconds']:.2f} s (pid {event.get('pid')}, port {event.get('port')})"
+    elif kind in ("model.stopping", "model.stopped"):
+        detail = f"{kind.split('.')[1]}: {event.get('reason')}"
+        if event.get("exit_code") is not None:
+            detail += f", exit status {event['exit_code']}"
+    elif kind == "model.evicted":
+        detail = f"evicted ({event.get('cause')}) to make room for {event.get('for')}"
+    elif kind == "model.failed":
+        detail = f"FAILED: {event.get('error')}"
+    elif kind == "model.crash_loop":
+        detail = (f"CRASH LOOP: {event.get('failures')} failures within {event.get('window'):g} s; "
+                  f"`routerctl reset {model}` once fixed")
+    elif kind == "model.loading":
+        detail = "loading" + (" (restart after a failure)" if event.get("restart") else "")
+    elif kind == "model.progress":
+        detail = f"  {event.get('line')}"
+    elif kind in ("queue.high", "queue.normal"):
+        detail = f"{kind}: {event.get('depth')} waiting (max_queue {event.get('max_queue')})"
+    elif kind == "request":
+        tokens = f" tokens {event['prompt_tokens']}/{event['completion_tokens']}" if event.get("prompt_tokens") else ""
+        detail = (f"{event.get('method')} {event.get('route')} {event.get('status')} {event.get('duration', 0):.3f} s"
+                  f"{tokens}" + (" cancelled" if event.get("cancelled") else ""))
+    elif kind in ("catalog.rescan", "config.reload"):
+        if not event.get("ok", True):
+            detail = f"{kind} FAILED: {event.get('error')}"
+        else:
+            changes = {k: event[k] for k in ("added", "removed", "changed", "restarted", "stopped") if event.get(k)}
+            detail = f"{kind} ({event.get('trigger', 'reload')}): " + (
+                "; ".join(f"{k} {', '.join(v)}" for k, v in changes.items()) or "no change")
+    elif kind == "dropped":
+        detail = f"dropped by routerd: {event.get('reason')}"
+    else:
+        detail = kind
+    return f"{stamp} {model:<20} {detail}" if model else f"{stamp} {'-':<20} {detail}"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="routerctl", description="Manage a running routerd.")
     parser.add_argument("--socket", "-s", default=None,
@@ -279,6 +320,8 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("model")
     logs.add_argument("-n", "--lines", type=int, default=100)
     logs.add_argument("-f", "--follow", action="store_true")
+    events = sub.add_parser("events", help="follow what routerd does: loads, evictions, failures, reloads")
+    events.add_argument("--requests", action="store_true", help="also one line per finished request")
     sub.add_parser("memory", help="memory budget, estimates and measured use")
     sub.add_parser("version", help="daemon version")
     sub.add_parser("ping", help="check the daemon answers")
@@ -304,7 +347,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> Any:
     paths = [args.socket] if args.socket else client_socket_candidates()
-    long_running = args.command == "pull" or (
+    long_running = args.command in ("pull", "events") or (
         args.command in ("logs", "load") and (getattr(args, "follow", False) or getattr(args, "wait", False)))
     client = Client(paths, timeout=None if long_running or args.command == "unload" else 30.0)
     try:
@@ -349,6 +392,12 @@ def run(args: argparse.Namespace) -> Any:
             result = client.call("logs", {"model": args.model, "lines": args.lines, "follow": args.follow},
                                  None if args.json else line)
             return result, lambda r: print("\n".join(r["lines"])) if r["lines"] else None
+        if c == "events":
+            def event(note: dict[str, Any]) -> None:
+                shown = note["params"]
+                print(json.dumps(shown) if args.json else format_event(shown), flush=True)
+            # Each event is printed as it comes; the call ends only if routerd drops a slow reader.
+            return client.call("events", {"requests": args.requests}, event), lambda r: None
         if c == "memory":
             return client.call("memory"), print_memory
         if c == "version":

@@ -2,8 +2,9 @@
 
 ``create_app`` returns the ASGI app hypercorn serves. Proxied requests go to ``proxy.ProxyApp``;
 this module owns the rest: the read-only views (``/v1/models``, ``/health``, ``/memory``), the
-OpenAI error shape for routing errors (404, 405, 413). It holds no state of its own: everything
-comes from the supervisor passed to ``create_app``.
+two long or hot observability endpoints on raw ASGI (``/metrics``, ``/events``), and the OpenAI
+error shape for routing errors (404, 405, 413). It holds no state of its own: everything comes
+from the supervisor and the metrics passed to ``create_app``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from typing import Any
+from urllib.parse import parse_qs
 
 import attrs
 import cattrs
@@ -19,9 +21,10 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from routerd import __version__, proxy
+from routerd import __version__, events, proxy
 from routerd.access import Gate
 from routerd.errors import NotFound, PayloadTooLarge, RouterdError
+from routerd.metrics import CONTENT_TYPE, Metrics
 from routerd.supervisor import Supervisor
 
 log = logging.getLogger("routerd.api")
@@ -30,7 +33,9 @@ _converter = cattrs.Converter()
 #: Longest a rendered /v1/models body is reused while nothing changed (seconds).
 MODELS_VIEW_MAX_AGE = 1.0
 #: The views this app serves at fixed paths (GET).
-VIEW_PATHS = frozenset({"/health", "/v1/models", "/memory"})
+VIEW_PATHS = frozenset({"/health", "/v1/models", "/memory", "/metrics", "/events"})
+#: Seconds of silence after which an /events stream gets a comment (proxies drop idle connections).
+EVENTS_KEEPALIVE = 15.0
 #: Distinct key scopes whose /v1/models body is kept.
 MODELS_VIEWS_KEPT = 64
 
@@ -40,10 +45,90 @@ def error_response(error: RouterdError) -> Response:
                     content_type="application/json")
 
 
-def create_app(supervisor: Supervisor, gate: Gate) -> proxy.ProxyApp:
+def create_app(supervisor: Supervisor, gate: Gate, metrics: Metrics) -> proxy.ProxyApp:
     """The whole HTTP front as one ASGI app; ``gate`` has checked each request's key before
     any view runs, and the views show a caller only what its key's scope covers."""
-    return proxy.ProxyApp(supervisor, gate, fallback=_views_app(supervisor, gate))
+    views = _views_app(supervisor, gate)
+    observability = _Observability(supervisor, gate, metrics)
+
+    async def fallback(scope: proxy.Scope, receive: proxy.Receive, send: proxy.Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] in ("/metrics", "/events"):
+            await observability(scope, receive, send)
+        else:
+            await views(scope, receive, send)
+
+    return proxy.ProxyApp(supervisor, gate, fallback=fallback)
+
+
+class _Observability:
+    """``GET /metrics`` (Prometheus text) and ``GET /events`` (server-sent events), on raw ASGI:
+    a scrape is frequent and an event stream is long, and neither needs a framework."""
+
+    def __init__(self, supervisor: Supervisor, gate: Gate, metrics: Metrics) -> None:
+        self.supervisor = supervisor
+        self.gate = gate
+        self.metrics = metrics
+
+    async def __call__(self, scope: proxy.Scope, receive: proxy.Receive, send: proxy.Send) -> None:
+        caller = proxy.caller_of(scope)
+        try:
+            if scope["path"] == "/metrics":
+                self.gate.require_admin(caller, "GET /metrics")  # every model's name and load
+                settings = self.supervisor.config.metrics
+                body = await self.metrics.render(backends=settings.backends, timeout=settings.backend_timeout)
+                await _send_whole(send, 200, CONTENT_TYPE, body)
+                return
+            query = parse_qs(scope["query_string"].decode("latin-1"))
+            with_requests = query.get("requests", ["0"])[-1].lower() in ("1", "true", "yes")
+            await self._events(receive, send, caller, with_requests)
+        except RouterdError as exc:
+            await _send_whole(send, exc.status, "application/json", json.dumps(exc.openai_body()).encode(),
+                              exc.http_headers())
+
+    async def _events(self, receive: proxy.Receive, send: proxy.Send, caller: Any, with_requests: bool) -> None:
+        bus = self.supervisor.bus
+        visible = events.visible_to(caller.allows, caller.is_admin)
+        with bus.subscribe(requests=with_requests, visible=visible) as subscription:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                with subscription.scope:  # cut once dropped and its grace is over
+                    await send({"type": "http.response.start", "status": 200, "headers": [
+                        (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                        (b"x-accel-buffering", b"no")]})
+                    snapshot = [{"model": status.name, "state": status.state, "queued": status.queued,
+                                 "in_flight": status.in_flight} for status in self.supervisor.status()
+                                if caller.allows([status.name, *status.aliases])]
+                    await _send_event(send, "snapshot", {"type": "snapshot", "models": snapshot})
+                    while True:
+                        with trio.move_on_after(EVENTS_KEEPALIVE) as idle:
+                            event = await anext(subscription, None)
+                        if idle.cancelled_caught:
+                            await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+                        elif event is None:  # dropped, and the final event was read
+                            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                            break
+                        else:
+                            await _send_event(send, str(event.seq), event.to_dict())
+                nursery.cancel_scope.cancel()
+
+
+async def _send_event(send: proxy.Send, event_id: str, data: dict[str, Any]) -> None:
+    body = b"id: " + event_id.encode() + b"\ndata: " + json.dumps(data, default=str).encode() + b"\n\n"
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+async def _send_whole(send: proxy.Send, status: int, content_type: str, body: bytes,
+                      headers: list[tuple[str, str]] | None = None) -> None:
+    head = [(b"content-type", content_type.encode()), (b"content-length", b"%d" % len(body))]
+    head += [(k.lower().encode(), v.encode()) for k, v in headers or []]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _cancel_on_disconnect(receive: proxy.Receive, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
 
 
 def _views_app(supervisor: Supervisor, gate: Gate) -> QuartTrio:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 import attrs
 import trio
 
-from routerd import llama_args
+from routerd import events, llama_args
 from routerd.child import Child, spawn
 from routerd.errors import LoadFailed
 from routerd.logring import LogRing
@@ -114,8 +114,9 @@ class Backend:
 
     def __init__(self, spec: BackendSpec, *, idle_ttl: float, upstream_read_timeout: float,
                  env: Mapping[str, str] | None = None, on_change: Callable[[], None] = lambda: None,
-                 health: HealthPolicy = HealthPolicy()) -> None:
+                 health: HealthPolicy = HealthPolicy(), bus: events.Bus | None = None) -> None:
         self.spec = spec
+        self.bus = bus if bus is not None else events.Bus()
         self.health = health
         self.idle_ttl = idle_ttl
         self.state = State.STARTING
@@ -129,6 +130,9 @@ class Backend:
         self.exit_code: int | None = None
         self.error: str | None = None
         self.stop_reason: str | None = None
+        #: Why it was asked to stop, in one word for metrics: idle, memory, group, turn, reload,
+        #: operator, shutdown, unresponsive.
+        self.stop_cause: str | None = None
         self.upstream: ConnectionPool | None = None  # set while ready: the proxy's way in
         self._upstream_read_timeout = upstream_read_timeout
         self._env = dict(os.environ if env is None else env)
@@ -220,12 +224,13 @@ class Backend:
             return None
         return max(0.0, self.last_used + self.idle_ttl - trio.current_time())
 
-    def request_stop(self, reason: str, *, drain_timeout: float = math.inf) -> None:
-        """Ask the backend to stop once in-flight requests end (at most ``drain_timeout`` s)."""
+    def request_stop(self, reason: str, *, cause: str, drain_timeout: float = math.inf) -> None:
+        """Ask the backend to stop once in-flight requests end (at most ``drain_timeout`` s);
+        ``reason`` is said to people, ``cause`` is one of the words of ``stop_cause``."""
         if self._stop_requested.is_set():
             self._drain_timeout = min(self._drain_timeout, drain_timeout)
         else:
-            self.stop_reason = reason
+            self.stop_reason, self.stop_cause = reason, cause
             self._drain_timeout = drain_timeout
             self._stop_requested.set()
         self._touch()
@@ -239,6 +244,13 @@ class Backend:
             self.state = State.FAILED if self.error else State.UNLOADED
             self.upstream = None
             self.log.close()
+            while_loading = self.ready_at is None
+            if self.error:
+                self.bus.publish("model.failed", self.name, error=self.error, exit_code=self.exit_code,
+                                 while_loading=while_loading)
+            else:
+                self.bus.publish("model.stopped", self.name, reason=self.stop_reason, cause=self.stop_cause,
+                                 exit_code=self.exit_code, while_loading=while_loading)
             self._trusted.set()  # nobody waits for the verdict on a backend that is gone
             self._settled.set()
             self._gone.set()
@@ -277,13 +289,17 @@ class Backend:
             self.state = State.READY
             self.ready_at = trio.current_time()
             self.last_used = self.ready_at
-            log.info("%s ready on port %d after %.2f s", self.name, pool.port, self.ready_at - self.started_at)
+            load_seconds = self.ready_at - self.started_at
+            log.info("%s ready on port %d after %.2f s", self.name, pool.port, load_seconds)
+            self.bus.publish("model.ready", self.name, load_seconds=load_seconds, pid=self.pid, port=pool.port)
             self._settled.set()
             self._on_change()
             nursery.start_soon(self._idle_timer)
             nursery.start_soon(self._watch_health, pool)
             await self._stop_requested.wait()
             self.state = State.STOPPING
+            self.bus.publish("model.stopping", self.name, reason=self.stop_reason, cause=self.stop_cause,
+                             in_flight=self.in_flight)
             self._on_change()
             await self._drain()
             self._expect_exit = True
@@ -346,7 +362,7 @@ class Backend:
             if missed >= self.health.failures:
                 self.error = (f"llama-server stopped answering /health ({missed} checks, "
                               f"{self.health.timeout:g} s each); killed")
-                self.request_stop("unresponsive", drain_timeout=0.0)
+                self.request_stop("unresponsive", cause="unresponsive", drain_timeout=0.0)
                 return
 
     async def _watch_exit(self, child: Child, scope: trio.CancelScope) -> None:
@@ -384,6 +400,8 @@ class Backend:
         text = raw.decode("utf-8", "replace").rstrip("\r")
         self.log.append(text)
         log.info("[%s] %s", self.name, text)
+        if self.state is State.STARTING:
+            self.bus.publish("model.progress", self.name, line=text)
         self._last_output = trio.current_time()
         self._output_seen.set()
         self._output_seen = trio.Event()
@@ -392,7 +410,7 @@ class Backend:
         while True:
             left = self.idle_ttl_left()
             if left is not None and left <= 0:
-                self.request_stop("idle")
+                self.request_stop("idle", cause="idle")
                 return
             with trio.move_on_after(math.inf if left is None else left):
                 await self._activity.wait()

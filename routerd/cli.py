@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(args.log_level)
     try:
         config = config_mod.load(args.config)
+        logs.setup(args.log_level, config.logging.format)
         from routerd.daemon import serve
 
         trio.run(serve, config, dict(os.environ))

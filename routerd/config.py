@@ -146,6 +146,32 @@ class SchedulerConfig:
     crash_loop_window: float = 300.0
     #: Seconds between SSE keep-alive comments sent to a streaming client waiting for its model.
     keepalive_interval: float = 5.0
+    #: A streaming chat request that waits for its model is told why in ``reasoning_content``
+    #: chunks ("loading X: weights 45%"), which chat UIs show as thinking; off, it gets SSE
+    #: comments only. ``models.NAME.loading_feedback`` overrides this per model.
+    loading_feedback: bool = False
+
+
+@attrs.frozen
+class LoggingConfig:
+    """What routerd logs, and how."""
+
+    #: "text" (one readable line per record) or "json" (one JSON object per line).
+    format: str = "text"
+    #: One line per finished request (logger ``routerd.requests``, INFO).
+    requests: bool = True
+
+
+@attrs.frozen
+class MetricsConfig:
+    """``GET /metrics`` and ``GET /events``."""
+
+    #: Include each running llama-server's own metrics (started with --metrics), with a model label.
+    backends: bool = True
+    #: Longest a scrape waits for one llama-server's /metrics and /slots (seconds); a slow one is left out.
+    backend_timeout: float = 1.0
+    #: Events buffered per /events or `routerctl events` consumer; one that falls this far behind is dropped.
+    event_buffer: int = 1000
 
 
 @attrs.frozen
@@ -174,6 +200,8 @@ class ModelConfig:
     args: list[str] = attrs.field(factory=list)
     #: Environment variables for this model's llama-server (over backend.env).
     env: dict[str, str] = attrs.field(factory=dict)
+    #: Overrides scheduler.loading_feedback for this model.
+    loading_feedback: bool | None = None
 
 
 @attrs.frozen
@@ -185,6 +213,8 @@ class Config:
     scheduler: SchedulerConfig = attrs.field(factory=SchedulerConfig)
     catalog: CatalogConfig = attrs.field(factory=CatalogConfig)
     auth: AuthConfig = attrs.field(factory=AuthConfig)
+    logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+    metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
     models: dict[str, ModelConfig] = attrs.field(factory=dict)
     #: Where this config was read from (None for the built-in defaults).
     source: str | None = attrs.field(default=None, metadata={"internal": True})
@@ -192,6 +222,10 @@ class Config:
     def idle_ttl(self, model: str) -> float:
         own = self.models[model].idle_ttl if model in self.models else None
         return self.backend.idle_ttl if own is None else own
+
+    def loading_feedback(self, model: str) -> bool:
+        own = self.models[model].loading_feedback if model in self.models else None
+        return self.scheduler.loading_feedback if own is None else own
 
 
 def _make_converter() -> cattrs.Converter:
@@ -312,6 +346,12 @@ def _validate(config: Config) -> list[str]:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             errors.append(f"server.cors_origins: {origin!r} is not an origin like https://chat.example.org "
                           "(scheme and host, no path) or \"*\"")
+    if config.logging.format not in ("text", "json"):
+        errors.append(f"logging.format: {config.logging.format!r} is not one of 'text', 'json'")
+    if config.metrics.backend_timeout <= 0:
+        errors.append("metrics.backend_timeout: must be positive")
+    if config.metrics.event_buffer < 1:
+        errors.append("metrics.event_buffer: must be at least 1")
     if config.memory.when_busy not in ("wait", "fail"):
         errors.append(f"memory.when_busy: {config.memory.when_busy!r} is not one of 'wait', 'fail'")
 

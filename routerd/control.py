@@ -34,6 +34,7 @@ from routerd.errors import ConfigError, NotWritable, RouterdError, StartupError
 if TYPE_CHECKING:
     from routerd.backend import Backend
     from routerd.logring import LogLine
+    from routerd.metrics import Metrics
     from routerd.supervisor import Supervisor
 
 log = logging.getLogger("routerd.control")
@@ -111,6 +112,12 @@ class KeyAddParams:
 @attrs.frozen
 class NameParams:
     name: str
+
+
+@attrs.frozen
+class EventsParams:
+    #: Also one event per finished request.
+    requests: bool = False
 
 
 _converter = cattrs.Converter()
@@ -245,6 +252,7 @@ class Operations(Protocol):
 
     supervisor: Supervisor
     gate: Gate
+    metrics: Metrics
     started: float
     http_urls: list[str]
 
@@ -287,6 +295,7 @@ class ControlServer:
             "keys.add": (KeyAddParams, self._keys_add),
             "keys.list": (NoParams, self._keys_list),
             "keys.revoke": (NameParams, self._keys_revoke),
+            "events": (EventsParams, self._events),
         }
 
     # -- socket ---------------------------------------------------------------------------
@@ -442,14 +451,18 @@ class ControlServer:
 
     async def call(self, method: str, raw_params: Any, conn: Connection) -> Any:
         if method not in self._methods:
+            self.daemon.metrics.control_call("unknown", "error")  # a label: never the client's text
             shown = method if len(method) <= 64 else method[:64] + "..."
             raise RpcError(METHOD_NOT_FOUND, f"method not found: {shown!r}; known: {', '.join(sorted(self._methods))}")
         params_type, handler = self._methods[method]
+        outcome = "error"
         try:
             params = _structure_params(raw_params, params_type)
             if method in STATE_CHANGING:
                 log.info("control: %s %s by uid %d (pid %d)", method, _brief(raw_params), conn.uid, conn.pid)
-            return await handler(params, conn)
+            result = await handler(params, conn)
+            outcome = "ok"
+            return result
         except RpcError:
             raise
         except ConfigError as exc:
@@ -461,6 +474,8 @@ class ControlServer:
         except Exception as exc:
             log.exception("control method %s from %s failed", method, conn)
             raise RpcError(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}") from None
+        finally:
+            self.daemon.metrics.control_call(method, outcome)
 
     # -- methods --------------------------------------------------------------------------
     async def _ping(self, params: NoParams, conn: Connection) -> str:
@@ -564,6 +579,19 @@ class ControlServer:
     async def _keys_revoke(self, params: NameParams, conn: Connection) -> dict[str, Any]:
         record = self.daemon.gate.revoke(params.name)
         return {"name": record.name, "prefix": record.prefix, "required": self.daemon.gate.required}
+
+
+    async def _events(self, params: EventsParams, conn: Connection) -> dict[str, Any]:
+        """Each event as an ``event`` notification until the client hangs up (or falls too far
+        behind: then a ``dropped`` event ends it)."""
+        with self.daemon.supervisor.bus.subscribe(requests=params.requests) as subscription:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_hangup, conn, nursery.cancel_scope)
+                with subscription.scope:
+                    async for event in subscription:
+                        await conn.notify("event", event.to_dict())
+                nursery.cancel_scope.cancel()
+        return {"ended": "dropped" if subscription.dropped else "client left"}
 
 
 class _Progress:

@@ -22,13 +22,14 @@ import hypercorn.config
 import trio
 
 from routerd import __version__, config as config_mod
-from routerd import discovery, http_server, hub, paths
+from routerd import discovery, events, http_server, hub, paths, requestlog
 from routerd.access import Gate
 from routerd.catalog import Catalog, ImportStore
-from routerd.errors import BadRequest, StartupError, Unavailable, leaves
+from routerd.errors import BadRequest, RouterdError, StartupError, Unavailable, leaves
 from routerd.config import Config
 from routerd.control import ControlServer
 from routerd.memory import MemoryManager, NvmlProvider
+from routerd.metrics import BuildInfo, Metrics, build_info, llama_server_version
 from routerd.sdnotify import Notifier
 from routerd.supervisor import Supervisor
 from routerd.tls import Certificates
@@ -55,12 +56,18 @@ class ReloadResult:
 class Daemon:
     """One running routerd: what the control plane talks to besides the supervisor."""
 
-    def __init__(self, config: Config, *, binary: str, environ: Mapping[str, str], memory: MemoryManager) -> None:
+    def __init__(self, config: Config, *, binary: str, environ: Mapping[str, str], memory: MemoryManager,
+                 build: BuildInfo | None = None) -> None:
         self.config = config
         self.environ = dict(environ)
         self.started = time.time()
         self.notifier = Notifier(environ)
-        self.supervisor = Supervisor(config, Catalog.from_config(config), binary, memory=memory, env=environ)
+        self.bus = events.Bus(config.metrics.event_buffer)
+        self.supervisor = Supervisor(config, Catalog.from_config(config), binary, memory=memory, env=environ,
+                                     bus=self.bus)
+        self.metrics = Metrics(self.supervisor, build or build_info(binary, "unknown"), started=self.started)
+        self.bus.listen(self.metrics.observe)
+        self.bus.listen(self._log_request)
         self.http_urls: list[str] = []
         self.socket_path = config.control.socket or paths.default_socket_path(environ)
         self._shutdown = trio.Event()
@@ -72,6 +79,10 @@ class Daemon:
         # beyond loopback with no key.
         self.gate = Gate(config.auth, listening_on=config.server.host, state_dir=paths.state_dir(environ))
         self.certificates = Certificates(config.server)
+
+    def _log_request(self, event: events.Event) -> None:
+        if self.config.logging.requests:
+            requestlog.observe(event)
 
     def status_line(self) -> str:
         c = self.supervisor.counts()
@@ -87,14 +98,24 @@ class Daemon:
             context = self.certificates.prepare(new.server)
             self.gate.configure(new.auth, listening_on=self.config.server.host)
             self.certificates.context = context
-            return await self._apply(new)
+            self.bus.buffer = new.metrics.event_buffer
+            result = await self._apply(new, trigger="reload")
+        except RouterdError as exc:
+            self.bus.publish("config.reload", ok=False, error=exc.message)
+            raise
         finally:
             self.notifier.ready(self.status_line())
+        self.bus.publish("config.reload", ok=True, **attrs.asdict(result))
+        return result
 
-    async def rescan(self) -> ReloadResult:
+    async def rescan(self, trigger: str = "operator") -> ReloadResult:
         """Re-discover models: the config's [models], imported ones, folders and the HF cache."""
-        fresh = config_mod.load(self.config.source)
-        return await self._apply(attrs.evolve(self.config, models=fresh.models))
+        try:
+            fresh = config_mod.load(self.config.source)
+        except RouterdError as exc:
+            self.bus.publish("catalog.rescan", trigger=trigger, ok=False, error=exc.message)
+            raise
+        return await self._apply(attrs.evolve(self.config, models=fresh.models), trigger=trigger)
 
     async def import_models(self, path: str) -> list[str]:
         """Import the models under ``path`` as manual entries (persisted); their names."""
@@ -104,7 +125,7 @@ class Daemon:
         fresh = {f.path: attrs.evolve(f, source="import") for f in found}
         kept = [f for f in self.imports.load() if f.path not in fresh]
         self.imports.save(kept + list(fresh.values()))
-        await self._apply(self.config)
+        await self._apply(self.config, trigger="import")
         return [entry.name for entry in self.supervisor.catalog if entry.path in fresh]
 
     async def pull(self, ref: str, filename: str | None, progress: hub.Progress) -> dict[str, object]:
@@ -119,7 +140,7 @@ class Daemon:
         plan = await trio.to_thread.run_sync(partial(
             hub.pull, repo_id, tag, filename, cache_dir=self.hub_cache, endpoint=self.environ.get("HF_ENDPOINT"),
             token=self.environ.get("HF_TOKEN"), progress=progress))
-        await self._apply(self.config)
+        await self._apply(self.config, trigger="pull")
         return {"model": f"{repo_id}:{plan.tag}", "files": list(plan.files), "cache": self.hub_cache}
 
     def discover(self, config: Config) -> Catalog:
@@ -132,7 +153,7 @@ class Daemon:
             problems += cache.problems
         return Catalog.from_config(config, imported=self.imports.load(), discovered=found, problems=problems)
 
-    async def _apply(self, new: Config) -> ReloadResult:
+    async def _apply(self, new: Config, *, trigger: str) -> ReloadResult:
         async with self._catalog_lock:  # one rescan at a time; the newest file system wins
             new_catalog = await trio.to_thread.run_sync(self.discover, new)
             old_catalog = self.supervisor.catalog
@@ -142,14 +163,19 @@ class Daemon:
         log.info("applied %s: %s; catalog %s", new.source, outcome, diff)
         for problem in new_catalog.problems:
             log.warning("not served, the Hugging Face cache has a corrupted entry: %s", problem)
-        return ReloadResult(added=list(diff.added), removed=list(diff.removed), changed=list(diff.changed),
-                            problems=list(new_catalog.problems), **outcome)
+        result = ReloadResult(added=list(diff.added), removed=list(diff.removed), changed=list(diff.changed),
+                              problems=list(new_catalog.problems), **outcome)
+        if trigger != "reload":  # a reload says so itself, with its outcome
+            self.bus.publish("catalog.rescan", trigger=trigger, ok=True, models=len(list(new_catalog)),
+                             added=result.added, removed=result.removed, changed=result.changed,
+                             problems=result.problems)
+        return result
 
     async def _rescan_periodically(self) -> None:
         while self.config.catalog.rescan_interval > 0:
             await trio.sleep(self.config.catalog.rescan_interval)
             try:
-                result = await self.rescan()
+                result = await self.rescan(trigger="periodic")
             except config_mod.ConfigError as exc:
                 log.error("periodic rescan: the config is invalid, keeping the running one: %s", exc.message)
                 continue
@@ -165,7 +191,7 @@ class Daemon:
         self.imports.check_writable()
         async with trio.open_nursery() as root:
             await root.start(self.supervisor.run)
-            await self._apply(config)  # discovery, before serving: discovered models are servable at READY
+            await self._apply(config, trigger="startup")  # discovery, before serving: discovered models are servable at READY
             http_config = hypercorn.config.Config()
             http_config.bind = [f"{config.server.host}:{config.server.port}"]
             http_config.graceful_timeout = 1.0  # requests have drained before it applies
@@ -179,7 +205,7 @@ class Daemon:
             http_stopped = trio.Event()
             from routerd.api import create_app  # quart is heavy; import once the daemon starts
 
-            app = create_app(self.supervisor, self.gate)
+            app = create_app(self.supervisor, self.gate, self.metrics)
             try:
                 self.http_urls = await root.start(partial(self._serve_http, app, http_config, http_stopped))
             except* OSError as group:  # the bind fails inside the server's nurseries
@@ -278,5 +304,6 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
     log.info("open files limit: %d", raise_open_file_limit())
     binary = config_mod.resolve_llama_server(config, environ)
     memory = MemoryManager(config.memory, NvmlProvider.open())
-    daemon = Daemon(config, binary=binary, environ=environ, memory=memory)
+    build = build_info(binary, await trio.to_thread.run_sync(llama_server_version, binary))
+    daemon = Daemon(config, binary=binary, environ=environ, memory=memory, build=build)
     await daemon.run()

@@ -230,8 +230,11 @@ def parse_logged_buffers(lines: Sequence[str]) -> dict[str, int]:
 # -- the manager ----------------------------------------------------------------------------
 @attrs.define
 class Measured:
+    #: The peak per device, over every run of the same spec.
     per_device: dict[str, int]
     logged: dict[str, int]
+    #: What the running process uses now (the last measurement).
+    current: dict[str, int] = attrs.field(factory=dict)
 
 
 class MemoryManager:
@@ -354,6 +357,7 @@ class MemoryManager:
         if self.gpus is not None:
             for index, used in self.gpus.process_usage(backend.pid).items():
                 per_device[f"gpu{index}"] = used
+        current = dict(per_device)
         key = (backend.name, backend.spec)
         previous = self._measured.get(key)
         if previous is not None:  # keep the peak: the next load of this spec needs that much
@@ -362,10 +366,14 @@ class MemoryManager:
             logged = previous.logged  # printed once at load, the same for the same spec
         else:  # parsed once: this runs on every admission plan, and the load lines scroll away
             logged = parse_logged_buffers([line.text for line in backend.log.tail(400)])
-        measured = Measured(per_device, logged)
+        measured = Measured(per_device, logged, current)
         if per_device:
             self._measured[key] = measured
         return measured
+
+    def measured(self, spec: BackendSpec) -> Measured | None:
+        """The last measurement of ``spec``'s runs (its peak survives the process)."""
+        return self._measured.get((spec.name, spec))
 
     async def wait_released(self, need: Mapping[str, int], timeout: float = 10.0) -> None:
         """After evictions, wait until GPUs really show the room (NVML frees lazily).

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 import trio
 
-from routerd import client_json, cors, scheduler
+from routerd import client_json, cors, events, feedback, scheduler, usage
 from routerd.access import ANONYMOUS, Caller, Gate
 from routerd.backend import Backend
 from routerd.errors import (BadRequest, HeadersTooLarge, PayloadTooLarge, RequestTimeout, RouterdError,
@@ -47,6 +47,8 @@ SHORT_UPSTREAM_GET = frozenset({"health", "props", "slots", "metrics"})
 #: GET paths under this prefix belong to the model views, whatever their last segment.
 _VIEW_PREFIX = "/v1/models/"
 
+#: Seconds between two looks at what a request waits for, when its client gets loading feedback.
+FEEDBACK_INTERVAL = 1.0
 #: Tries to deliver one request; only a request no backend received is tried again.
 MAX_DELIVERY_ATTEMPTS = 3
 #: How long a failed call waits for its backend's exit to be noticed (the exit watcher reads
@@ -111,6 +113,16 @@ def split_model_path(rest: str, names: Iterable[str]) -> tuple[str, str]:
     return best, rest[len(best) + 1:]
 
 
+def route_label(method: str, path: str) -> str:
+    """The route a proxied request is counted under (pure): a fixed set, never client text."""
+    if method == "POST":
+        return path if path in PROXIED_POST else "other"
+    if path.startswith("/upstream/"):
+        return "/upstream"
+    endpoint = path.rpartition("/")[2]
+    return "/{model}/" + endpoint if endpoint in SHORT_UPSTREAM_GET else "other"
+
+
 def sse_error(error: RouterdError) -> bytes:
     """An error as one server-sent event, for a stream whose status line is already sent."""
     return b"data: " + json.dumps(error.openai_body()).encode() + b"\n\n"
@@ -148,20 +160,34 @@ class ProxyApp:
             if allowed:
                 send = cors.with_headers(send, allowed)
         client = _Client(send)
-        limit = server.max_headers
+        if is_proxied(scope["method"], scope["path"]):
+            try:
+                await self._proxied(scope, receive, client)
+            finally:  # cancelled too (hypercorn cancels a handler whose client left): it finished
+                self._finished(scope, client)
+            return
+        if not await self._gate(scope, client):
+            return
+        await self.fallback(scope, receive, send)
+
+    async def _gate(self, scope: Scope, client: _Client) -> bool:
+        """Header limits and the key check, for every request; False once refused."""
+        limit = self.supervisor.config.server.max_headers
         if len(scope["headers"]) > limit:
             await client.fail(HeadersTooLarge(f"the request has {len(scope['headers'])} header fields; the limit "
                                               f"is {limit} (server.max_headers)"))
-            return
+            return False
         if scope["path"] not in OPEN_PATHS:
             try:
                 scope[CALLER] = self.gate.authenticate(scope["headers"])
             except RouterdError as exc:
                 log.info("refused %s %s from %s: %s", scope["method"], scope["path"], _peer(scope), exc.code)
                 await client.fail(exc)
-                return
-        if not is_proxied(scope["method"], scope["path"]):
-            await self.fallback(scope, receive, send)
+                return False
+        return True
+
+    async def _proxied(self, scope: Scope, receive: Receive, client: _Client) -> None:
+        if not await self._gate(scope, client):
             return
         try:
             await self._handle(scope, receive, client)
@@ -170,6 +196,21 @@ class ProxyApp:
         except Exception:
             log.exception("unhandled error on %s %s from %s", scope["method"], scope["path"], _peer(scope))
             await client.fail(RouterdError("internal error while relaying the request"))
+
+    def _finished(self, scope: Scope, client: _Client) -> None:
+        """Publish the request's record (metrics and the request log listen)."""
+        now = time.monotonic()
+        status = client.status if client.status is not None else 499  # nothing sent: the client left
+        tokens = client.tokens()
+        self.supervisor.bus.publish(
+            events.REQUEST, client.model,
+            route=route_label(scope["method"], scope["path"]), method=scope["method"], status=status,
+            duration=now - client.began, ttfb=None if client.first_byte is None else client.first_byte - client.began,
+            queue_wait=client.queue_wait, prompt_tokens=tokens[0] if tokens else None,
+            completion_tokens=tokens[1] if tokens else None, bytes_in=client.bytes_in, bytes_out=client.bytes_out,
+            client=_peer(scope), key=caller.key.name if (caller := caller_of(scope)).key else None,
+            cancelled=client.cancelled or not client.finished, stream=client.event_stream,
+            error=client.error)
 
     async def _handle(self, scope: Scope, receive: Receive, client: _Client) -> None:
         method, path = scope["method"], scope["path"]
@@ -181,7 +222,9 @@ class ProxyApp:
                 raise RequestTimeout(f"the request body did not arrive within {server.body_timeout:g} s "
                                      "(server.body_timeout)")
             if body is None:
+                client.cancelled = True
                 return  # the client left while sending
+            client.bytes_in = len(body)
             model, stream = model_and_stream(body)
             target = path
         else:
@@ -194,7 +237,11 @@ class ProxyApp:
             target += "?" + scope["query_string"].decode("latin-1")
         headers = scope["headers"]
         caller = caller_of(scope)
-        self.gate.check_model(caller, model, self.supervisor.catalog.get(model))
+        entry = self.supervisor.catalog.get(model)
+        client.model = entry.name if entry is not None else ""  # a label: never the client's text
+        self.gate.check_model(caller, model, entry)
+        if stream and path in feedback.CHAT_ROUTES and entry is not None:
+            client.feedback = self.supervisor.config.loading_feedback(entry.name)
         priority_header = first_header(headers, scheduler.PRIORITY_HEADER.lower().encode())
         priority = caller.priority(scheduler.parse_priority(priority_header.decode("latin-1")))
         with self.gate.admit(caller):  # 429 over the key's rate or concurrency
@@ -204,7 +251,7 @@ class ProxyApp:
                                method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         ticket = self.supervisor.enqueue(model, priority)  # 429 here, before anything is sent
         async with trio.open_nursery() as nursery:  # lives as long as the request
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, client)
             try:
                 await self._relay(client, model, ticket, stream, method, target, headers, body)
             except RouterdError as exc:
@@ -234,6 +281,8 @@ class ProxyApp:
         for attempt in range(1, MAX_DELIVERY_ATTEMPTS + 1):
             backend = await self._acquire(client, model, ticket, stream)
             supervisor.dequeue(model, ticket)
+            if client.queue_wait is None:
+                client.queue_wait = trio.current_time() - ticket.enqueued
             pool = backend.upstream
             assert pool is not None, "an acquired backend is ready, and a ready backend has its pool"
             try:
@@ -257,35 +306,112 @@ class ProxyApp:
 
     async def _acquire(self, client: _Client, model: str, ticket: scheduler.Ticket, stream: bool) -> Backend:
         """Wait for a backend. A stream that has to wait gets its event-stream headers now and an
-        SSE comment every keep-alive interval (clients and proxies drop silent connections)."""
-        interval = self.supervisor.config.scheduler.keepalive_interval if stream else math.inf
+        SSE comment every keep-alive interval (clients and proxies drop silent connections), or,
+        with loading feedback, a chunk saying what it waits for."""
+        if not stream:
+            return await self.supervisor.acquire_ticket(model, ticket)
+        waiting = _Waiting()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiting.acquire, self.supervisor, model, ticket)
+            await self._keep_informed(client, model, ticket, waiting.done)
+        return waiting.result()
+
+    async def _keep_informed(self, client: _Client, model: str, ticket: scheduler.Ticket, done: trio.Event) -> None:
+        """Until ``done``: keep-alive comments, or feedback chunks. The wait runs in its own task
+        and only sets ``done``: a send to the client is never cut in the middle."""
+        config = self.supervisor.config.scheduler
+        interval = config.keepalive_interval
+        tick = min(interval, FEEDBACK_INTERVAL) if client.feedback else interval
+        said, said_at = "", trio.current_time()
+        completion_id, created = feedback.completion_id(), int(time.time())
         while True:
-            with trio.move_on_after(interval):
-                return await self.supervisor.acquire_ticket(model, ticket)
+            with trio.move_on_after(tick):
+                await done.wait()
+                return
             if not client.started:
                 await client.start(200, _EVENT_STREAM_HEADERS, event_stream=True)
-            await client.body(b": waiting for " + model.encode() + b"\n\n")
+            now = trio.current_time()
+            if client.feedback:
+                text = feedback.describe(self.supervisor.wait_info(model, ticket))
+                if text != said or now - said_at >= interval:
+                    said, said_at = text, now
+                    await client.body(feedback.reasoning_chunk(client.model, text, completion_id=completion_id,
+                                                               created=created))
+            else:
+                await client.body(b": waiting for " + model.encode() + b"\n\n")
+
+
+class _Waiting:
+    """A backend being acquired in its own task (see ``ProxyApp._acquire``)."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self._backend: Backend | None = None
+        self._error: RouterdError | None = None
+
+    async def acquire(self, supervisor: Supervisor, model: str, ticket: scheduler.Ticket) -> None:
+        try:
+            self._backend = await supervisor.acquire_ticket(model, ticket)
+        except RouterdError as exc:
+            self._error = exc
+        finally:
+            self.done.set()
+
+    def result(self) -> Backend:
+        if self._error is not None:
+            raise self._error
+        assert self._backend is not None, "acquire() ended without a backend or an error"
+        return self._backend
 
 
 class _Client:
-    """The client's side of one exchange: what has been sent decides how an error is told."""
+    """The client's side of one exchange: what has been sent decides how an error is told, and
+    what the request's record (metrics, the request log) says."""
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self.started = False
         self.event_stream = False
         self.finished = False
+        self.began = time.monotonic()
+        #: The catalog name of the model asked for ("" until known, or for an unknown name).
+        self.model = ""
+        self.status: int | None = None
+        self.first_byte: float | None = None
+        self.queue_wait: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.cancelled = False
+        self.error: str | None = None
+        self.feedback = False
+        self.answer: bytes = b""
+        self.stream_tail: list[bytes] = []
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]], *, event_stream: bool = False) -> None:
         self.started = True
         self.event_stream = event_stream
+        self.status = status
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def body(self, chunk: bytes, *, more: bool = True) -> None:
         self.finished = not more
+        self.bytes_out += len(chunk)
         await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
 
+    def answer_began(self) -> None:
+        if self.first_byte is None:
+            self.first_byte = time.monotonic()
+
+    def tokens(self) -> tuple[int, int] | None:
+        """Token counts of the backend's answer, from its usage or timings (never changed)."""
+        if self.answer:
+            return usage.from_body(self.answer)
+        if self.stream_tail:
+            return usage.from_stream_tail(b"".join(self.stream_tail))
+        return None
+
     async def fail(self, error: RouterdError) -> None:
+        self.error = error.code
         if self.finished:
             return
         if not self.started:
@@ -307,6 +433,8 @@ async def _answer(client: _Client, backend: Backend, upstream: Response) -> None
     try:
         if not is_stream:
             whole = await upstream.read()
+            client.answer_began()
+            client.answer = whole
             if client.started:  # a waiting stream got a plain answer (an error): one event
                 await client.body(b"data: " + whole.strip() + b"\n\n", more=False)
                 return
@@ -314,10 +442,18 @@ async def _answer(client: _Client, backend: Backend, upstream: Response) -> None
             await client.start(upstream.status, headers)
             await client.body(whole, more=False)
             return
+        client.answer_began()
         if not client.started:
             headers = forward_headers(upstream.headers)
             await client.start(upstream.status, headers + _EVENT_STREAM_HEADERS[1:], event_stream=True)
+        elif client.status != upstream.status:  # a waiting stream's status was sent as 200
+            client.status = upstream.status
+        tail = client.stream_tail
         async for chunk in upstream:
+            if usage.has_marker(chunk):  # the events with counts (the last ones): kept, not copied
+                tail[:] = [chunk]
+            elif tail and len(tail) < 2:  # an event split across reads
+                tail.append(chunk)
             await client.body(chunk)
         await client.body(b"", more=False)
     except UpstreamError as exc:
@@ -366,7 +502,8 @@ def _peer(scope: Scope) -> str:
     return f"{client[0]}:{client[1]}" if client else "?"
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope, client: _Client) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+    client.cancelled = not client.finished
     scope.cancel()

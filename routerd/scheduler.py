@@ -95,6 +95,13 @@ class ModelQueue:
             self._best_valid = True
         return self._best is ticket
 
+    def ahead_of(self, ticket: Ticket) -> int:
+        """How many waiting tickets would be served before ``ticket`` as things stand."""
+        now = trio.current_time()
+        mine = (effective_priority(ticket, now, self.aging), ticket.seq)
+        return sum(1 for t in self.tickets
+                   if t is not ticket and (effective_priority(t, now, self.aging), t.seq) < mine)
+
     def wake(self) -> None:
         """Something changed (a slot freed, a backend moved on, the queue changed): look again."""
         self._best_valid = False

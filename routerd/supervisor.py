@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import attrs
 import trio
 
-from routerd import admission, llama_args, scheduler
+from routerd import admission, events, llama_args, scheduler
 from routerd.backend import Backend, BackendSpec, HealthPolicy, State
 from routerd.catalog import Catalog, ModelEntry
 from routerd.config import Config
@@ -39,6 +39,8 @@ def spec_for(entry: ModelEntry, config: Config, binary: str) -> BackendSpec:
     flags = llama_args.merge_args(config.backend.args, entry.args)
     extra = [flag for flag in IMPLIED_FLAGS if not llama_args.has_flag(flags, flag.name)]
     extra += [llama_args.Flag("--mmproj", p) for p in entry.mmproj]
+    if config.metrics.backends and not llama_args.has_flag(flags, "--metrics"):
+        extra.append(llama_args.Flag("--metrics"))  # scraped into routerd's /metrics
     env = {**config.backend.env, **dict(entry.env)}
     return BackendSpec(name=entry.name, binary=binary, model_path=entry.path, flags=tuple(flags),
                        ready_timeout=config.backend.ready_timeout, stop_grace=config.backend.stop_grace,
@@ -72,14 +74,33 @@ class ModelStatus:
     metadata: dict[str, object] | None = None
 
 
+@attrs.frozen
+class WaitInfo:
+    """Why a request for ``model`` is still waiting, for people (see ``feedback.describe``)."""
+
+    model: str
+    #: "queued" (slots busy), "starting" (admission), "evicting", "busy" (room held by busy
+    #: models), "loading", "stopping" (the old process must go first), "backoff" (after a failure).
+    phase: str
+    #: Requests ahead of this one in the queue, and requests the backend is serving.
+    ahead: int = 0
+    running: int = 0
+    #: The models being evicted, or busy in the way.
+    others: tuple[str, ...] = ()
+    #: Seconds the load has run, and the last load's duration of this model (None: never loaded).
+    elapsed: float = 0.0
+    last_load: float | None = None
+
+
 def _wall(monotonic: float | None) -> float | None:
     return None if monotonic is None else time.time() - (trio.current_time() - monotonic)
 
 
 class Supervisor:
     def __init__(self, config: Config, catalog: Catalog, binary: str, *, memory: MemoryManager,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, bus: events.Bus | None = None) -> None:
         self.config = config
+        self.bus = bus if bus is not None else events.Bus()
         self.catalog = catalog
         self.binary = binary
         self.memory = memory
@@ -91,6 +112,12 @@ class Supervisor:
         self._admitting: dict[str, _Admission] = {}
         #: Models whose turn is up: they take no new requests, finish theirs, and make way.
         self._yielding: set[str] = set()
+        #: What each admission is waiting on now: ("evicting" | "busy", the models in the way).
+        self._making_room: dict[str, tuple[str, tuple[str, ...]]] = {}
+        #: Models whose queue is past its high mark (an event said so; one more when it drains).
+        self._queue_high: set[str] = set()
+        #: Seconds each model's last load took: the yardstick for "loading X: 45%".
+        self._load_seconds: dict[str, float] = {}
         self._admission_lock = trio.Lock()
         self._changed = trio.Event()
         #: Bumped on every change of state, load, queue or catalog: lets views cache.
@@ -110,7 +137,7 @@ class Supervisor:
         """Refuse new work, let in-flight requests finish (bounded), stop every backend."""
         self._closing = True
         for backend in list(self._backends.values()):
-            backend.request_stop("shutdown", drain_timeout=drain_timeout)
+            backend.request_stop("shutdown", cause="shutdown", drain_timeout=drain_timeout)
         for backend in list(self._backends.values()):
             await backend.wait_gone()
 
@@ -119,12 +146,26 @@ class Supervisor:
         """Join ``name``'s queue (429 at once when full); pass the ticket to ``acquire_ticket``."""
         entry = self.catalog.resolve(name)
         ticket = self._queue(entry.name).enter(priority, self.config.scheduler.max_queue_wait)
+        self._watch_queue_depth(entry.name)
         self._signal_watchers()
         return ticket
 
     def dequeue(self, name: str, ticket: scheduler.Ticket) -> None:
-        self._queue(self.catalog.resolve(name).name).leave(ticket)
+        entry = self.catalog.resolve(name)
+        self._queue(entry.name).leave(ticket)
+        self._watch_queue_depth(entry.name)
         self._signal_watchers()
+
+    def _watch_queue_depth(self, name: str) -> None:
+        """``queue.high`` once a queue reaches half its limit, ``queue.normal`` once it is back
+        under a quarter (the gap keeps a queue hovering at the mark from flooding consumers)."""
+        depth, limit = self.queued(name), self.config.scheduler.max_queue
+        if name not in self._queue_high and limit and depth >= max(1, limit // 2):
+            self._queue_high.add(name)
+            self.bus.publish("queue.high", name, depth=depth, max_queue=limit)
+        elif name in self._queue_high and depth <= limit // 4:
+            self._queue_high.discard(name)
+            self.bus.publish("queue.normal", name, depth=depth, max_queue=limit)
 
     def requeue(self, name: str, ticket: scheduler.Ticket) -> None:
         """Put a dequeued ticket back in its place (its request never reached a backend)."""
@@ -148,6 +189,24 @@ class Supervisor:
         waited = trio.current_time() - ticket.enqueued
         raise Unavailable(f"waited {waited:.0f} s for {entry.name!r} without a free slot "
                           f"(scheduler.max_queue_wait); retry later", code="queue_timeout", retry_after=5)
+
+    def wait_info(self, name: str, ticket: scheduler.Ticket) -> WaitInfo:
+        """What the request holding ``ticket`` waits for now."""
+        entry = self.catalog.resolve(name)
+        name = entry.name
+        room = self._making_room.get(name)
+        if room is not None:
+            return WaitInfo(name, room[0], others=room[1])
+        backend = self._backends.get(name)
+        last = self._load_seconds.get(name)
+        if backend is None:
+            return WaitInfo(name, "backoff" if self._failures.get(name) else "starting", last_load=last)
+        if backend.state is State.STARTING:
+            return WaitInfo(name, "loading", elapsed=trio.current_time() - backend.started_at, last_load=last)
+        if backend.state is State.STOPPING or backend.stop_requested:
+            return WaitInfo(name, "stopping")
+        queue = self._queues.get(name)
+        return WaitInfo(name, "queued", ahead=queue.ahead_of(ticket) if queue else 0, running=backend.in_flight)
 
     def _my_turn(self, backend: Backend, queue: scheduler.ModelQueue, ticket: scheduler.Ticket) -> bool:
         return (backend.name not in self._yielding and backend.in_flight < backend.spec.slots
@@ -227,6 +286,8 @@ class Supervisor:
                 continue
             if entry.name in self._failures:
                 self._failures[entry.name].loaded()
+            if backend.ready_at is not None:
+                self._load_seconds[entry.name] = backend.ready_at - backend.started_at
             return backend
 
     def unload(self, name: str, *, force: bool = False) -> Backend | None:
@@ -234,7 +295,7 @@ class Supervisor:
         entry = self.catalog.resolve(name)
         backend = self._backends.get(entry.name)
         if backend is not None:
-            backend.request_stop("unloaded" if not force else "unloaded (forced)",
+            backend.request_stop("unloaded" if not force else "unloaded (forced)", cause="operator",
                                  drain_timeout=0.0 if force else math.inf)
         return backend
 
@@ -330,7 +391,7 @@ class Supervisor:
                 if isinstance(plan, admission.Refuse):
                     raise InsufficientMemory(plan.reason, data=self.memory.explain(newcomer, residents))
                 if isinstance(plan, admission.Admit):
-                    await self._evict(plan)
+                    await self._evict(plan, entry.name)
                     await self.memory.wait_released(newcomer.need)
                     return dict(newcomer.need), gpu
                 now = trio.current_time()
@@ -352,12 +413,14 @@ class Supervisor:
                     if newly:  # those held only by queued demand are evictable now: plan again
                         made_yield |= newly
                         continue
+                self._making_room[entry.name] = ("busy", tuple(plan.busy))
                 timers = [waited_since + limit - now] + [turn - served for served in turn_over.values() if served < turn]
                 if waited < turn:
                     timers.append(turn - waited)
                 with trio.move_on_after(max(0.0, min(timers))):
                     await self._changed.wait()
         finally:
+            self._making_room.pop(entry.name, None)
             # Models that yielded for a newcomer that gave up (or did not need them) serve again.
             for name in made_yield:
                 backend = self._backends.get(name)
@@ -396,11 +459,19 @@ class Supervisor:
             busy=demand and not backend.stop_requested,
             last_used=backend.last_used, usage=self.memory.usage(backend))
 
-    async def _evict(self, plan: admission.Admit) -> None:
+    async def _evict(self, plan: admission.Admit, newcomer: str) -> None:
         victims = [self._backends[name] for name in plan.evict if name in self._backends]
+        if victims:
+            self._making_room[newcomer] = ("evicting", tuple(victim.name for victim in victims))
         for victim in victims:
-            reason = "group swap" if victim.name in plan.group_swap else "evicted to make room"
-            victim.request_stop(reason, drain_timeout=victim.spec.stop_grace)
+            if victim.name in plan.group_swap:
+                reason, cause = f"group swap for {newcomer}", "group"
+            else:
+                reason = f"evicted to make room for {newcomer}"
+                cause = "turn" if victim.name in self._yielding else "memory"
+            if not victim.stop_requested:
+                self.bus.publish("model.evicted", victim.name, cause=cause, reason=reason, **{"for": newcomer})
+            victim.request_stop(reason, cause=cause, drain_timeout=victim.spec.stop_grace)
         for victim in victims:
             await victim.wait_gone()
 
@@ -411,9 +482,10 @@ class Supervisor:
             env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpu.removeprefix("gpu")}
         policy = self.config.scheduler
         backend = Backend(spec, idle_ttl=entry.idle_ttl, upstream_read_timeout=self.config.server.upstream_read_timeout,
-                          env=env, on_change=self._notify_change,
+                          env=env, on_change=self._notify_change, bus=self.bus,
                           health=HealthPolicy(policy.health_interval, policy.health_timeout, policy.health_failures))
         self._backends[entry.name] = backend
+        self.bus.publish("model.loading", entry.name, restart=entry.name in self._failures, device=gpu or "ram")
         self._nursery.start_soon(self._run_backend, backend, name=f"backend {entry.name}")
         self._notify_change()
         return backend
@@ -427,8 +499,15 @@ class Supervisor:
             self._yielding.discard(backend.name)
             if backend.error:
                 self._last_failure[backend.name] = backend
+                was_looping = self.crash_looping(backend.name)
                 history = self._failures.setdefault(backend.name, scheduler.FailureHistory())
                 history.record(trio.current_time(), backend.error, backend.exit_code, backend.log.text_tail(40))
+                if not was_looping and self.crash_looping(backend.name):
+                    policy = self.config.scheduler
+                    log.error("%s is failed: %d failures within %g s; `routerctl reset %s` once fixed",
+                              backend.name, policy.crash_loop_failures, policy.crash_loop_window, backend.name)
+                    self.bus.publish("model.crash_loop", backend.name, failures=policy.crash_loop_failures,
+                                     window=policy.crash_loop_window, last_error=backend.error)
             else:
                 self._last_failure.pop(backend.name, None)
             self._notify_change()
@@ -459,10 +538,10 @@ class Supervisor:
         for name, backend in list(self._backends.items()):
             entry = catalog.get(name)
             if entry is None or entry.name != name:
-                backend.request_stop("removed from config")
+                backend.request_stop("removed from config", cause="reload")
                 outcome["stopped"].append(name)
             elif spec_for(entry, config, self.binary) != backend.spec:
-                backend.request_stop("config changed")
+                backend.request_stop("config changed", cause="reload")
                 outcome["restarted"].append(name)
             else:
                 backend.set_idle_ttl(entry.idle_ttl)

@@ -45,13 +45,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--fake-tokens", type=int, default=8)
     p.add_argument("--fake-silent-load", action="store_true")
     p.add_argument("--fake-hang-after", type=float, default=None)
+    p.add_argument("--metrics", action="store_true")
+    p.add_argument("--ctx-size", "-c", type=int, default=4096)
     args, _unknown = p.parse_known_args()  # accept every real llama-server flag
     return args
 
 
 ARGS = parse()
 READY_AT = time.monotonic() + ARGS.fake_load_seconds
-STATE = {"in_flight": 0}
+STATE = {"in_flight": 0, "prompt_tokens": 0, "predicted": 0}
 LOCK = threading.Lock()
 
 
@@ -101,7 +103,25 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/props":
             self._json(200, {"total_slots": ARGS.parallel, "model_path": ARGS.model, "fake": True})
         elif self.path == "/slots":
-            self._json(200, [{"id": i, "is_processing": False} for i in range(ARGS.parallel)])
+            busy = STATE["in_flight"]
+            self._json(200, [{"id": i, "n_ctx": ARGS.ctx_size, "is_processing": i < busy,
+                              "n_prompt_tokens": 100 if i < busy else 0, "next_token": [{"n_decoded": 0}]}
+                             for i in range(ARGS.parallel)])
+        elif self.path == "/metrics" and ARGS.metrics:  # like llama-server: only with --metrics
+            text = ("# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.\n"
+                    "# TYPE llamacpp:prompt_tokens_total counter\n"
+                    f"llamacpp:prompt_tokens_total {STATE['prompt_tokens']}\n"
+                    "# HELP llamacpp:tokens_predicted_total Number of generation tokens processed.\n"
+                    "# TYPE llamacpp:tokens_predicted_total counter\n"
+                    f"llamacpp:tokens_predicted_total {STATE['predicted']}\n"
+                    "# HELP llamacpp:requests_processing Number of requests processing.\n"
+                    "# TYPE llamacpp:requests_processing gauge\n"
+                    f"llamacpp:requests_processing {STATE['in_flight']}\n").encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text)
         elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": ARGS.alias or ARGS.model}]})
         else:
@@ -133,8 +153,12 @@ class Handler(BaseHTTPRequestHandler):
                              "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}]})
         elif path in ("/v1/chat/completions", "/v1/completions", "/completion", "/chat/completions"):
             n = int(body.get("max_tokens") or body.get("n_predict") or ARGS.fake_tokens)
+            prompt = prompt_tokens(body)
+            with LOCK:
+                STATE["prompt_tokens"] += prompt
+                STATE["predicted"] += n
             if body.get("stream"):
-                self._stream(n, chat="chat" in path)
+                self._stream(n, chat="chat" in path, prompt=prompt)
             else:
                 for _ in range(n):  # like llama-server, notice a client that hung up while generating
                     time.sleep(ARGS.fake_token_delay)
@@ -145,7 +169,8 @@ class Handler(BaseHTTPRequestHandler):
                 choice = {"index": 0, "finish_reason": "length"}
                 choice.update({"message": {"role": "assistant", "content": text}} if "chat" in path else {"text": text})
                 self._json(200, {"object": "chat.completion", "model": ARGS.alias, "choices": [choice],
-                                 "usage": {"completion_tokens": n}})
+                                 "usage": {"prompt_tokens": prompt, "completion_tokens": n,
+                                           "total_tokens": prompt + n}})
         else:
             self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
 
@@ -153,7 +178,7 @@ class Handler(BaseHTTPRequestHandler):
         readable, _, _ = select.select([self.connection], [], [], 0)
         return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
 
-    def _stream(self, n: int, chat: bool) -> None:
+    def _stream(self, n: int, chat: bool, prompt: int) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
@@ -171,8 +196,19 @@ class Handler(BaseHTTPRequestHandler):
             chunk(b"data: " + json.dumps({"choices": [{"index": 0, **delta}]}).encode() + b"\n\n")
             log(f"streamed token {i}")
             time.sleep(ARGS.fake_token_delay)
+        # Like llama-server: the last chunk carries timings (usage only when asked for).
+        last = {"choices": [{"index": 0, "finish_reason": "length", **({"delta": {}} if chat else {"text": ""})}],
+                "timings": {"cache_n": 0, "prompt_n": prompt, "predicted_n": n}}
+        chunk(b"data: " + json.dumps(last).encode() + b"\n\n")
         chunk(b"data: [DONE]\n\n")
         chunk(b"")
+
+
+def prompt_tokens(body: dict) -> int:
+    """A stand-in token count: one per word of the prompt or messages."""
+    text = body.get("prompt") or " ".join(str(m.get("content", "")) for m in body.get("messages", [])
+                                          if isinstance(m, dict))
+    return max(1, len(str(text).split()))
 
 
 def main() -> None:

@@ -1,0 +1,370 @@
+"""Prometheus metrics: routerd's own, and each running llama-server's, in one scrape.
+
+Owns the daemon's registry (never prometheus_client's global one), the counters and histograms
+fed by events as they happen (``observe`` listens on the bus, so nothing is counted twice or
+missed), the gauges read from the supervisor at scrape time (states, queues, memory), and
+fetching the children's ``/metrics`` and ``/slots`` once per scrape, each bounded by
+``metrics.backend_timeout``. Label values are catalog names and routerd's own words (routes,
+reasons, error codes), never raw client input: a request for an unknown model counts under
+``model=""``.
+
+A scrape reads no GGUF file (estimates are cached per spec) and walks no /proc tree: one status
+file per running llama-server. It must not change state: it only reads. Names are listed in
+docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import attrs
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from routerd import __version__, events, llama_args
+from routerd.backend import Backend, State
+from routerd.supervisor import Supervisor, spec_for
+from routerd.upstream import UpstreamError
+
+log = logging.getLogger("routerd.metrics")
+
+#: Latencies of LLM requests run from a cached /tokenize to a long generation.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+#: Content type of the text exposition format.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STATES = tuple(state.value for state in State)
+
+
+@attrs.frozen
+class BuildInfo:
+    version: str
+    llama_server: str
+    llama_server_version: str
+
+
+class Metrics:
+    """One daemon's metrics. Feed it events (``observe``) and control calls; ``render`` a scrape."""
+
+    def __init__(self, supervisor: Supervisor, build: BuildInfo, *, started: float | None = None) -> None:
+        self.supervisor = supervisor
+        self.build = build
+        self.started = time.time() if started is None else started
+        #: KV-cache utilisation per model, from the children's /slots at the last scrape.
+        self._kv: dict[str, float] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.registry)  # process_* for routerd itself: CPU, RSS, fds
+        r = self.registry
+        self.requests = Counter("routerd_requests", "Proxied requests finished, by model, route and HTTP status",
+                                ["model", "route", "status"], registry=r)
+        self.duration = Histogram("routerd_request_duration_seconds", "Time from request to the end of its answer",
+                                  ["model", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttfb = Histogram("routerd_time_to_first_byte_seconds",
+                              "Time from request to the first byte of the backend's answer sent to the client",
+                              ["model", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("routerd_queue_wait_seconds",
+                                    "Time a request waited for a slot of its model (loading included)",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.rejected = Counter("routerd_requests_rejected", "Requests routerd answered with its own error, by reason "
+                                "(the error code: queue_full, queue_timeout, insufficient_memory, model_failed...)",
+                                ["model", "reason"], registry=r)
+        self.cancelled = Counter("routerd_requests_cancelled", "Requests whose client hung up before the end",
+                                 ["model"], registry=r)
+        self.prompt_tokens = Counter("routerd_prompt_tokens", "Prompt tokens of finished requests (usage or timings)",
+                                     ["model"], registry=r)
+        self.completion_tokens = Counter("routerd_completion_tokens",
+                                         "Completion tokens of finished requests (usage or timings)", ["model"],
+                                         registry=r)
+        self.response_bytes = Counter("routerd_response_bytes", "Bytes of answers sent to clients", ["model"],
+                                      registry=r)
+        self.loads = Counter("routerd_loads", "Backend starts by outcome (ready, failed, cancelled)",
+                             ["model", "outcome"], registry=r)
+        self.load_duration = Histogram("routerd_load_duration_seconds", "Time from spawn to ready",
+                                       ["model"], buckets=LOAD_BUCKETS, registry=r)
+        self.stops = Counter("routerd_stops", "Backends stopped, by cause (idle, memory, group, turn, reload, "
+                             "operator, shutdown, unresponsive)", ["model", "cause"], registry=r)
+        self.evictions = Counter("routerd_evictions", "Backends stopped to make room for another model, by cause "
+                                 "(memory, group, turn)", ["model", "cause"], registry=r)
+        self.failures = Counter("routerd_backend_failures", "Backends that exited unexpectedly or failed to load",
+                                ["model"], registry=r)
+        self.restarts = Counter("routerd_restarts", "Backend starts after a failure", ["model"], registry=r)
+        self.crash_loops = Counter("routerd_crash_loops", "Times a model was marked failed by the crash-loop breaker",
+                                   ["model"], registry=r)
+        self.control_calls = Counter("routerd_control_calls", "Control-socket calls by method and outcome",
+                                     ["method", "outcome"], registry=r)
+        self.rescans = Counter("routerd_rescans", "Catalog rescans by trigger and outcome", ["trigger", "outcome"],
+                               registry=r)
+        self.reloads = Counter("routerd_reloads", "Config reloads by outcome", ["outcome"], registry=r)
+        r.register(_Snapshot(self))
+
+    # -- events -------------------------------------------------------------------------------
+    def observe(self, event: events.Event) -> None:
+        """Count one event (a bus listener)."""
+        handler = self._handlers.get(event.type)
+        if handler is not None:
+            handler(self, event.model or "", event.data)
+
+    def _request(self, model: str, data: dict[str, Any]) -> None:
+        route = data["route"]
+        self.requests.labels(model, route, str(data["status"])).inc()
+        self.duration.labels(model, route).observe(data["duration"])
+        if data.get("ttfb") is not None:
+            self.ttfb.labels(model, route).observe(data["ttfb"])
+        if data.get("queue_wait") is not None:
+            self.queue_wait.labels(model).observe(data["queue_wait"])
+        if data.get("error") and data["status"] != 502:
+            self.rejected.labels(model, data["error"]).inc()
+        if data.get("cancelled"):
+            self.cancelled.labels(model).inc()
+        if data.get("prompt_tokens"):
+            self.prompt_tokens.labels(model).inc(data["prompt_tokens"])
+        if data.get("completion_tokens"):
+            self.completion_tokens.labels(model).inc(data["completion_tokens"])
+        self.response_bytes.labels(model).inc(data.get("bytes_out", 0))
+
+    def _loading(self, model: str, data: dict[str, Any]) -> None:
+        if data.get("restart"):
+            self.restarts.labels(model).inc()
+
+    def _ready(self, model: str, data: dict[str, Any]) -> None:
+        self.loads.labels(model, "ready").inc()
+        self.load_duration.labels(model).observe(data["load_seconds"])
+
+    def _stopped(self, model: str, data: dict[str, Any]) -> None:
+        if data.get("while_loading"):
+            self.loads.labels(model, "cancelled").inc()
+        self.stops.labels(model, data["cause"]).inc()
+
+    def _failed(self, model: str, data: dict[str, Any]) -> None:
+        if data.get("while_loading"):
+            self.loads.labels(model, "failed").inc()
+        self.failures.labels(model).inc()
+
+    def _evicted(self, model: str, data: dict[str, Any]) -> None:
+        self.evictions.labels(model, data["cause"]).inc()
+
+    def _crash_loop(self, model: str, data: dict[str, Any]) -> None:
+        self.crash_loops.labels(model).inc()
+
+    def _rescan(self, model: str, data: dict[str, Any]) -> None:
+        self.rescans.labels(data["trigger"], "ok" if data.get("ok", True) else "error").inc()
+
+    def _reload(self, model: str, data: dict[str, Any]) -> None:
+        self.reloads.labels("ok" if data.get("ok") else "error").inc()
+
+    _handlers = {events.REQUEST: _request, "model.loading": _loading, "model.ready": _ready,
+                 "model.stopped": _stopped, "model.failed": _failed, "model.evicted": _evicted,
+                 "model.crash_loop": _crash_loop, "catalog.rescan": _rescan, "config.reload": _reload}
+
+    def control_call(self, method: str, outcome: str) -> None:
+        """Count a control call (``method`` must be a known method name or "unknown")."""
+        self.control_calls.labels(method, outcome).inc()
+
+    # -- a scrape -----------------------------------------------------------------------------
+    async def render(self, *, backends: bool = True, timeout: float = 1.0) -> bytes:
+        """The whole exposition: routerd's registry, then every running llama-server's own."""
+        scraped: list[_Scraped] = []
+        if backends:
+            scraped = await scrape_backends(self._ready_backends(), timeout)
+        self._kv = {s.model: s.kv_utilization for s in scraped if s.kv_utilization is not None}
+        text = generate_latest(self.registry)
+        return text + generate_latest(_Families(merge_families(scraped)))
+
+    def _ready_backends(self) -> list[Backend]:
+        found = []
+        for entry in self.supervisor.catalog:
+            backend = self.supervisor.running(entry.name)
+            if backend is not None and backend.state is State.READY and backend.upstream is not None:
+                found.append(backend)
+        return found
+
+
+@attrs.define
+class _Scraped:
+    model: str
+    families: list[Metric]
+    kv_utilization: float | None
+
+
+async def scrape_backends(backends: Iterable[Backend], timeout: float) -> list[_Scraped]:
+    """Each backend's /metrics and /slots, fetched concurrently; one that fails or is slow is left out."""
+    results: list[_Scraped] = []
+
+    async def scrape(backend: Backend) -> None:
+        pool = backend.upstream
+        if pool is None:
+            return
+        with trio.move_on_after(timeout):
+            try:
+                status, body = await pool.get("/metrics", timeout=timeout)
+                families = parse_families(body) if status == 200 else []
+                status, slots = await pool.get("/slots", timeout=timeout)
+                kv = kv_utilization(json.loads(slots), _ctx_size(backend)) if status == 200 else None
+            except (UpstreamError, ValueError, TypeError, KeyError) as exc:
+                log.debug("scraping %s failed: %s", backend.name, exc)
+                return
+            results.append(_Scraped(backend.name, families, kv))
+
+    async with trio.open_nursery() as nursery:
+        for backend in backends:
+            nursery.start_soon(scrape, backend)
+    return results
+
+
+def parse_families(text: bytes) -> list[Metric]:
+    return list(text_string_to_metric_families(text.decode("utf-8", "replace")))
+
+
+def kv_utilization(slots: Any, ctx_size: int | None) -> float | None:
+    """Fraction of the context cells held by requests in flight, from llama-server's /slots
+    (pure): prompt tokens plus tokens decoded, over the whole context (``--ctx-size``, which the
+    slots share). llama-server 11434 exports no KV-cache gauge of its own."""
+    if not isinstance(slots, list) or not slots:
+        return None
+    cells = ctx_size or max(int(slot.get("n_ctx", 0)) for slot in slots)
+    if cells <= 0:
+        return None
+    held = 0
+    for slot in slots:
+        if slot.get("is_processing"):
+            decoded = sum(int(t.get("n_decoded", 0)) for t in slot.get("next_token", []) if isinstance(t, dict))
+            held += int(slot.get("n_prompt_tokens", 0)) + decoded
+    return min(1.0, held / cells)
+
+
+def _ctx_size(backend: Backend) -> int | None:
+    value = llama_args.flag_value([*backend.spec.flags, *backend.spec.extra], "--ctx-size")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def merge_families(scraped: Iterable[_Scraped]) -> list[Metric]:
+    """The children's families, one per name, each sample labelled with its model (pure).
+
+    A counter whose samples lack the ``_total`` suffix (llama-server's ``n_tokens_max``) is
+    passed on untyped: the text format names a counter's samples ``NAME_total``.
+    """
+    merged: dict[str, Metric] = {}
+    for one in scraped:
+        for family in one.families:
+            kind = family.type
+            if kind == "counter" and any(not s.name.endswith("_total") for s in family.samples):
+                kind = "unknown"
+            target = merged.get(family.name)
+            if target is None:
+                target = merged[family.name] = Metric(family.name, family.documentation, kind)
+            for sample in family.samples:
+                target.add_sample(sample.name, {**sample.labels, "model": one.model}, sample.value)
+    return list(merged.values())
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+class _Snapshot:
+    """The gauges read from the supervisor at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = self.metrics
+        supervisor = metrics.supervisor
+        build = metrics.build
+        info = InfoMetricFamily("routerd_build", "routerd's version and its llama-server",
+                                value={"version": build.version, "llama_server": build.llama_server,
+                                       "llama_server_version": build.llama_server_version})
+        yield info
+        yield GaugeMetricFamily("routerd_start_time_seconds", "When routerd started (Unix time)", metrics.started)
+        yield GaugeMetricFamily("routerd_uptime_seconds", "Seconds since routerd started", time.time() - metrics.started)
+        entries = list(supervisor.catalog)
+        yield GaugeMetricFamily("routerd_catalog_models", "Models in the catalog", len(entries))
+
+        state = GaugeMetricFamily("routerd_model_state", "1 for the state each model is in", labels=["model", "state"])
+        queued = GaugeMetricFamily("routerd_queued_requests", "Requests waiting for a slot of the model "
+                                   "(scale-out contract: an endpoint picker's queue depth)", labels=["model"])
+        running = GaugeMetricFamily("routerd_running_requests", "Requests being served by the model's backend "
+                                    "(scale-out contract)", labels=["model"])
+        in_flight = GaugeMetricFamily("routerd_in_flight_requests", "Requests routerd holds for the model: queued "
+                                      "plus running", labels=["model"])
+        slots = GaugeMetricFamily("routerd_backend_slots", "Parallel slots of the model's running backend",
+                                  labels=["model"])
+        kv = GaugeMetricFamily("routerd_kv_cache_utilization", "Fraction of the backend's context cells held by "
+                               "requests in flight, 0..1 (scale-out contract)", labels=["model"])
+        crash = GaugeMetricFamily("routerd_model_crash_looping", "1 while the crash-loop breaker holds the model",
+                                  labels=["model"])
+        estimate = GaugeMetricFamily("routerd_model_memory_estimate_bytes", "Estimated footprint per device",
+                                     labels=["model", "device"])
+        measured = GaugeMetricFamily("routerd_model_memory_measured_bytes", "Memory the running backend uses now",
+                                     labels=["model", "device"])
+        peak = GaugeMetricFamily("routerd_model_memory_peak_bytes", "Largest use measured for the model's spec",
+                                 labels=["model", "device"])
+        memory = supervisor.memory
+        for entry in entries:
+            name = entry.name
+            current = supervisor.state_of(name)
+            for value in STATES:
+                state.add_metric([name, value], 1.0 if value == current else 0.0)
+            backend = supervisor.running(name)
+            depth = supervisor.queued(name)
+            busy = backend.in_flight if backend is not None else 0
+            queued.add_metric([name], depth)
+            running.add_metric([name], busy)
+            in_flight.add_metric([name], depth + busy)
+            crash.add_metric([name], 1.0 if supervisor.crash_looping(name) else 0.0)
+            if backend is not None:
+                slots.add_metric([name], backend.spec.slots)
+                if name in metrics._kv:
+                    kv.add_metric([name], metrics._kv[name])
+            spec = spec_for(entry, supervisor.config, supervisor.binary)
+            footprint = memory.estimate(spec)
+            for device, nbytes in (footprint.per_device.items() if footprint else ()):
+                estimate.add_metric([name, device], nbytes)
+            seen = memory.measure(backend) if backend is not None else memory.measured(spec)
+            for device, nbytes in (seen.current.items() if seen and backend is not None else ()):
+                measured.add_metric([name, device], nbytes)
+            for device, nbytes in (seen.per_device.items() if seen else ()):
+                peak.add_metric([name, device], nbytes)
+        yield from (state, queued, running, in_flight, slots, kv, crash, estimate, measured, peak)
+
+        devices = memory.report(supervisor.residents())
+        for key, help_text in (("total", "Device memory"), ("budget", "Memory routerd may plan with (total minus reserve)"),
+                               ("used", "Memory routerd counts as held by its backends"),
+                               ("free", "Budget not held by routerd's backends")):
+            family = GaugeMetricFamily(f"routerd_device_memory_{key}_bytes", help_text, labels=["device"])
+            for device in devices:
+                family.add_metric([str(device["device"])], float(device[key]))  # type: ignore[arg-type]
+            yield family
+        yield GaugeMetricFamily("routerd_event_subscribers", "Open /events and `routerctl events` consumers",
+                                supervisor.bus.subscribers)
+
+
+def llama_server_version(binary: str) -> str:
+    """``llama-server --version``'s first line (blocking: run it in a thread), or "unknown"."""
+    import subprocess
+
+    try:
+        done = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    for line in (done.stdout + done.stderr).splitlines():
+        if line.startswith("version:"):
+            return line.removeprefix("version:").strip()
+    return "unknown"
+
+
+def build_info(binary: str, version: str) -> BuildInfo:
+    return BuildInfo(__version__, binary, version)

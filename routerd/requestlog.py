@@ -1,0 +1,47 @@
+"""The request log: one line per finished proxied request, on the ``routerd.requests`` logger.
+
+Owns the line's words. It listens on the event bus (``events.REQUEST``); a text line is short
+enough for the journal to stay readable, and under ``logging.format = "json"`` the same fields
+ride on the record (``logs.JsonFormatter`` writes them out). It must not count anything (metrics
+do) or touch requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from routerd import events
+
+log = logging.getLogger("routerd.requests")
+#: The attribute of a log record that carries the request's fields.
+FIELDS = "request"
+
+
+def line(model: str, data: dict[str, Any]) -> str:
+    """The text of one request's line (pure)."""
+    parts = [model or "-", data["method"], data["route"], str(data["status"]), f"{data['duration']:.3f}s"]
+    if data.get("ttfb") is not None:
+        parts.append(f"ttfb={data['ttfb']:.3f}s")
+    if data.get("queue_wait") is not None:
+        parts.append(f"queue={data['queue_wait']:.3f}s")
+    if data.get("prompt_tokens") is not None:
+        parts.append(f"tokens={data['prompt_tokens']}/{data['completion_tokens']}")
+    parts.append(f"in={data['bytes_in']}B out={data['bytes_out']}B")
+    parts.append(f"client={data['client']}")
+    if data.get("key"):
+        parts.append(f"key={data['key']}")
+    if data.get("stream"):
+        parts.append("stream")
+    if data.get("error"):
+        parts.append(f"error={data['error']}")
+    if data.get("cancelled"):
+        parts.append("cancelled")
+    return " ".join(parts)
+
+
+def observe(event: events.Event) -> None:
+    """A bus listener: log ``event`` if it is a finished request."""
+    if event.type == events.REQUEST and log.isEnabledFor(logging.INFO):
+        log.info("%s", line(event.model or "", event.data),
+                 extra={FIELDS: {"model": event.model or None, **event.data}})
