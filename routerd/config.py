@@ -49,6 +49,9 @@ class ServerConfig:
     max_headers: int = 100
     #: Seconds a request body may take to arrive once its headers are in (408 beyond).
     body_timeout: float = 60.0
+    #: Seconds a write to a client may make no progress (it stopped reading) before its
+    #: connection is closed, releasing what the request held.
+    send_timeout: float = 60.0
     #: Origins (``https://chat.example.org``) whose pages may call routerd from a browser; none
     #: gets any Access-Control-Allow-* header unless listed here. ``"*"`` allows every origin.
     cors_origins: list[str] = attrs.field(factory=list)
@@ -311,7 +314,7 @@ def _validate(config: Config) -> list[str]:
     errors: list[str] = []
     if not 0 <= config.server.port <= 65535:
         errors.append(f"server.port: {config.server.port} is not a port number (0-65535)")
-    for key in ("max_body_bytes", "header_timeout", "max_header_bytes", "max_headers", "body_timeout"):
+    for key in ("max_body_bytes", "header_timeout", "max_header_bytes", "max_headers", "body_timeout", "send_timeout"):
         if getattr(config.server, key) <= 0:
             errors.append(f"server.{key}: must be positive")
     for key in ("max_connections", "idle_timeout"):

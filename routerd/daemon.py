@@ -246,7 +246,8 @@ class Daemon:
                           *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             await http_server.serve(app, http_config, shutdown_trigger=self._http_stop.wait,
-                                    tls=self.certificates.current, task_status=task_status)
+                                    tls=self.certificates.current, send_timeout=self.config.server.send_timeout,
+                                    task_status=task_status)
         finally:
             stopped.set()
 

@@ -52,8 +52,10 @@ Listener = Callable[[Event], None]
 class Subscription:
     """One consumer's view of the bus: iterate it; it ends after a ``dropped`` event."""
 
-    def __init__(self, buffer: int, *, requests: bool, visible: Callable[[Event], bool]) -> None:
+    def __init__(self, buffer: int, *, requests: bool, visible: Callable[[Event], bool],
+                 drop_grace: float = DROP_GRACE) -> None:
         self.buffer = buffer
+        self.drop_grace = drop_grace
         self.requests = requests
         self.visible = visible
         self.dropped = False
@@ -69,7 +71,7 @@ class Subscription:
             self.dropped = True
             self._events.append(make_dropped(f"this consumer fell {self.buffer} events behind "
                                              "(metrics.event_buffer); reconnect to resume"))
-            self.scope.deadline = min(self.scope.deadline, trio.current_time() + DROP_GRACE)
+            self.scope.deadline = min(self.scope.deadline, trio.current_time() + self.drop_grace)
         else:
             self._events.append(event)
         self._arrived.set()
@@ -92,8 +94,9 @@ class Subscription:
 class Bus:
     """Where events are published. One per daemon."""
 
-    def __init__(self, buffer: int = 1000) -> None:
+    def __init__(self, buffer: int = 1000, *, drop_grace: float = DROP_GRACE) -> None:
         self.buffer = buffer
+        self.drop_grace = drop_grace
         self._listeners: list[Listener] = []
         self._subscriptions: set[Subscription] = set()
         self._seq = itertools.count(1)
@@ -117,8 +120,8 @@ class Bus:
     def subscribe(self, *, requests: bool = False,
                   visible: Callable[[Event], bool] = lambda event: True) -> Iterator[Subscription]:
         """A subscription for the ``with`` block. Run the consumer inside ``subscription.scope``:
-        it is cancelled ``DROP_GRACE`` s after the subscriber is dropped."""
-        subscription = Subscription(self.buffer, requests=requests, visible=visible)
+        it is cancelled ``drop_grace`` s after the subscriber is dropped."""
+        subscription = Subscription(self.buffer, requests=requests, visible=visible, drop_grace=self.drop_grace)
         self._subscriptions.add(subscription)
         try:
             yield subscription

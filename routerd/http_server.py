@@ -23,6 +23,7 @@ import hypercorn.config
 import trio
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
@@ -31,13 +32,14 @@ log = logging.getLogger("routerd.http")
 
 
 async def serve(app: Any, config: hypercorn.config.Config, *, shutdown_trigger: Callable[[], Awaitable[object]],
-                tls: Callable[[], ssl.SSLContext | None] = lambda: None,
+                tls: Callable[[], ssl.SSLContext | None] = lambda: None, send_timeout: float = 60.0,
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` on ``config.bind`` until ``shutdown_trigger`` returns; reports the bound URLs
     to ``task_status``. Open connections then get ``config.graceful_timeout`` to finish.
 
     ``tls`` gives the TLS context for each new connection (None: plain HTTP); asking per
-    connection is what lets a renewed certificate apply without a restart."""
+    connection is what lets a renewed certificate apply without a restart. A connection whose
+    client reads nothing for ``send_timeout`` s while routerd writes to it is closed."""
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
@@ -55,7 +57,7 @@ async def serve(app: Any, config: hypercorn.config.Config, *, shutdown_trigger: 
             urls = [f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}"
                     for sock in sockets.insecure_sockets]
             task_status.started(urls)
-            handler = partial(_connection, wrapped, config, context, lifespan_state, tls)
+            handler = partial(_connection, wrapped, config, context, lifespan_state, tls, send_timeout)
             async with trio.open_nursery() as accepting:
                 accepting.start_soon(partial(trio.serve_listeners, handler, listeners, handler_nursery=connections))
                 await shutdown_trigger()
@@ -68,18 +70,52 @@ async def serve(app: Any, config: hypercorn.config.Config, *, shutdown_trigger: 
 
 async def _connection(app: Any, config: hypercorn.config.Config, context: WorkerContext,
                       lifespan_state: dict[str, Any], tls: Callable[[], ssl.SSLContext | None],
-                      stream: trio.SocketStream) -> None:
+                      send_timeout: float, stream: trio.SocketStream) -> None:
     """One client connection, from accept to close, whatever hypercorn raises on the way."""
     ssl_context = tls()
     served: Any = stream
     if ssl_context is not None:  # hypercorn's server does the handshake (bounded by its timeout)
         served = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
     try:
-        await TCPServer(app, config, context, ConnectionState(lifespan_state.copy()), served)
+        await _Server(app, config, context, ConnectionState(lifespan_state.copy()), served,
+                      send_timeout=send_timeout, peer=_peer(stream))
     except* Exception as group:  # Cancelled (shutdown) passes through untouched
         log.error("HTTP connection from %s failed inside the HTTP server and was closed",
                   _peer(stream), exc_info=group)
         await trio.aclose_forcefully(stream)
+
+
+class _Server(TCPServer):
+    """hypercorn's per-connection server with a write timeout.
+
+    hypercorn shields each socket write from cancellation (a half-written frame would corrupt
+    the connection), so a client that stops reading while keeping its connection open would hold
+    the writing task, and whatever it holds (a backend slot, an event subscription), forever.
+    Here a write that makes no progress for ``send_timeout`` s closes the connection instead.
+    """
+
+    def __init__(self, *args: Any, send_timeout: float, peer: str) -> None:
+        super().__init__(*args)
+        self._send_timeout = send_timeout
+        self._peer = peer
+
+    async def protocol_send(self, event: Event) -> None:
+        if not isinstance(event, RawData):
+            await super().protocol_send(event)
+            return
+        async with self.send_lock:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + self._send_timeout
+                try:
+                    await self.stream.send_all(event.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.protocol.handle(Closed())
+                    return
+            if scope.cancelled_caught:
+                log.info("closing the connection of %s: it read nothing for %g s (server.send_timeout)",
+                         self._peer, self._send_timeout)
+                await trio.aclose_forcefully(self.stream)
+                await self.protocol.handle(Closed())
 
 
 def _peer(stream: trio.SocketStream) -> str:

@@ -80,7 +80,7 @@ async def test_group_swap_and_idle_ttl(start_routerd, tmp_path):
     smol = r.supervisor.running("smollm2-135m")
     second = await r.http.post("/v1/completions", json={"model": "gemma3-270m", "prompt": "Hi", "max_tokens": 2})
     assert second.status_code == 200
-    assert smol.gone and smol.stop_reason == "group swap" and pids_alive([smol.pid]) == []
+    assert smol.gone and smol.stop_reason == "group swap for gemma3-270m" and pids_alive([smol.pid]) == []
     gemma = r.supervisor.running("gemma3-270m")
     with trio.fail_after(10):
         await gemma.wait_gone()
@@ -111,7 +111,7 @@ async def test_memory_budget_evicts_lru_and_keeps_both_when_room(start_routerd, 
     assert (await r.http.post("/v1/completions", json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 1})).status_code == 200
     smol = r.supervisor.running("smollm2-135m")
     assert (await r.http.post("/v1/completions", json={"model": "gemma3-270m", "prompt": "Hi", "max_tokens": 1})).status_code == 200
-    assert smol.gone and smol.stop_reason == "evicted to make room"
+    assert smol.gone and smol.stop_reason == "evicted to make room for gemma3-270m"
     view = (await r.http.get("/memory")).json()
     smol_view = next(m for m in view["models"] if m["model"] == "smollm2-135m")
     assert smol_view["fits_now"] is False and smol_view["fits_after_eviction"] is True
@@ -146,7 +146,7 @@ async def test_busy_model_is_never_evicted(start_routerd, tmp_path, when_busy):
                 rest = [line async for line in lines if line]
                 assert rest[-1] == "data: [DONE]"  # the busy stream finished untouched
             assert answers[0].status_code == 200 and smol.gone
-            assert smol.stop_reason == "evicted to make room"
+            assert smol.stop_reason == "evicted to make room for gemma3-270m"
 
 
 async def test_estimates_are_within_25_percent_of_measured_rss(start_routerd, tmp_path):
