@@ -175,6 +175,9 @@ class MetricsConfig:
     backend_timeout: float = 1.0
     #: Events buffered per /events or `routerctl events` consumer; one that falls this far behind is dropped.
     event_buffer: int = 1000
+    #: Serve /metrics without a key even when keys are required (for scrapers and endpoint
+    #: pickers that cannot send one); it shows model names and load, never request content.
+    open: bool = False
 
 
 @attrs.frozen

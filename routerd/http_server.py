@@ -120,7 +120,9 @@ class _Server(TCPServer):
 
 def _peer(stream: trio.SocketStream) -> str:
     try:
-        host, port = stream.socket.getpeername()[:2]
+        address = stream.socket.getpeername()
     except OSError:
         return "?"
-    return f"{host}:{port}"
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address) or "?"  # a Unix socket

@@ -177,7 +177,8 @@ class ProxyApp:
             await client.fail(HeadersTooLarge(f"the request has {len(scope['headers'])} header fields; the limit "
                                               f"is {limit} (server.max_headers)"))
             return False
-        if scope["path"] not in OPEN_PATHS:
+        open_metrics = scope["path"] == "/metrics" and self.supervisor.config.metrics.open
+        if scope["path"] not in OPEN_PATHS and not open_metrics:
             try:
                 scope[CALLER] = self.gate.authenticate(scope["headers"])
             except RouterdError as exc:

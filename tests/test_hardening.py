@@ -361,7 +361,7 @@ async def test_a_failure_inside_the_http_server_closes_only_that_connection(capl
     ours, theirs = trio.socket.socketpair()
     stream = _FailingStream(trio.SocketStream(ours))
     with trio.fail_after(5):
-        await http_server._connection(app, config, http_server.WorkerContext(None), {}, lambda: None, stream)
+        await http_server._connection(app, config, http_server.WorkerContext(None), {}, lambda: None, 60.0, stream)
     assert stream.socket.fileno() == -1  # closed
     assert any("failed inside the HTTP server" in rec.getMessage() for rec in caplog.records)
     theirs.close()

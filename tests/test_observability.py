@@ -127,6 +127,13 @@ async def test_metrics_and_events_need_an_admin_key_once_keys_exist(start_router
     refused = await r.http.get("/metrics", headers={"Authorization": f"Bearer {scoped}"})
     assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
     assert (await r.http.get("/metrics", headers={"Authorization": f"Bearer {admin}"})).status_code == 200
+    data = make_config(tmp_path, {"a": {"path": model_file("a")}, "b": {"path": model_file("b")}},
+                       metrics={"open": True})
+    r.write_config(data)
+    await r.daemon.reload()
+    assert (await r.http.get("/metrics")).status_code == 200  # metrics.open: for keyless scrapers
+    assert (await r.http.get("/events")).status_code == 401  # the rest still needs a key
+    assert (await r.http.get("/v1/models")).status_code == 401
 
     # A scoped key's event stream shows its own model's events only.
     seen: list[dict] = []
