@@ -1,3 +1,3 @@
-from routerd.cli import main
+from routerd.ops.cli import main
 
 raise SystemExit(main())

@@ -11,9 +11,9 @@ import gguf
 import numpy as np
 import pytest
 
-from routerd import discovery, hub
+from routerd.models import discovery, hub
 from routerd.errors import NotFound
-from routerd.catalog import Catalog
+from routerd.models.catalog import Catalog
 from routerd.config import from_mapping
 from tests.conftest import make_config
 from tests.fake_hub import FakeHub

@@ -11,7 +11,7 @@ import tempfile
 import trio
 
 from routerctl.cli import main as routerctl
-from routerd.control import authorize
+from routerd.ops.control import authorize
 from tests.conftest import make_config
 
 
@@ -85,7 +85,7 @@ async def test_other_users_are_refused(start_routerd, tmp_path, model_file):
 async def test_socket_is_0660_and_a_second_routerd_refuses(start_routerd, tmp_path, model_file):
     r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
     assert oct(os.stat(r.daemon.socket_path).st_mode & 0o777) == "0o660"
-    from routerd.control import ControlServer
+    from routerd.ops.control import ControlServer
     from routerd.errors import RouterdError
     try:
         await ControlServer(r.daemon, r.daemon.socket_path).serve()

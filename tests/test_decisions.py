@@ -9,9 +9,12 @@ import sys
 import pytest
 from hypothesis import given, strategies as st
 
-from routerd import admission, config as config_mod, llama_args, memory, paths, proxy
+from routerd import config as config_mod, paths
+from routerd.backends import admission, memory
+from routerd import llama_args
+from routerd.front import proxy
 from routerd.errors import BadRequest, ConfigError
-from routerd.gguf_meta import GGUFMeta
+from routerd.models.gguf_meta import GGUFMeta
 from tests.conftest import FakeGpus
 
 

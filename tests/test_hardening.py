@@ -22,7 +22,8 @@ import pytest
 import tomli_w
 import trio
 
-from routerd import client_json, discovery
+from routerd import client_json
+from routerd.models import discovery
 from routerd.errors import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_UNAVAILABLE
 from tests.conftest import isolated_env, make_config, spawn_routerd
 from tests.test_catalog import hf_repo
@@ -352,7 +353,7 @@ class _FailingStream:
 async def test_a_failure_inside_the_http_server_closes_only_that_connection(caplog):
     import hypercorn.config
 
-    from routerd import http_server
+    from routerd.front import http_server
 
     async def app(scope, receive, send):  # never reached: the connection fails first
         raise AssertionError("the app should not run")

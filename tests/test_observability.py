@@ -16,7 +16,8 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from routerd import events, logs, requestlog
+from routerd import events
+from routerd.ops import logs, requestlog
 from tests.conftest import ROOT, make_config
 from tests.test_control import rpc
 
@@ -376,7 +377,7 @@ def test_the_example_config_documents_the_new_sections():
 
 
 def test_kv_cache_utilization_from_slots():
-    from routerd.metrics import kv_utilization
+    from routerd.ops.metrics import kv_utilization
     slots = [{"n_ctx": 4096, "is_processing": True, "n_prompt_tokens": 1000, "next_token": [{"n_decoded": 24}]},
              {"n_ctx": 4096, "is_processing": False, "n_prompt_tokens": 900},
              {"n_ctx": 4096, "is_processing": True, "n_prompt_tokens": 3000, "next_token": [{"n_decoded": 500}]}]
@@ -387,7 +388,7 @@ def test_kv_cache_utilization_from_slots():
 
 
 def test_token_counts_from_usage_anthropic_responses_and_timings():
-    from routerd import usage
+    from routerd.front import usage
     assert usage.from_body(b'{"usage": {"prompt_tokens": 5, "completion_tokens": 7}}') == (5, 7)
     assert usage.from_body(b'{"usage": {"input_tokens": 5, "output_tokens": 7}}') == (5, 7)
     assert usage.from_body(b'{"timings": {"prompt_n": 1, "cache_n": 30, "predicted_n": 3}}') == (31, 3)

@@ -10,7 +10,7 @@ import random
 import httpx
 import trio
 
-from routerd import scheduler
+from routerd.backends import scheduler
 from tests.conftest import make_config, record_spawns
 from tests.test_control import call, rpc
 

@@ -13,7 +13,7 @@ import h11
 import pytest
 import trio
 
-from routerd.upstream import ConnectionPool, UpstreamError
+from routerd.backends.upstream import ConnectionPool, UpstreamError
 
 Handler = Callable[[trio.SocketStream, h11.Connection, h11.Request], Awaitable[bool]]
 

@@ -27,10 +27,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from routerd import __version__, events, llama_args
-from routerd.backend import Backend, State
-from routerd.supervisor import Supervisor, spec_for
-from routerd.upstream import UpstreamError
+from routerd import __version__, events
+from routerd import llama_args
+from routerd.backends.backend import Backend, State
+from routerd.backends.supervisor import Supervisor, spec_for
+from routerd.backends.upstream import UpstreamError
 
 log = logging.getLogger("routerd.metrics")
 
@@ -51,6 +52,8 @@ class BuildInfo:
 
 class Metrics:
     """One daemon's metrics. Feed it events (``observe``) and control calls; ``render`` a scrape."""
+
+    content_type = CONTENT_TYPE
 
     def __init__(self, supervisor: Supervisor, build: BuildInfo, *, started: float | None = None) -> None:
         self.supervisor = supervisor

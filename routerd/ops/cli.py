@@ -16,7 +16,8 @@ import traceback
 
 import trio
 
-from routerd import __version__, config as config_mod, logs
+from routerd import __version__, config as config_mod
+from routerd.ops import logs
 from routerd.errors import EXIT_INTERNAL, ConfigError, RouterdError, leaves
 
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_mod.load(args.config)
         logs.setup(args.log_level, config.logging.format)
-        from routerd.daemon import serve
+        from routerd.ops.daemon import serve
 
         trio.run(serve, config, dict(os.environ))
     except Exception as exc:  # every kind: the user gets a line, never a traceback by surprise

@@ -23,9 +23,9 @@ import attrs
 
 from routerd import statefile
 from routerd.config import Config
-from routerd.discovery import Found, resolve_collisions
+from routerd.models.discovery import Found, resolve_collisions
 from routerd.errors import NotWritable, UnknownModel
-from routerd.gguf_meta import GGUFError, read_meta
+from routerd.models.gguf_meta import GGUFError, read_meta
 
 log = logging.getLogger("routerd.catalog")
 MANUAL_SOURCES = ("config", "import")

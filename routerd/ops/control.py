@@ -27,15 +27,15 @@ import trio
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 from routerd import __version__, client_json
-from routerd.access import Gate
+from routerd.front.access import Gate
 from routerd.config import CONVERTER, ControlConfig, flatten_errors
 from routerd.errors import ConfigError, NotWritable, RouterdError, StartupError
 
 if TYPE_CHECKING:
-    from routerd.backend import Backend
-    from routerd.logring import LogLine
-    from routerd.metrics import Metrics
-    from routerd.supervisor import Supervisor
+    from routerd.backends.backend import Backend
+    from routerd.backends.logring import LogLine
+    from routerd.ops.metrics import Metrics
+    from routerd.backends.supervisor import Supervisor
 
 log = logging.getLogger("routerd.control")
 #: Longest request line (bytes); a longer one is an error and ends the connection.

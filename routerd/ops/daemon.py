@@ -22,17 +22,20 @@ import hypercorn.config
 import trio
 
 from routerd import __version__, config as config_mod
-from routerd import discovery, events, http_server, hub, paths, requestlog
-from routerd.access import Gate
-from routerd.catalog import Catalog, ImportStore
+from routerd import events, paths
+from routerd.front import http_server
+from routerd.models import discovery, hub
+from routerd.ops import requestlog
+from routerd.front.access import Gate
+from routerd.models.catalog import Catalog, ImportStore
 from routerd.errors import BadRequest, RouterdError, StartupError, Unavailable, leaves
 from routerd.config import Config
-from routerd.control import ControlServer
-from routerd.memory import MemoryManager, NvmlProvider
-from routerd.metrics import BuildInfo, Metrics, build_info, llama_server_version
-from routerd.sdnotify import Notifier
-from routerd.supervisor import Supervisor
-from routerd.tls import Certificates
+from routerd.ops.control import ControlServer
+from routerd.backends.memory import MemoryManager, NvmlProvider
+from routerd.ops.metrics import BuildInfo, Metrics, build_info, llama_server_version
+from routerd.ops.sdnotify import Notifier
+from routerd.backends.supervisor import Supervisor
+from routerd.front.tls import Certificates
 
 log = logging.getLogger("routerd")
 #: Shortest time between two recomputations of the STATUS line sent to systemd (seconds).
@@ -203,7 +206,7 @@ class Daemon:
             http_config.accesslog = None
             http_config.errorlog = logging.getLogger("hypercorn.error")
             http_stopped = trio.Event()
-            from routerd.api import create_app  # quart is heavy; import once the daemon starts
+            from routerd.front.api import create_app  # quart is heavy; import once the daemon starts
 
             app = create_app(self.supervisor, self.gate, self.metrics)
             try:

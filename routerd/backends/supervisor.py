@@ -20,12 +20,14 @@ from collections.abc import Mapping
 import attrs
 import trio
 
-from routerd import admission, events, llama_args, scheduler
-from routerd.backend import Backend, BackendSpec, HealthPolicy, State
-from routerd.catalog import Catalog, ModelEntry
+from routerd import events
+from routerd.backends import admission, scheduler
+from routerd import llama_args
+from routerd.backends.backend import Backend, BackendSpec, HealthPolicy, State
+from routerd.models.catalog import Catalog, ModelEntry
 from routerd.config import Config
 from routerd.errors import InsufficientMemory, LoadFailed, RouterdError, Unavailable
-from routerd.memory import MemoryManager
+from routerd.backends.memory import MemoryManager
 
 log = logging.getLogger("routerd.supervisor")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import attrs
 
-from routerd.gguf_meta import SPLIT_RE, GGUFError, read_meta, split_parts
+from routerd.models.gguf_meta import SPLIT_RE, GGUFError, read_meta, split_parts
 
 log = logging.getLogger("routerd.discovery")
 

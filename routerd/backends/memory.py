@@ -20,12 +20,12 @@ import trio
 
 from routerd import llama_args
 from routerd.config import MemoryConfig, parse_size
-from routerd.gguf_meta import GGUFError, GGUFMeta, read_meta
+from routerd.models.gguf_meta import GGUFError, GGUFMeta, read_meta
 
 if TYPE_CHECKING:
-    from routerd.admission import Newcomer, Resident
-    from routerd.backend import Backend, BackendSpec
-    from routerd.catalog import ModelEntry
+    from routerd.backends.admission import Newcomer, Resident
+    from routerd.backends.backend import Backend, BackendSpec
+    from routerd.models.catalog import ModelEntry
 
 log = logging.getLogger("routerd.memory")
 MiB = 1024 * 1024

@@ -21,13 +21,15 @@ from typing import Any
 
 import trio
 
-from routerd import client_json, cors, events, feedback, scheduler, usage
-from routerd.access import ANONYMOUS, Caller, Gate
-from routerd.backend import Backend
+from routerd import client_json, events
+from routerd.backends import scheduler
+from routerd.front import cors, feedback, usage
+from routerd.front.access import ANONYMOUS, Caller, Gate
+from routerd.backends.backend import Backend
 from routerd.errors import (BadRequest, HeadersTooLarge, PayloadTooLarge, RequestTimeout, RouterdError,
                             UpstreamFailed)
-from routerd.supervisor import Supervisor
-from routerd.upstream import NotDelivered, Response, UpstreamError, first_header
+from routerd.backends.supervisor import Supervisor
+from routerd.backends.upstream import NotDelivered, Response, UpstreamError, first_header
 
 log = logging.getLogger("routerd.proxy")
 

@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from routerd import keys as keys_mod
+from routerd.front import keys as keys_mod
 from routerd.config import AuthConfig
 from routerd.errors import (BadRequest, ConfigError, Forbidden, NotFound, TooManyRequests, Unauthorized,
                             Unavailable)
-from routerd.keys import ApiKey, KeyFile
+from routerd.front.keys import ApiKey, KeyFile
 
 if TYPE_CHECKING:
-    from routerd.catalog import ModelEntry
+    from routerd.models.catalog import ModelEntry
 
 log = logging.getLogger("routerd.access")
 #: The external keys file is looked at (one stat) at most this often, when requests come.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import attrs
@@ -21,11 +21,11 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from routerd import __version__, events, proxy
-from routerd.access import Gate
+from routerd import __version__, events
+from routerd.front import proxy
+from routerd.front.access import Gate
 from routerd.errors import NotFound, PayloadTooLarge, RouterdError
-from routerd.metrics import CONTENT_TYPE, Metrics
-from routerd.supervisor import Supervisor
+from routerd.backends.supervisor import Supervisor
 
 log = logging.getLogger("routerd.api")
 _converter = cattrs.Converter()
@@ -45,7 +45,15 @@ def error_response(error: RouterdError) -> Response:
                     content_type="application/json")
 
 
-def create_app(supervisor: Supervisor, gate: Gate, metrics: Metrics) -> proxy.ProxyApp:
+class MetricsSource(Protocol):
+    """What ``GET /metrics`` serves (``routerd.metrics.Metrics``)."""
+
+    content_type: str
+
+    async def render(self, *, backends: bool, timeout: float) -> bytes: ...
+
+
+def create_app(supervisor: Supervisor, gate: Gate, metrics: MetricsSource) -> proxy.ProxyApp:
     """The whole HTTP front as one ASGI app; ``gate`` has checked each request's key before
     any view runs, and the views show a caller only what its key's scope covers."""
     views = _views_app(supervisor, gate)
@@ -64,7 +72,7 @@ class _Observability:
     """``GET /metrics`` (Prometheus text) and ``GET /events`` (server-sent events), on raw ASGI:
     a scrape is frequent and an event stream is long, and neither needs a framework."""
 
-    def __init__(self, supervisor: Supervisor, gate: Gate, metrics: Metrics) -> None:
+    def __init__(self, supervisor: Supervisor, gate: Gate, metrics: MetricsSource) -> None:
         self.supervisor = supervisor
         self.gate = gate
         self.metrics = metrics
@@ -76,7 +84,7 @@ class _Observability:
                 self.gate.require_admin(caller, "GET /metrics")  # every model's name and load
                 settings = self.supervisor.config.metrics
                 body = await self.metrics.render(backends=settings.backends, timeout=settings.backend_timeout)
-                await _send_whole(send, 200, CONTENT_TYPE, body)
+                await _send_whole(send, 200, self.metrics.content_type, body)
                 return
             query = parse_qs(scope["query_string"].decode("latin-1"))
             with_requests = query.get("requests", ["0"])[-1].lower() in ("1", "true", "yes")

@@ -19,11 +19,12 @@ from collections.abc import Callable, Mapping
 import attrs
 import trio
 
-from routerd import events, llama_args
-from routerd.child import Child, spawn
+from routerd import events
+from routerd import llama_args
+from routerd.backends.child import Child, spawn
 from routerd.errors import LoadFailed
-from routerd.logring import LogRing
-from routerd.upstream import ConnectionPool, UpstreamError
+from routerd.backends.logring import LogRing
+from routerd.backends.upstream import ConnectionPool, UpstreamError
 
 log = logging.getLogger("routerd.backend")
 LOG_TAIL_LINES = 15
