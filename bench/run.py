@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from demo import demo_model_paths  # noqa: E402
 
-from routerd import config as config_mod, discovery  # noqa: E402
+from routerd import config as config_mod  # noqa: E402
+from routerd.models import discovery  # noqa: E402
 
 SMALL, OTHER = "smollm2", "gemma3"
 CHAT = [{"role": "user", "content": "Say hello."}]

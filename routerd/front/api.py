@@ -98,7 +98,7 @@ class _Observability:
         visible = events.visible_to(caller.allows, caller.is_admin)
         with bus.subscribe(requests=with_requests, visible=visible) as subscription:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                nursery.start_soon(proxy.cancel_on_disconnect, receive, nursery.cancel_scope)
                 with subscription.scope:  # cut once dropped and its grace is over
                     await send({"type": "http.response.start", "status": 200, "headers": [
                         (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
@@ -131,12 +131,6 @@ async def _send_whole(send: proxy.Send, status: int, content_type: str, body: by
     head += [(k.lower().encode(), v.encode()) for k, v in headers or []]
     await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _cancel_on_disconnect(receive: proxy.Receive, scope: trio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
 
 
 def _views_app(supervisor: Supervisor, gate: Gate) -> QuartTrio:

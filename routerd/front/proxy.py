@@ -13,7 +13,6 @@ because a framework's request and response objects cost more than the rest of th
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -23,7 +22,8 @@ import trio
 
 from routerd import client_json, events
 from routerd.backends import scheduler
-from routerd.front import cors, feedback, usage
+from routerd.front import cors, feedback
+from routerd.front.exchange import Exchange
 from routerd.front.access import ANONYMOUS, Caller, Gate
 from routerd.backends.backend import Backend
 from routerd.errors import (BadRequest, HeadersTooLarge, PayloadTooLarge, RequestTimeout, RouterdError,
@@ -125,11 +125,6 @@ def route_label(method: str, path: str) -> str:
     return "/{model}/" + endpoint if endpoint in SHORT_UPSTREAM_GET else "other"
 
 
-def sse_error(error: RouterdError) -> bytes:
-    """An error as one server-sent event, for a stream whose status line is already sent."""
-    return b"data: " + json.dumps(error.openai_body()).encode() + b"\n\n"
-
-
 #: Where a request's Caller is kept in its ASGI scope, for the views.
 CALLER = "routerd.caller"
 #: Paths open to anyone, key or not: load balancers and container runtimes probe them.
@@ -161,7 +156,7 @@ class ProxyApp:
                 return
             if allowed:
                 send = cors.with_headers(send, allowed)
-        client = _Client(send)
+        client = Exchange(send)
         if is_proxied(scope["method"], scope["path"]):
             try:
                 await self._proxied(scope, receive, client)
@@ -172,7 +167,7 @@ class ProxyApp:
             return
         await self.fallback(scope, receive, send)
 
-    async def _gate(self, scope: Scope, client: _Client) -> bool:
+    async def _gate(self, scope: Scope, client: Exchange) -> bool:
         """Header limits and the key check, for every request; False once refused."""
         limit = self.supervisor.config.server.max_headers
         if len(scope["headers"]) > limit:
@@ -189,7 +184,7 @@ class ProxyApp:
                 return False
         return True
 
-    async def _proxied(self, scope: Scope, receive: Receive, client: _Client) -> None:
+    async def _proxied(self, scope: Scope, receive: Receive, client: Exchange) -> None:
         if not await self._gate(scope, client):
             return
         try:
@@ -200,7 +195,7 @@ class ProxyApp:
             log.exception("unhandled error on %s %s from %s", scope["method"], scope["path"], _peer(scope))
             await client.fail(RouterdError("internal error while relaying the request"))
 
-    def _finished(self, scope: Scope, client: _Client) -> None:
+    def _finished(self, scope: Scope, client: Exchange) -> None:
         """Publish the request's record (metrics and the request log listen)."""
         now = time.monotonic()
         status = client.status if client.status is not None else 499  # nothing sent: the client left
@@ -215,7 +210,7 @@ class ProxyApp:
             cancelled=client.cancelled or not client.finished, stream=client.event_stream,
             error=client.error)
 
-    async def _handle(self, scope: Scope, receive: Receive, client: _Client) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, client: Exchange) -> None:
         method, path = scope["method"], scope["path"]
         server = self.supervisor.config.server
         if method == "POST":
@@ -250,11 +245,11 @@ class ProxyApp:
         with self.gate.admit(caller):  # 429 over the key's rate or concurrency
             await self._queue_and_relay(client, receive, model, priority, stream, method, target, headers, body)
 
-    async def _queue_and_relay(self, client: _Client, receive: Receive, model: str, priority: int, stream: bool,
+    async def _queue_and_relay(self, client: Exchange, receive: Receive, model: str, priority: int, stream: bool,
                                method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         ticket = self.supervisor.enqueue(model, priority)  # 429 here, before anything is sent
         async with trio.open_nursery() as nursery:  # lives as long as the request
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, client)
+            nursery.start_soon(cancel_on_disconnect, receive, nursery.cancel_scope, client)
             try:
                 await self._relay(client, model, ticket, stream, method, target, headers, body)
             except RouterdError as exc:
@@ -263,7 +258,7 @@ class ProxyApp:
                 self.supervisor.dequeue(model, ticket)
             nursery.cancel_scope.cancel()
 
-    async def _relay(self, client: _Client, model: str, ticket: scheduler.Ticket, stream: bool, method: str,
+    async def _relay(self, client: Exchange, model: str, ticket: scheduler.Ticket, stream: bool, method: str,
                      target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         upstream, backend = await self._deliver(client, model, ticket, stream, method, target, headers, body)
         upstream.on_end = backend.release  # the slot is free once the backend is done, not the client
@@ -272,7 +267,7 @@ class ProxyApp:
         finally:
             upstream.aclose_now()  # unfinished (client gone): closing tells llama-server to stop
 
-    async def _deliver(self, client: _Client, model: str, ticket: scheduler.Ticket, stream: bool, method: str,
+    async def _deliver(self, client: Exchange, model: str, ticket: scheduler.Ticket, stream: bool, method: str,
                        target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[Response, Backend]:
         """Send the request to a ready backend once its turn comes; the response and its backend.
 
@@ -307,7 +302,7 @@ class ProxyApp:
                 raise
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _acquire(self, client: _Client, model: str, ticket: scheduler.Ticket, stream: bool) -> Backend:
+    async def _acquire(self, client: Exchange, model: str, ticket: scheduler.Ticket, stream: bool) -> Backend:
         """Wait for a backend. A stream that has to wait gets its event-stream headers now and an
         SSE comment every keep-alive interval (clients and proxies drop silent connections), or,
         with loading feedback, a chunk saying what it waits for."""
@@ -319,7 +314,7 @@ class ProxyApp:
             await self._keep_informed(client, model, ticket, waiting.done)
         return waiting.result()
 
-    async def _keep_informed(self, client: _Client, model: str, ticket: scheduler.Ticket, done: trio.Event) -> None:
+    async def _keep_informed(self, client: Exchange, model: str, ticket: scheduler.Ticket, done: trio.Event) -> None:
         """Until ``done``: keep-alive comments, or feedback chunks. The wait runs in its own task
         and only sets ``done``: a send to the client is never cut in the middle."""
         config = self.supervisor.config.scheduler
@@ -367,69 +362,7 @@ class _Waiting:
         return self._backend
 
 
-class _Client:
-    """The client's side of one exchange: what has been sent decides how an error is told, and
-    what the request's record (metrics, the request log) says."""
-
-    def __init__(self, send: Send) -> None:
-        self._send = send
-        self.started = False
-        self.event_stream = False
-        self.finished = False
-        self.began = time.monotonic()
-        #: The catalog name of the model asked for ("" until known, or for an unknown name).
-        self.model = ""
-        self.status: int | None = None
-        self.first_byte: float | None = None
-        self.queue_wait: float | None = None
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.cancelled = False
-        self.error: str | None = None
-        self.feedback = False
-        self.answer: bytes = b""
-        self.stream_tail: list[bytes] = []
-
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]], *, event_stream: bool = False) -> None:
-        self.started = True
-        self.event_stream = event_stream
-        self.status = status
-        await self._send({"type": "http.response.start", "status": status, "headers": headers})
-
-    async def body(self, chunk: bytes, *, more: bool = True) -> None:
-        self.finished = not more
-        self.bytes_out += len(chunk)
-        await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
-
-    def answer_began(self) -> None:
-        if self.first_byte is None:
-            self.first_byte = time.monotonic()
-
-    def tokens(self) -> tuple[int, int] | None:
-        """Token counts of the backend's answer, from its usage or timings (never changed)."""
-        if self.answer:
-            return usage.from_body(self.answer)
-        if self.stream_tail:
-            return usage.from_stream_tail(b"".join(self.stream_tail))
-        return None
-
-    async def fail(self, error: RouterdError) -> None:
-        self.error = error.code
-        if self.finished:
-            return
-        if not self.started:
-            payload = json.dumps(error.openai_body()).encode()
-            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
-            headers += [(k.lower().encode(), v.encode()) for k, v in error.http_headers()]
-            await self.start(error.status, headers)
-            await self.body(payload, more=False)
-        elif self.event_stream:  # the status line is sent: report in-band, as OpenAI streams do
-            await self.body(sse_error(error), more=False)
-        else:
-            await self.body(b"", more=False)
-
-
-async def _answer(client: _Client, backend: Backend, upstream: Response) -> None:
+async def _answer(client: Exchange, backend: Backend, upstream: Response) -> None:
     """Relay the backend's answer: an event stream chunk by chunk, anything else whole (so a
     backend dying mid-body is still a clean 502)."""
     is_stream = upstream.header(b"content-type").startswith(b"text/event-stream")
@@ -451,12 +384,8 @@ async def _answer(client: _Client, backend: Backend, upstream: Response) -> None
             await client.start(upstream.status, headers + _EVENT_STREAM_HEADERS[1:], event_stream=True)
         elif client.status != upstream.status:  # a waiting stream's status was sent as 200
             client.status = upstream.status
-        tail = client.stream_tail
         async for chunk in upstream:
-            if usage.has_marker(chunk):  # the events with counts (the last ones): kept, not copied
-                tail[:] = [chunk]
-            elif tail and len(tail) < 2:  # an event split across reads
-                tail.append(chunk)
+            client.keep_for_usage(chunk)
             await client.body(chunk)
         await client.body(b"", more=False)
     except UpstreamError as exc:
@@ -505,8 +434,11 @@ def _peer(scope: Scope) -> str:
     return f"{client[0]}:{client[1]}" if client else "?"
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope, client: _Client) -> None:
+async def cancel_on_disconnect(receive: Receive, scope: trio.CancelScope,
+                               client: Exchange | None = None) -> None:
+    """Cancel ``scope`` when the client hangs up (noting it on ``client``, if given)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    client.cancelled = not client.finished
+    if client is not None:
+        client.cancelled = not client.finished
     scope.cancel()

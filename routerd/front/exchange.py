@@ -1,0 +1,95 @@
+"""The client's side of one proxied exchange: what has been sent, and what the record says.
+
+Owns sending the answer's start and body to the client (so that an error is told the right way:
+a JSON error before anything was sent, an SSE event once a stream has started, nothing after the
+end) and the facts the request's record is made of (status, time to first byte, queue wait,
+bytes, tokens from the answer's usage). It must not choose backends or read from them: the proxy
+hands it what to send.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from routerd.errors import RouterdError
+from routerd.front import usage
+
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+def sse_error(error: RouterdError) -> bytes:
+    """An error as one server-sent event, for a stream whose status line is already sent."""
+    return b"data: " + json.dumps(error.openai_body()).encode() + b"\n\n"
+
+
+class Exchange:
+    """The client's side of one exchange: what has been sent decides how an error is told, and
+    what the request's record (metrics, the request log) says."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self.event_stream = False
+        self.finished = False
+        self.began = time.monotonic()
+        #: The catalog name of the model asked for ("" until known, or for an unknown name).
+        self.model = ""
+        self.status: int | None = None
+        self.first_byte: float | None = None
+        self.queue_wait: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.cancelled = False
+        self.error: str | None = None
+        self.feedback = False
+        self.answer: bytes = b""
+        self.stream_tail: list[bytes] = []
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]], *, event_stream: bool = False) -> None:
+        self.started = True
+        self.event_stream = event_stream
+        self.status = status
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def body(self, chunk: bytes, *, more: bool = True) -> None:
+        self.finished = not more
+        self.bytes_out += len(chunk)
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    def answer_began(self) -> None:
+        if self.first_byte is None:
+            self.first_byte = time.monotonic()
+
+    def keep_for_usage(self, chunk: bytes) -> None:
+        """Keep what a stream's token counts will be read from: the last chunk that has them
+        (kept, not copied), and the next one in case the event was split across reads."""
+        if usage.has_marker(chunk):
+            self.stream_tail[:] = [chunk]
+        elif self.stream_tail and len(self.stream_tail) < 2:
+            self.stream_tail.append(chunk)
+
+    def tokens(self) -> tuple[int, int] | None:
+        """Token counts of the backend's answer, from its usage or timings (never changed)."""
+        if self.answer:
+            return usage.from_body(self.answer)
+        if self.stream_tail:
+            return usage.from_stream_tail(b"".join(self.stream_tail))
+        return None
+
+    async def fail(self, error: RouterdError) -> None:
+        self.error = error.code
+        if self.finished:
+            return
+        if not self.started:
+            payload = json.dumps(error.openai_body()).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
+            headers += [(k.lower().encode(), v.encode()) for k, v in error.http_headers()]
+            await self.start(error.status, headers)
+            await self.body(payload, more=False)
+        elif self.event_stream:  # the status line is sent: report in-band, as OpenAI streams do
+            await self.body(sse_error(error), more=False)
+        else:
+            await self.body(b"", more=False)
