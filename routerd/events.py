@@ -25,6 +25,8 @@ import trio
 
 #: The type of the one event per finished request: sent only to subscribers that ask for it.
 REQUEST = "request"
+#: Each line a running llama-server prints: published only while someone follows that model.
+LOG = "model.log"
 #: The last event a dropped subscriber receives.
 DROPPED = "dropped"
 #: Seconds a dropped subscriber has to read what it had buffered before it is cut off.
@@ -53,8 +55,10 @@ class Subscription:
     """One consumer's view of the bus: iterate it; it ends after a ``dropped`` event."""
 
     def __init__(self, buffer: int, *, requests: bool, visible: Callable[[Event], bool],
-                 drop_grace: float = DROP_GRACE) -> None:
+                 drop_grace: float = DROP_GRACE, logs: str | None = None) -> None:
         self.buffer = buffer
+        #: The model whose llama-server lines this subscriber follows (``LOG`` events).
+        self.logs = logs
         self.drop_grace = drop_grace
         self.requests = requests
         self.visible = visible
@@ -66,6 +70,8 @@ class Subscription:
 
     def offer(self, event: Event, make_dropped: Callable[[str], Event]) -> None:
         if self.dropped or (event.type == REQUEST and not self.requests) or not self.visible(event):
+            return
+        if event.type == LOG and event.model != self.logs:
             return
         if len(self._events) >= self.buffer:
             self.dropped = True
@@ -116,12 +122,18 @@ class Bus:
     def _dropped_event(self, reason: str) -> Event:
         return Event(next(self._seq), time.time(), DROPPED, None, {"reason": reason})
 
+    def follows_logs(self, model: str) -> bool:
+        """Whether a subscriber follows ``model``'s lines (publish ``LOG`` events only then)."""
+        return any(subscription.logs == model for subscription in self._subscriptions)
+
     @contextmanager
-    def subscribe(self, *, requests: bool = False,
+    def subscribe(self, *, requests: bool = False, logs: str | None = None,
                   visible: Callable[[Event], bool] = lambda event: True) -> Iterator[Subscription]:
-        """A subscription for the ``with`` block. Run the consumer inside ``subscription.scope``:
-        it is cancelled ``drop_grace`` s after the subscriber is dropped."""
-        subscription = Subscription(self.buffer, requests=requests, visible=visible, drop_grace=self.drop_grace)
+        """A subscription for the ``with`` block (``logs``: a model whose llama-server lines to
+        follow too). Run the consumer inside ``subscription.scope``: it is cancelled
+        ``drop_grace`` s after the subscriber is dropped."""
+        subscription = Subscription(self.buffer, requests=requests, visible=visible, drop_grace=self.drop_grace,
+                                    logs=logs)
         self._subscriptions.add(subscription)
         try:
             yield subscription

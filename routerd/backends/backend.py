@@ -403,6 +403,8 @@ class Backend:
         log.info("[%s] %s", self.name, text)
         if self.state is State.STARTING:
             self.bus.publish("model.progress", self.name, line=text)
+        elif self.bus.follows_logs(self.name):
+            self.bus.publish(events.LOG, self.name, line=text)
         self._last_output = trio.current_time()
         self._output_seen.set()
         self._output_seen = trio.Event()

@@ -244,6 +244,15 @@ class Gate:
         if not caller.is_admin:
             raise Forbidden(f"{action} needs an admin key (`routerctl keys add NAME --admin`)")
 
+    @staticmethod
+    def require_admin_key(caller: Caller, action: str) -> None:
+        """Actions from a browser: an admin key, always (an anonymous visitor never acts, even
+        where keys are not required: the control socket is for the host's own users)."""
+        if caller.key is None:
+            raise Unauthorized(f"{action} needs an admin key in the Authorization header "
+                               "(`routerctl keys add NAME --admin` makes one)", code="admin_key_required")
+        Gate.require_admin(caller, action)
+
     # -- what routerctl keys does -------------------------------------------------------------
     def add(self, name: str, **settings: object) -> tuple[str, ApiKey]:
         """Make a key, save it, and have it work at once; the key is returned here only."""

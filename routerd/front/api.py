@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
@@ -22,10 +23,10 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from routerd import __version__, events
-from routerd.front import proxy
-from routerd.front.access import Gate
-from routerd.errors import NotFound, PayloadTooLarge, RouterdError
 from routerd.backends.supervisor import Supervisor
+from routerd.errors import NotFound, PayloadTooLarge, RouterdError
+from routerd.front import admin, proxy
+from routerd.front.access import Gate
 
 log = logging.getLogger("routerd.api")
 _converter = cattrs.Converter()
@@ -53,10 +54,13 @@ class MetricsSource(Protocol):
     async def render(self, *, backends: bool, timeout: float) -> bytes: ...
 
 
-def create_app(supervisor: Supervisor, gate: Gate, metrics: MetricsSource) -> proxy.ProxyApp:
+def create_app(supervisor: Supervisor, gate: Gate, metrics: MetricsSource,
+               rescan: Callable[[], Awaitable[Any]]) -> proxy.ProxyApp:
     """The whole HTTP front as one ASGI app; ``gate`` has checked each request's key before
-    any view runs, and the views show a caller only what its key's scope covers."""
+    any view runs, and the views show a caller only what its key's scope covers. ``rescan`` is
+    the daemon's (for the page's rescan button)."""
     views = _views_app(supervisor, gate)
+    admin.register(views, supervisor, gate, rescan)
     observability = _Observability(supervisor, gate, metrics)
 
     async def fallback(scope: proxy.Scope, receive: proxy.Receive, send: proxy.Send) -> None:
@@ -88,15 +92,20 @@ class _Observability:
                 return
             query = parse_qs(scope["query_string"].decode("latin-1"))
             with_requests = query.get("requests", ["0"])[-1].lower() in ("1", "true", "yes")
-            await self._events(receive, send, caller, with_requests)
+            logs = query.get("logs", [""])[-1] or None
+            if logs is not None:  # a model's llama-server lines: a name its key may see
+                self.gate.check_model(caller, logs, self.supervisor.catalog.get(logs))
+                logs = self.supervisor.catalog.resolve(logs).name
+            await self._events(receive, send, caller, with_requests, logs)
         except RouterdError as exc:
             await _send_whole(send, exc.status, "application/json", json.dumps(exc.openai_body()).encode(),
                               exc.http_headers())
 
-    async def _events(self, receive: proxy.Receive, send: proxy.Send, caller: Any, with_requests: bool) -> None:
+    async def _events(self, receive: proxy.Receive, send: proxy.Send, caller: Any, with_requests: bool,
+                      logs: str | None) -> None:
         bus = self.supervisor.bus
         visible = events.visible_to(caller.allows, caller.is_admin)
-        with bus.subscribe(requests=with_requests, visible=visible) as subscription:
+        with bus.subscribe(requests=with_requests, logs=logs, visible=visible) as subscription:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(proxy.cancel_on_disconnect, receive, nursery.cancel_scope)
                 with subscription.scope:  # cut once dropped and its grace is over
@@ -224,7 +233,7 @@ def _views_app(supervisor: Supervisor, gate: Gate) -> QuartTrio:
 
 def _route_exists(path: str) -> bool:
     """Whether some method is served at ``path`` (a wrong method there is 405, not 404)."""
-    return (path in proxy.PROXIED_POST or path in VIEW_PATHS or path.startswith("/v1/models/")
+    return (path in proxy.PROXIED_POST or path in VIEW_PATHS or path.startswith(("/v1/models/", "/admin/"))
             or proxy.is_proxied("GET", path))
 
 

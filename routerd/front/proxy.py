@@ -128,7 +128,9 @@ def route_label(method: str, path: str) -> str:
 #: Where a request's Caller is kept in its ASGI scope, for the views.
 CALLER = "routerd.caller"
 #: Paths open to anyone, key or not: load balancers and container runtimes probe them.
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ui"})
+#: Open too: the status page's files (it asks for a key itself; its data needs one).
+OPEN_PREFIXES = ("/ui/",)
 
 
 def caller_of(scope: Scope) -> Caller:
@@ -174,8 +176,9 @@ class ProxyApp:
             await client.fail(HeadersTooLarge(f"the request has {len(scope['headers'])} header fields; the limit "
                                               f"is {limit} (server.max_headers)"))
             return False
-        open_metrics = scope["path"] == "/metrics" and self.supervisor.config.metrics.open
-        if scope["path"] not in OPEN_PATHS and not open_metrics:
+        path = scope["path"]
+        open_metrics = path == "/metrics" and self.supervisor.config.metrics.open
+        if path not in OPEN_PATHS and not open_metrics and not path.startswith(OPEN_PREFIXES):
             try:
                 scope[CALLER] = self.gate.authenticate(scope["headers"])
             except RouterdError as exc:

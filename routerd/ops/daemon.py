@@ -208,7 +208,7 @@ class Daemon:
             http_stopped = trio.Event()
             from routerd.front.api import create_app  # quart is heavy; import once the daemon starts
 
-            app = create_app(self.supervisor, self.gate, self.metrics)
+            app = create_app(self.supervisor, self.gate, self.metrics, rescan=self.rescan)
             try:
                 self.http_urls = await root.start(partial(self._serve_http, app, http_config, http_stopped))
             except* OSError as group:  # the bind fails inside the server's nurseries

@@ -1,0 +1,119 @@
+"""The status page and the admin HTTP API: what routerctl shows and does, for a browser.
+
+Owns ``/ui/`` (the page: static files shipped in this package, no build step, no CDN),
+``/admin/whoami`` (what the page may offer), a model's recent llama-server lines
+(``/admin/models/{model}/logs``; ``/events?logs=MODEL`` follows them) and the actions:
+load, unload, reset and rescan. Each action goes through the same supervisor and daemon calls
+as routerctl, needs an admin *key* (never an anonymous visitor, even where keys are not
+required) and is logged with the key's name. It must not decide anything itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from routerd.backends.supervisor import Supervisor
+from routerd.errors import BadRequest, NotFound
+from routerd.front import proxy
+from routerd.front.access import Caller, Gate
+
+log = logging.getLogger("routerd.admin")
+#: The page's files, by name, with their content types.
+UI_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+            "style.css": "text/css; charset=utf-8"}
+MAX_LOG_LINES = 2000
+
+
+def register(app: QuartTrio, supervisor: Supervisor, gate: Gate, rescan: Callable[[], Awaitable[Any]]) -> None:
+    """Add the page and the admin routes to the views app."""
+
+    @app.get("/ui")
+    async def ui_root() -> Response:
+        return Response("", status=308, headers={"Location": "/ui/"})
+
+    @app.get("/ui/")
+    @app.get("/ui/<name>")
+    async def ui_file(name: str = "index.html") -> Response:
+        if name not in UI_FILES:
+            raise NotFound(f"no file /ui/{name}", code="route_not_found")
+        body = resources.files("routerd.front").joinpath("ui", name).read_bytes()
+        # The files change only with routerd: revalidate, so an upgrade shows at once.
+        return Response(body, content_type=UI_FILES[name], headers={"Cache-Control": "no-cache"})
+
+    @app.get("/admin/whoami")
+    async def whoami() -> Response:
+        caller = proxy.caller_of(request.scope)
+        return _json({"key": caller.key.name if caller.key else None,
+                      "admin": caller.key is not None and caller.key.admin, "keys_required": gate.required})
+
+    @app.get("/admin/models/<path:model>/logs")
+    async def logs(model: str) -> Response:
+        caller = proxy.caller_of(request.scope)
+        gate.check_model(caller, model, supervisor.catalog.get(model))
+        entry = supervisor.catalog.resolve(model)
+        lines = _int_arg("lines", 100, 0, MAX_LOG_LINES)
+        backend = supervisor.backend(entry.name)
+        tail = backend.log.tail(lines) if backend else []
+        return _json({"model": entry.name, "lines": [line.text for line in tail],
+                      "running": backend is not None and not backend.gone})
+
+    @app.post("/admin/models/<path:model>/<action>")
+    async def act(model: str, action: str) -> Response:
+        caller = _admin(gate, f"POST /admin/models/{{model}}/{action}")
+        entry = supervisor.catalog.resolve(model)
+        log.info("admin: %s %s by key %r", action, entry.name, caller.name)
+        if action == "load":
+            backend = await supervisor.load(entry.name)
+            return _json({"model": entry.name, "state": backend.state.value,
+                          "load_seconds": (backend.ready_at or 0) - backend.started_at})
+        if action == "unload":
+            stopping = supervisor.unload(entry.name)
+            if stopping is not None:
+                await stopping.wait_gone()
+            return _json({"model": entry.name, "state": supervisor.state_of(entry.name),
+                          "was_running": stopping is not None})
+        if action == "reset":
+            had = supervisor.reset(entry.name)
+            return _json({"model": entry.name, "had_failures": had, "state": supervisor.state_of(entry.name)})
+        raise NotFound(f"no action {action!r}: load, unload or reset", code="route_not_found")
+
+    @app.post("/admin/rescan")
+    async def rescan_models() -> Response:
+        caller = _admin(gate, "POST /admin/rescan")
+        log.info("admin: rescan by key %r", caller.name)
+        result = await rescan()
+        return Response(json.dumps(result, default=_plain), content_type="application/json")
+
+
+def _admin(gate: Gate, action: str) -> Caller:
+    caller = proxy.caller_of(request.scope)
+    gate.require_admin_key(caller, action)
+    return caller
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise BadRequest(f"{name}={raw!r}: give a whole number from {low} to {high}", code="invalid_parameter")
+    return int(raw)
+
+
+def _json(data: Any) -> Response:
+    return Response(json.dumps(data), content_type="application/json")
+
+
+def _plain(value: Any) -> Any:
+    import attrs
+
+    if attrs.has(type(value)):
+        return attrs.asdict(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

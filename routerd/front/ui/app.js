@@ -1,0 +1,407 @@
+// routerd's status page: one event stream per page; every view is re-read when an event says
+// something changed. No framework, no build step.
+
+const KEY_STORAGE = "routerd-key";
+const MAX_LOG_LINES = 1000;
+const $ = (id) => document.getElementById(id);
+
+const page = {
+  key: sessionStorage.getItem(KEY_STORAGE) || "",
+  admin: false,
+  models: [],
+  memory: null,
+  logModel: "",
+  paused: false,
+  held: { backend: [], requests: [] },
+  stream: null,        // the AbortController of the event stream
+  retryDelay: 1000,
+  refreshQueued: false,
+};
+
+function headers() {
+  return page.key ? { Authorization: `Bearer ${page.key}` } : {};
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: { ...headers(), ...(options.headers || {}) } });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const error = new Error(body.error ? body.error.message : `${response.status} ${response.statusText}`);
+    error.status = response.status;
+    throw error;
+  }
+  return body;
+}
+
+// -- the event stream ------------------------------------------------------------------------
+async function* serverSentEvents(url, signal) {
+  const response = await fetch(url, { headers: headers(), signal });
+  if (!response.ok) {
+    const error = new Error(`${response.status}`);
+    error.status = response.status;
+    throw error;
+  }
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+      if (data) yield JSON.parse(data);
+    }
+  }
+}
+
+function setConnection(state, text) {
+  const element = $("connection");
+  element.dataset.state = state;
+  element.textContent = text;
+}
+
+async function connect() {
+  if (page.stream) page.stream.abort();
+  const controller = new AbortController();
+  page.stream = controller;
+  const query = new URLSearchParams({ requests: "1" });
+  if (page.logModel) query.set("logs", page.logModel);
+  setConnection("connecting", "connecting…");
+  try {
+    for await (const event of serverSentEvents(`/events?${query}`, controller.signal)) {
+      if (event.type === "snapshot") {
+        page.retryDelay = 1000;
+        setConnection("live", "live");
+        refresh();
+      } else {
+        onEvent(event);
+      }
+    }
+    throw new Error("the stream ended");
+  } catch (error) {
+    if (controller.signal.aborted) return; // replaced by a newer connection
+    if (error.status === 401 || error.status === 403) {
+      setConnection("refused", "a key is needed to see this routerd: enter one above");
+      return; // retried when a key is entered
+    }
+    const seconds = Math.round(page.retryDelay / 1000);
+    setConnection("retrying", `disconnected, retrying in ${seconds} s`);
+    setTimeout(connect, page.retryDelay);
+    page.retryDelay = Math.min(page.retryDelay * 2, 15000);
+  }
+}
+
+function onEvent(event) {
+  if (event.type === "request") {
+    appendLog("requests", requestLine(event));
+  } else if (event.type === "model.log" || event.type === "model.progress") {
+    if (event.model === page.logModel) appendLog("backend", event.line);
+  } else if (event.type === "dropped") {
+    connect();
+  }
+  // A finished request changes counts and "last used": worth a look, but at most once a second
+  // however busy routerd is. A state change is shown at once.
+  if (event.type === "request") scheduleRefresh(1000);
+  else if (event.type !== "model.log") scheduleRefresh(200);
+}
+
+function scheduleRefresh(delay = 200) {
+  // Several events arrive together (loading, progress, ready): read the views once for them.
+  if (page.refreshQueued) return;
+  page.refreshQueued = true;
+  setTimeout(() => { page.refreshQueued = false; refresh(); }, delay);
+}
+
+// -- views -----------------------------------------------------------------------------------
+async function refresh() {
+  try {
+    const listing = await api("/v1/models");
+    page.models = listing.data.filter((m) => !m.alias_of);
+    $("models-error").hidden = true;
+  } catch (error) {
+    $("models-error").textContent = `Cannot list models: ${error.message}`;
+    $("models-error").hidden = false;
+    page.models = [];
+  }
+  try {
+    page.memory = await api("/memory");
+    $("memory-note").hidden = true;
+  } catch (error) {
+    page.memory = null;
+    $("memory-note").textContent = `The memory view needs an admin key (${error.message}).`;
+    $("memory-note").hidden = false;
+  }
+  renderModels();
+  renderMemory();
+  renderChoices();
+}
+
+const GIB = 1024 ** 3;
+function size(bytes) {
+  if (bytes === null || bytes === undefined) return "–";
+  return bytes >= GIB ? `${(bytes / GIB).toFixed(1)} GiB` : `${Math.round(bytes / 1024 ** 2)} MiB`;
+}
+function total(perDevice) {
+  return perDevice ? Object.values(perDevice).reduce((a, b) => a + b, 0) : null;
+}
+function ago(timestamp) {
+  if (!timestamp) return "never";
+  const seconds = Math.max(0, Date.now() / 1000 - timestamp);
+  if (seconds < 60) return `${Math.round(seconds)} s ago`;
+  if (seconds < 3600) return `${Math.round(seconds / 60)} min ago`;
+  return `${Math.round(seconds / 3600)} h ago`;
+}
+function clock(secondsFromNow) {
+  if (secondsFromNow === null || secondsFromNow === undefined) return "–";
+  const at = new Date(Date.now() + secondsFromNow * 1000);
+  return `at ${at.toLocaleTimeString()}`;
+}
+
+function cell(row, label, text, className) {
+  const td = document.createElement("td");
+  td.dataset.label = label;
+  td.textContent = text;
+  if (className) td.className = className;
+  row.appendChild(td);
+  return td;
+}
+
+function renderModels() {
+  $("models").classList.toggle("no-actions", !page.admin);
+  const tbody = $("models").querySelector("tbody");
+  const rows = [];
+  for (const model of page.models) {
+    const row = document.createElement("tr");
+    row.dataset.model = model.name;
+    const name = cell(row, "Model", model.name);
+    if (model.aliases.length) {
+      const aliases = document.createElement("div");
+      aliases.className = "aliases";
+      aliases.textContent = model.aliases.join(", ");
+      name.appendChild(aliases);
+    }
+    cell(row, "State", model.state, `state state-${model.state}`);
+    cell(row, "Source", model.source);
+    const meta = model.metadata || {};
+    cell(row, "Size", [meta.size_label, meta.quantization, size(meta.file_size)].filter(Boolean).join(" · "));
+    const memory = model.memory || {};
+    cell(row, "Memory", `${size(total(memory.estimate))} / ${size(total(memory.measured))}`, "num");
+    const placed = page.memory ? (page.memory.models.find((m) => m.model === model.name) || {}).device : "";
+    cell(row, "Device", placed || "–");
+    cell(row, "In flight", String(model.in_flight), "num");
+    cell(row, "Queued", String(model.queued), "num");
+    cell(row, "Last used", ago(model.last_used));
+    cell(row, "Idle stop", model.idle_ttl_left === null ? "–" : clock(model.idle_ttl_left));
+    cell(row, "Last error", model.last_error || "", "error");
+    const actions = cell(row, "Actions", "", "actions");
+    if (page.admin) {
+      const running = ["starting", "ready", "stopping"].includes(model.state);
+      if (!running) actions.appendChild(actionButton("Load", model.name, "load"));
+      if (running) actions.appendChild(actionButton("Unload", model.name, "unload"));
+      if (model.state === "failed" || model.last_error) actions.appendChild(actionButton("Reset", model.name, "reset"));
+    }
+    rows.push(row);
+  }
+  tbody.replaceChildren(...rows);
+}
+
+function actionButton(text, model, action) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = text;
+  button.dataset.action = action;
+  button.setAttribute("aria-label", `${text} ${model}`);
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    try {
+      await api(`/admin/models/${encodeURIComponent(model)}/${action}`, { method: "POST" });
+    } catch (error) {
+      $("models-error").textContent = `${text} ${model}: ${error.message}`;
+      $("models-error").hidden = false;
+    } finally {
+      button.disabled = false;
+      scheduleRefresh();
+    }
+  });
+  return button;
+}
+
+function renderMemory() {
+  const devices = $("devices");
+  if (!page.memory) {
+    devices.replaceChildren();
+    return;
+  }
+  const blocks = [];
+  for (const device of page.memory.devices) {
+    const block = document.createElement("div");
+    block.className = "device";
+    const label = document.createElement("div");
+    label.className = "label";
+    const title = document.createElement("strong");
+    title.textContent = `${device.device} (${device.description})`;
+    const figures = document.createElement("span");
+    figures.textContent = `budget ${size(device.budget)} · used ${size(device.used)} · free ${size(device.free)}`;
+    label.append(title, figures);
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    bar.setAttribute("role", "img");
+    const parts = [];
+    for (const model of page.memory.models) {
+      const used = model.state !== "unloaded" && model.state !== "failed" && model.measured
+        ? Math.max(model.measured[device.device] || 0, (model.estimate || {})[device.device] || 0) : 0;
+      if (!used) continue;
+      const span = document.createElement("span");
+      span.style.width = `${(100 * used) / device.budget}%`;
+      span.textContent = `${model.model} ${size(used)}`;
+      span.title = span.textContent;
+      bar.appendChild(span);
+      parts.push(span.textContent);
+    }
+    const free = document.createElement("span");
+    free.className = "free";
+    free.style.flex = "1";
+    free.textContent = `free ${size(device.free)}`;
+    bar.appendChild(free);
+    bar.setAttribute("aria-label", `${device.device}: ${parts.join(", ") || "nothing loaded"}, free ${size(device.free)}`);
+    block.append(label, bar);
+    blocks.push(block);
+  }
+  devices.replaceChildren(...blocks);
+  renderPlan();
+}
+
+function renderChoices() {
+  for (const [id, wanted] of [["plan-model", (m) => m.state === "unloaded" || m.state === "failed"],
+                              ["log-model", () => true]]) {
+    const select = $(id);
+    const chosen = select.value;
+    const options = [select.options[0]];
+    for (const model of page.models.filter(wanted)) {
+      const option = document.createElement("option");
+      option.value = option.textContent = model.name;
+      options.push(option);
+    }
+    select.replaceChildren(...options);
+    select.value = options.some((o) => o.value === chosen) ? chosen : "";
+  }
+}
+
+function renderPlan() {
+  const name = $("plan-model").value;
+  const out = $("plan");
+  if (!name || !page.memory) {
+    out.textContent = "";
+    return;
+  }
+  const model = page.memory.models.find((m) => m.model === name);
+  if (!model) return;
+  const need = Object.entries(model.estimate || {}).map(([d, b]) => `${size(b)} on ${d}`).join(", ") || "unknown";
+  let verdict;
+  if (model.fits_now) verdict = "it fits now; nothing would be evicted.";
+  else if (model.fits_after_eviction) verdict = `it fits after evicting ${(model.evicts || []).join(", ")}.`;
+  else verdict = "it does not fit, even with every idle model evicted.";
+  out.textContent = `${name} needs ${need}: ${verdict} (a plan; nothing is done)`;
+}
+
+// -- logs ------------------------------------------------------------------------------------
+function requestLine(event) {
+  const time = new Date(event.time * 1000).toLocaleTimeString();
+  const tokens = event.prompt_tokens !== null && event.prompt_tokens !== undefined
+    ? ` tokens ${event.prompt_tokens}/${event.completion_tokens}` : "";
+  const extra = (event.error ? ` ${event.error}` : "") + (event.cancelled ? " cancelled" : "");
+  return `${time} ${event.model || "-"} ${event.method} ${event.route} ${event.status} ` +
+    `${event.duration.toFixed(3)} s${tokens}${event.key ? ` key=${event.key}` : ""}${extra}`;
+}
+
+function appendLog(which, line) {
+  if (page.paused) {
+    const held = page.held[which];
+    held.push(line);
+    if (held.length > MAX_LOG_LINES) held.shift();
+    return;
+  }
+  writeLines(which, [line]);
+}
+
+function writeLines(which, lines) {
+  const pre = which === "backend" ? $("backend-log") : $("request-log");
+  const atBottom = pre.scrollHeight - pre.scrollTop - pre.clientHeight < 20;
+  const text = pre.textContent + lines.map((l) => l + "\n").join("");
+  const kept = text.split("\n");
+  pre.textContent = kept.length > MAX_LOG_LINES ? kept.slice(-MAX_LOG_LINES).join("\n") : text;
+  if (atBottom) pre.scrollTop = pre.scrollHeight;
+}
+
+async function chooseLogModel() {
+  page.logModel = $("log-model").value;
+  $("backend-log").textContent = "";
+  page.held.backend = [];
+  if (page.logModel) {
+    try {
+      const recent = await api(`/admin/models/${encodeURIComponent(page.logModel)}/logs?lines=200`);
+      writeLines("backend", recent.lines);
+    } catch (error) {
+      writeLines("backend", [`(cannot read its log: ${error.message})`]);
+    }
+  }
+  connect(); // follow the chosen model's lines on the one event stream
+}
+
+function togglePause() {
+  page.paused = !page.paused;
+  $("pause").setAttribute("aria-pressed", String(page.paused));
+  $("pause").textContent = page.paused ? "Resume" : "Pause";
+  if (!page.paused) {
+    for (const which of ["backend", "requests"]) {
+      if (page.held[which].length) writeLines(which, page.held[which]);
+      page.held[which] = [];
+    }
+  }
+}
+
+// -- the key ---------------------------------------------------------------------------------
+async function identify() {
+  try {
+    const who = await api("/admin/whoami");
+    page.admin = who.admin;
+    $("who").textContent = who.key ? `key ${who.key}${who.admin ? " (admin)" : ""}` : "no key";
+  } catch (error) {
+    page.admin = false;
+    $("who").textContent = page.key ? `key refused: ${error.message}` : "";
+  }
+  $("rescan").hidden = !page.admin;
+}
+
+async function useKey(key) {
+  page.key = key;
+  if (key) sessionStorage.setItem(KEY_STORAGE, key);
+  else sessionStorage.removeItem(KEY_STORAGE);
+  $("key").value = "";
+  await identify();
+  connect();
+}
+
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  useKey($("key").value.trim());
+});
+$("forget-key").addEventListener("click", () => useKey(""));
+$("rescan").addEventListener("click", async () => {
+  try {
+    await api("/admin/rescan", { method: "POST" });
+  } catch (error) {
+    $("models-error").textContent = `Rescan: ${error.message}`;
+    $("models-error").hidden = false;
+  }
+  scheduleRefresh();
+});
+$("plan-model").addEventListener("change", renderPlan);
+$("log-model").addEventListener("change", chooseLogModel);
+$("pause").addEventListener("click", togglePause);
+
+await identify();
+connect();

@@ -1,0 +1,232 @@
+"""The status page at /ui/ in a real browser (Debian's chromium and chromedriver, driven by
+selenium, headless) against routerd serving the demo models. Screenshots of each state are saved
+under the test's tmp dir."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from tests.test_real_llama import real_config
+
+pytestmark = pytest.mark.real
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+needs_browser = pytest.mark.skipif(
+    CHROMIUM is None or DRIVER is None,
+    reason="no chromium/chromedriver: install Debian's chromium and chromium-driver (.ci/run does)")
+
+
+class Browser:
+    """A headless Chromium, every blocking WebDriver call run in a thread."""
+
+    def __init__(self, width: int = 1280, height: int = 800) -> None:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    f"--window-size={width},{height}"):
+            options.add_argument(arg)
+        if width < 500:  # narrower than a desktop window may be: a phone's screen
+            options.add_experimental_option("mobileEmulation", {
+                "deviceMetrics": {"width": width, "height": height, "pixelRatio": 2.0}})
+        self.driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(partial(fn, *args))
+
+    async def script(self, source: str, *args: Any) -> Any:
+        return await self.run(self.driver.execute_script, source, *args)
+
+    async def until(self, source: str, *args: Any, timeout: float = 30.0) -> Any:
+        """Wait until a script returns something truthy; returns it."""
+        with trio.fail_after(timeout):
+            while not (value := await self.script(source, *args)):
+                await trio.sleep(0.05)
+        return value
+
+    async def shot(self, path: Any) -> None:
+        await self.run(self.driver.save_screenshot, str(path))
+
+    def close(self) -> None:
+        self.driver.quit()
+
+
+ROW_STATE = "const r = document.querySelector(`tr[data-model='${arguments[0]}'] .state`); return r && r.textContent;"
+STATE_IS = ("const r = document.querySelector(`tr[data-model='${arguments[0]}'] .state`);"
+            "return r !== null && r.textContent === arguments[1];")
+BUTTON = "return document.querySelector(`tr[data-model='${arguments[0]}'] button[data-action='${arguments[1]}']`);"
+CLICK = "document.querySelector(`tr[data-model='${arguments[0]}'] button[data-action='${arguments[1]}']`).click();"
+
+
+async def enter_key(browser: Browser, key: str) -> None:
+    await browser.script("document.getElementById('key').value = arguments[0];"
+                         "document.getElementById('key-form').requestSubmit();", key)
+
+
+@needs_browser
+async def test_the_page_follows_a_load_the_logs_and_an_unload_and_hides_actions_without_an_admin_key(
+        start_routerd, tmp_path):
+    r = await start_routerd(real_config(tmp_path, **{"smollm2-135m": {}, "gemma3-270m": {}}))
+    admin, _ = r.daemon.gate.add("ops", admin=True)
+    user, _ = r.daemon.gate.add("team")
+    browser = await trio.to_thread.run_sync(Browser)
+    try:
+        await browser.run(browser.driver.get, r.url + "/ui/")
+        # Keys exist: without one the page says so, lists nothing and offers no action.
+        refused = await browser.until("const c = document.getElementById('connection');"
+                                      "return c.dataset.state === 'refused' && c.textContent;")
+        assert "key is needed" in refused
+        assert await browser.script("return document.querySelectorAll('button[data-action]').length") == 0
+        await browser.shot(tmp_path / "1-no-key.png")
+        for key, status in ((None, 401), (user, 403)):
+            response = await r.http.post("/admin/models/gemma3-270m/load",
+                                         headers={"Authorization": f"Bearer {key}"} if key else {})
+            assert response.status_code == status and response.json()["error"]["message"]
+        assert r.supervisor.running("gemma3-270m") is None
+
+        # A key that is not admin: both models listed, live, and still no buttons.
+        await enter_key(browser, user)
+        await browser.until("return document.getElementById('connection').dataset.state === 'live'")
+        assert await browser.until(ROW_STATE, "gemma3-270m") == "unloaded"
+        assert await browser.until(ROW_STATE, "smollm2-135m") == "unloaded"
+        assert await browser.script("return document.querySelectorAll('button[data-action]').length") == 0
+        assert await browser.script("return document.getElementById('rescan').hidden")
+        await browser.shot(tmp_path / "2-user-key.png")
+
+        # The admin key: buttons. Follow gemma's log, record every state its row shows.
+        await enter_key(browser, admin)
+        await browser.until(BUTTON, "gemma3-270m", "load")
+        await browser.script("const s = document.getElementById('log-model'); s.value = 'gemma3-270m';"
+                             "s.dispatchEvent(new Event('change'));")
+        await browser.until("return document.getElementById('connection').dataset.state === 'live'")
+        await browser.script("""
+            window.seenStates = [];
+            const note = () => { const r = document.querySelector("tr[data-model='gemma3-270m'] .state");
+                                 const s = r && r.textContent;
+                                 if (s && s !== window.seenStates.at(-1)) window.seenStates.push(s); };
+            new MutationObserver(note).observe(document.getElementById('models'),
+                                               {childList: true, subtree: true, characterData: true});""")
+        chat = {"model": "gemma3-270m", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
+        response = await r.http.post("/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {admin}"})
+        assert response.status_code == 200
+        await browser.until(STATE_IS, "gemma3-270m", "ready")
+        seen = await browser.script("return window.seenStates")
+        assert seen[0] == "starting" and seen[-1] == "ready", seen  # live, without a reload
+        await browser.until("return document.getElementById('backend-log').textContent.includes('llama')")
+        request_line = await browser.until(
+            "const t = document.getElementById('request-log').textContent;"
+            "return t.includes('gemma3-270m POST /v1/chat/completions 200') && t;")
+        assert "key=ops" in request_line
+        memory = await browser.until("return document.querySelector('#devices .bar span:not(.free)')?.textContent")
+        assert memory.startswith("gemma3-270m ")
+        await browser.shot(tmp_path / "3-loaded.png")
+
+        # Pause holds new lines back; resume shows them.
+        await browser.script("document.getElementById('pause').click()")
+        before = await browser.script("return document.getElementById('request-log').textContent")
+        assert (await r.http.post("/tokenize", json={"model": "gemma3-270m", "content": "hi"},
+                                  headers={"Authorization": f"Bearer {admin}"})).status_code == 200
+        await trio.sleep(1.0)
+        assert await browser.script("return document.getElementById('request-log').textContent") == before
+        await browser.script("document.getElementById('pause').click()")
+        await browser.until("return document.getElementById('request-log').textContent.includes('/tokenize')")
+
+        # Unload from the page.
+        await browser.script(CLICK, "gemma3-270m", "unload")
+        await browser.until(STATE_IS, "gemma3-270m", "unloaded")
+        assert r.supervisor.running("gemma3-270m") is None
+        await browser.shot(tmp_path / "4-unloaded.png")
+    finally:
+        await trio.to_thread.run_sync(browser.close)
+
+
+@needs_browser
+async def test_a_phone_width_page_and_ten_open_pages_hold_one_event_stream_each(start_routerd, tmp_path):
+    r = await start_routerd(real_config(tmp_path, **{"smollm2-135m": {}, "gemma3-270m": {}}))
+    browser = await trio.to_thread.run_sync(partial(Browser, 390, 844))
+    browsers = [browser]
+    try:
+        await browser.run(browser.driver.get, r.url + "/ui/")
+        await browser.until("return document.getElementById('connection').dataset.state === 'live'")
+        assert await browser.until(ROW_STATE, "smollm2-135m") == "unloaded"
+        # No key exists and none is given: models are shown, actions are not offered.
+        assert await browser.script("return document.querySelectorAll('button[data-action]').length") == 0
+        widths = await browser.script("const d = document.documentElement; return [d.clientWidth, d.scrollWidth]")
+        await browser.shot(tmp_path / "phone.png")
+        assert widths[0] <= 390 and widths[1] <= widths[0]  # a phone's width, no sideways scrolling
+        await browser.shot(tmp_path / "phone.png")
+        # A browser holds at most 6 HTTP/1.1 connections per host, one per page here: ten pages
+        # are two browsers of five (two people, say).
+        second = await trio.to_thread.run_sync(partial(Browser, 390, 844))
+        browsers.append(second)
+        for tab in range(9):
+            opener = browser if tab < 4 else second
+            if tab != 4:
+                await opener.run(opener.driver.switch_to.new_window, "tab")
+            await opener.run(opener.driver.get, r.url + "/ui/")
+        with trio.fail_after(30):
+            while r.daemon.bus.subscribers != 10:
+                await trio.sleep(0.1)
+        await trio.sleep(1.0)
+        assert r.daemon.bus.subscribers == 10  # one event stream per page, and no more
+
+        # routerd goes away under the pages: each says so, and keeps retrying.
+        r.daemon.request_shutdown()
+        state = await browser.until("const c = document.getElementById('connection');"
+                                    "return c.dataset.state === 'retrying' && c.textContent;")
+        assert state.startswith("disconnected, retrying in")
+        await browser.shot(tmp_path / "phone-disconnected.png")
+    finally:
+        for each in browsers:
+            await trio.to_thread.run_sync(each.close)
+
+
+async def test_the_page_is_served_from_the_package_without_a_key(start_routerd, tmp_path, model_file):
+    from tests.conftest import make_config
+
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
+    r.daemon.gate.add("ops", admin=True)  # keys are required from now on
+    page = await r.http.get("/ui/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script type="module" src="app.js">' in page.text and "http" not in page.text.split("<body>")[0]
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        response = await r.http.get(f"/ui/{name}")
+        assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
+    assert (await r.http.get("/ui")).headers["location"] == "/ui/"
+    for name in ("admin.py", "..%2F__init__.py", "index.htm"):  # only the page's own files
+        assert (await r.http.get(f"/ui/{name}")).status_code == 404
+    assert (await r.http.get("/admin/models/a/logs")).status_code == 401  # its data needs a key
+    assert (await r.http.post("/admin/rescan")).status_code == 401
+
+
+async def test_admin_actions_need_an_admin_key_even_when_keys_are_not_required(start_routerd, tmp_path, model_file):
+    from tests.conftest import make_config
+
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
+    refused = await r.http.post("/admin/models/a/load")  # no key exists: anonymous may look, not act
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "admin_key_required"
+    assert (await r.http.get("/admin/whoami")).json() == {"key": None, "admin": False, "keys_required": False}
+    admin, _ = r.daemon.gate.add("ops", admin=True)
+    auth = {"Authorization": f"Bearer {admin}"}
+    loaded = await r.http.post("/admin/models/a/load", headers=auth)
+    assert loaded.status_code == 200 and loaded.json()["state"] == "ready"
+    lines = (await r.http.get("/admin/models/a/logs?lines=5", headers=auth)).json()
+    assert lines["running"] and 0 < len(lines["lines"]) <= 5
+    assert (await r.http.get("/admin/models/a/logs?lines=-1", headers=auth)).status_code == 400
+    unloaded = await r.http.post("/admin/models/a/unload", headers=auth)
+    assert unloaded.json() == {"model": "a", "state": "unloaded", "was_running": True}
+    reset = await r.http.post("/admin/models/a/reset", headers=auth)
+    assert reset.status_code == 200 and reset.json()["had_failures"] is False
+    rescanned = await r.http.post("/admin/rescan", headers=auth)
+    assert rescanned.status_code == 200 and "added" in rescanned.json()
+    assert (await r.http.post("/admin/models/a/explode", headers=auth)).status_code == 404
+    assert (await r.http.post("/admin/models/nope/load", headers=auth)).status_code == 404
