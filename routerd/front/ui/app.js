@@ -16,6 +16,7 @@ const page = {
   stream: null,        // the AbortController of the event stream
   retryDelay: 1000,
   refreshQueued: false,
+  refreshMemory: false,
 };
 
 function headers() {
@@ -102,21 +103,27 @@ function onEvent(event) {
   } else if (event.type === "dropped") {
     connect();
   }
-  // A finished request changes counts and "last used": worth a look, but at most once a second
-  // however busy routerd is. A state change is shown at once.
-  if (event.type === "request") scheduleRefresh(1000);
-  else if (event.type !== "model.log") scheduleRefresh(200);
+  // A finished request changes counts and "last used": worth a look at the models, at most
+  // every 2 s however busy routerd is. A state change is shown at once, memory included.
+  if (event.type === "request") scheduleRefresh(2000, false);
+  else if (event.type !== "model.log") scheduleRefresh(200, true);
 }
 
-function scheduleRefresh(delay = 200) {
+function scheduleRefresh(delay = 200, withMemory = true) {
   // Several events arrive together (loading, progress, ready): read the views once for them.
+  page.refreshMemory = page.refreshMemory || withMemory;
   if (page.refreshQueued) return;
   page.refreshQueued = true;
-  setTimeout(() => { page.refreshQueued = false; refresh(); }, delay);
+  setTimeout(() => {
+    page.refreshQueued = false;
+    const memory = page.refreshMemory;
+    page.refreshMemory = false;
+    refresh(memory);
+  }, delay);
 }
 
 // -- views -----------------------------------------------------------------------------------
-async function refresh() {
+async function refresh(withMemory = true) {
   try {
     const listing = await api("/v1/models");
     page.models = listing.data.filter((m) => !m.alias_of);
@@ -126,13 +133,15 @@ async function refresh() {
     $("models-error").hidden = false;
     page.models = [];
   }
-  try {
-    page.memory = await api("/memory");
-    $("memory-note").hidden = true;
-  } catch (error) {
-    page.memory = null;
-    $("memory-note").textContent = `The memory view needs an admin key (${error.message}).`;
-    $("memory-note").hidden = false;
+  if (withMemory) {
+    try {
+      page.memory = await api("/memory");
+      $("memory-note").hidden = true;
+    } catch (error) {
+      page.memory = null;
+      $("memory-note").textContent = `The memory view needs an admin key (${error.message}).`;
+      $("memory-note").hidden = false;
+    }
   }
   renderModels();
   renderMemory();
