@@ -31,6 +31,8 @@ LOG = "model.log"
 DROPPED = "dropped"
 #: Seconds a dropped subscriber has to read what it had buffered before it is cut off.
 DROP_GRACE = 5.0
+#: Finished requests kept for a new subscriber's first look (the status page's request log).
+RECENT_REQUESTS = 200
 
 
 @attrs.frozen
@@ -106,6 +108,7 @@ class Bus:
         self._listeners: list[Listener] = []
         self._subscriptions: set[Subscription] = set()
         self._seq = itertools.count(1)
+        self._recent_requests: collections.deque[Event] = collections.deque(maxlen=RECENT_REQUESTS)
 
     def listen(self, listener: Listener) -> None:
         """Call ``listener`` with every event, as it is published (it must not block or raise)."""
@@ -113,6 +116,8 @@ class Bus:
 
     def publish(self, type_: str, model: str | None = None, **data: Any) -> Event:
         event = Event(next(self._seq), time.time(), type_, model, data)
+        if type_ == REQUEST:
+            self._recent_requests.append(event)
         for listener in self._listeners:
             listener(event)
         for subscription in self._subscriptions:
@@ -121,6 +126,10 @@ class Bus:
 
     def _dropped_event(self, reason: str) -> Event:
         return Event(next(self._seq), time.time(), DROPPED, None, {"reason": reason})
+
+    def recent_requests(self) -> list[Event]:
+        """The last ``RECENT_REQUESTS`` finished requests, oldest first."""
+        return list(self._recent_requests)
 
     def follows_logs(self, model: str) -> bool:
         """Whether a subscriber follows ``model``'s lines (publish ``LOG`` events only then)."""

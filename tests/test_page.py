@@ -102,6 +102,10 @@ async def test_the_page_follows_a_load_the_logs_and_an_unload_and_hides_actions_
         assert await browser.script("return document.getElementById('rescan').hidden")
         await browser.shot(tmp_path / "2-user-key.png")
 
+        # Requests finished before the page (re)connected are in its request log too.
+        assert (await r.http.post("/tokenize", json={"model": "smollm2-135m", "content": "hi"},
+                                  headers={"Authorization": f"Bearer {user}"})).status_code == 200
+
         # The admin key: buttons. Follow gemma's log, record every state its row shows.
         await enter_key(browser, admin)
         await browser.until(BUTTON, "gemma3-270m", "load")
@@ -125,7 +129,7 @@ async def test_the_page_follows_a_load_the_logs_and_an_unload_and_hides_actions_
         request_line = await browser.until(
             "const t = document.getElementById('request-log').textContent;"
             "return t.includes('gemma3-270m POST /v1/chat/completions 200') && t;")
-        assert "key=ops" in request_line
+        assert "key=ops" in request_line and "smollm2-135m POST /tokenize 200" in request_line
         memory = await browser.until("return document.querySelector('#devices .bar span:not(.free)')?.textContent")
         assert memory.startswith("gemma3-270m ")
         await browser.shot(tmp_path / "3-loaded.png")
@@ -201,6 +205,7 @@ async def test_the_page_is_served_from_the_package_without_a_key(start_routerd, 
     for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
         response = await r.http.get(f"/ui/{name}")
         assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
+    assert "script-src 'self'" in page.headers["content-security-policy"]  # nothing but its own files
     assert (await r.http.get("/ui")).headers["location"] == "/ui/"
     for name in ("admin.py", "..%2F__init__.py", "index.htm"):  # only the page's own files
         assert (await r.http.get(f"/ui/{name}")).status_code == 404

@@ -29,6 +29,8 @@ log = logging.getLogger("routerd.admin")
 UI_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
             "style.css": "text/css; charset=utf-8"}
 MAX_LOG_LINES = 2000
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                           "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 def register(app: QuartTrio, supervisor: Supervisor, gate: Gate, rescan: Callable[[], Awaitable[Any]]) -> None:
@@ -44,8 +46,11 @@ def register(app: QuartTrio, supervisor: Supervisor, gate: Gate, rescan: Callabl
         if name not in UI_FILES:
             raise NotFound(f"no file /ui/{name}", code="route_not_found")
         body = resources.files("routerd.front").joinpath("ui", name).read_bytes()
-        # The files change only with routerd: revalidate, so an upgrade shows at once.
-        return Response(body, content_type=UI_FILES[name], headers={"Cache-Control": "no-cache"})
+        # The files change only with routerd: revalidate, so an upgrade shows at once. The page
+        # runs only its own script and talks only to this routerd.
+        return Response(body, content_type=UI_FILES[name], headers={
+            "Cache-Control": "no-cache", "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
     @app.get("/admin/whoami")
     async def whoami() -> Response:

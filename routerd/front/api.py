@@ -115,7 +115,9 @@ class _Observability:
                     snapshot = [{"model": status.name, "state": status.state, "queued": status.queued,
                                  "in_flight": status.in_flight} for status in self.supervisor.status()
                                 if caller.allows([status.name, *status.aliases])]
-                    await _send_event(send, "snapshot", {"type": "snapshot", "models": snapshot})
+                    recent = [event.to_dict() for event in bus.recent_requests() if visible(event)] \
+                        if with_requests else []
+                    await _send_event(send, "snapshot", {"type": "snapshot", "models": snapshot, "requests": recent})
                     while True:
                         with trio.move_on_after(EVENTS_KEEPALIVE) as idle:
                             event = await anext(subscription, None)

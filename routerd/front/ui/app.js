@@ -76,6 +76,8 @@ async function connect() {
       if (event.type === "snapshot") {
         page.retryDelay = 1000;
         setConnection("live", "live");
+        $("request-log").textContent = "";
+        writeLines("requests", event.requests.map(requestLine));
         refresh();
       } else {
         onEvent(event);
@@ -139,7 +141,7 @@ async function refresh(withMemory = true) {
       $("memory-note").hidden = true;
     } catch (error) {
       page.memory = null;
-      $("memory-note").textContent = `The memory view needs an admin key (${error.message}).`;
+      $("memory-note").textContent = `No memory view: ${error.message}.`;
       $("memory-note").hidden = false;
     }
   }
