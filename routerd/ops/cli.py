@@ -17,8 +17,10 @@ import traceback
 import trio
 
 from routerd import __version__, config as config_mod
+from routerd import paths
+from routerd.errors import EXIT_INTERNAL, BadRequest, ConfigError, RouterdError, leaves
+from routerd.front import keys
 from routerd.ops import logs
-from routerd.errors import EXIT_INTERNAL, ConfigError, RouterdError, leaves
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--debug", action="store_true", help="print the traceback of a fatal error")
     check = sub.add_parser("check-config", help="validate a config and print it resolved")
     check.add_argument("path", metavar="PATH")
+    add_key = sub.add_parser("add-key", help="make an API key while routerd is not running (a server that "
+                             "listens beyond loopback needs one to start); prints it once")
+    add_key.add_argument("name")
+    add_key.add_argument("--admin", action="store_true", help="may use the admin views and actions")
+    add_key.add_argument("--models", nargs="+", default=["*"], metavar="GLOB", help="models it may use (default: all)")
     return parser
 
 
@@ -51,6 +58,25 @@ def fatal(exc: BaseException) -> tuple[int, str]:
                            "for the traceback and please report it")
 
 
+def add_key(name: str, *, admin: bool, models: list[str], state_dir: str) -> int:
+    """``routerd add-key``: write a new key to the state directory's key store, print it."""
+    store = keys.KeyFile(keys.store_path(state_dir))
+    try:
+        own = store.load()
+        if name in own:
+            raise BadRequest(f"a key named {name!r} exists in {store.path}; choose another name", code="key_exists")
+        key, record = keys.make(name, admin=admin, models=models)
+        os.makedirs(state_dir, exist_ok=True)
+        store.save([*own.values(), record])
+    except (RouterdError, OSError) as exc:
+        message = exc.message if isinstance(exc, RouterdError) else f"cannot write {store.path}: {exc.strerror or exc}"
+        print(f"routerd: {message}", file=sys.stderr)
+        return 1
+    print(key)
+    print(f"routerd: key {name!r} saved in {store.path} (only its hash); it is shown this once", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
@@ -61,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1  # a checker's "no" (serve exits EXIT_CONFIG on the same error)
         print(json.dumps(config_mod.unstructure(config), indent=2))
         return 0
+    if args.command == "add-key":
+        return add_key(args.name, admin=args.admin, models=args.models, state_dir=paths.state_dir())
     logs.setup(args.log_level)
     try:
         config = config_mod.load(args.config)
