@@ -140,8 +140,8 @@ class Gate:
         if exposed and not self._own and not external:
             raise ConfigError([
                 f"server.host is {listening_on}, beyond this machine, and no API key exists: anyone who can "
-                "reach the port could use every model. Make a key first (serve on 127.0.0.1 and run "
-                "`routerctl keys add NAME`, or list hashed keys in auth.keys_file), or set "
+                "reach the port could use every model. Make a key first (`routerd add-key NAME`, or serve "
+                "on 127.0.0.1 and run `routerctl keys add NAME`, or list hashed keys in auth.keys_file), or set "
                 "auth.allow_unauthenticated = true to serve without keys on purpose"], "auth")
         self._keys_required_always = exposed
         self._external_file, self._external = external_file, external
