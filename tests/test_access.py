@@ -369,3 +369,25 @@ async def test_a_broken_keys_file_on_reload_keeps_the_running_config(start_route
 def test_serving_beyond_loopback_without_keys_refuses_to_start(tmp_path, model_file):
     data = make_config(tmp_path, {}, server={"host": "0.0.0.0"})
     assert_clean_failure(serve(tmp_path, data), EXIT_CONFIG, "auth.allow_unauthenticated = true", "routerctl keys add")
+
+
+def test_routerd_add_key_makes_a_first_key_before_the_daemon_runs(tmp_path):
+    """A server that listens beyond loopback refuses to start without a key; `routerd add-key`
+    makes one offline, in the store the daemon reads."""
+    import subprocess
+    import sys
+
+    from routerd.config import AuthConfig
+    from routerd.front.access import Gate
+
+    env = {**os.environ, "STATE_DIRECTORY": str(tmp_path / "state")}
+    made = subprocess.run([sys.executable, "-m", "routerd", "add-key", "first", "--admin"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert made.returncode == 0 and "shown this once" in made.stderr
+    key = made.stdout.strip()
+    again = subprocess.run([sys.executable, "-m", "routerd", "add-key", "first"], env=env,
+                           capture_output=True, text=True, timeout=30)
+    assert again.returncode == 1 and "exists" in again.stderr and not again.stdout
+    gate = Gate(AuthConfig(), listening_on="0.0.0.0", state_dir=str(tmp_path / "state"))  # starts: a key exists
+    caller = gate.authenticate([(b"authorization", b"Bearer " + key.encode())])
+    assert caller.name == "first" and caller.is_admin
