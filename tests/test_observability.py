@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 
-import httpx
 import openai
 import pytest
 import trio
