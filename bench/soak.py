@@ -68,6 +68,49 @@ class Soak:
         self.backend_pids: set[int] = set()
         self.samples: list[tuple[float, float, int]] = []  # (elapsed s, RSS MiB, open fds)
         self.started = time.monotonic()
+        self.scrapes: collections.Counter[str] = collections.Counter()
+        self.events: collections.Counter[str] = collections.Counter()
+
+    # -- observers: a scraper, an event reader that keeps up, one that stalls ----------------
+    async def scraper(self) -> None:
+        """GET /metrics every 2 s, as Prometheus would."""
+        async with httpx.AsyncClient(base_url=self.url, timeout=10, trust_env=False) as http:
+            while trio.current_time() < self.deadline:
+                try:
+                    response = await http.get("/metrics")
+                    ok = response.status_code == 200 and "routerd_requests_total" in response.text
+                    self.scrapes["ok" if ok else f"HTTP {response.status_code}"] += 1
+                except httpx.HTTPError as exc:
+                    self.scrapes[type(exc).__name__] += 1
+                await trio.sleep(2)
+
+    async def watcher(self) -> None:
+        """Read /events?requests=1 as it comes; reconnect whenever it ends."""
+        async with httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(10, read=None),
+                                     trust_env=False) as http:
+            with trio.move_on_at(self.deadline):  # the stream never ends by itself
+                await self._watch(http)
+
+    async def _watch(self, http: httpx.AsyncClient) -> None:
+        while True:
+            try:
+                async with http.stream("GET", "/events?requests=1") as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            self.events[json.loads(line[6:])["type"]] += 1
+            except httpx.HTTPError:
+                await trio.sleep(1)
+            self.events["reconnects"] += 1
+
+    async def staller(self) -> None:
+        """Open /events?requests=1 and never read: routerd must drop it and go on; again and again."""
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        with trio.move_on_at(self.deadline):
+            while True:
+                stream = await trio.open_tcp_stream(host, int(port))
+                async with stream:
+                    await stream.send_all(b"GET /events?requests=1 HTTP/1.1\r\nHost: soak\r\n\r\n")
+                    await trio.sleep(120)  # holding it open, reading nothing
 
     # -- traffic ---------------------------------------------------------------------------
     async def client(self, seed: int) -> None:
@@ -225,6 +268,9 @@ async def run(minutes: float, clients: int, kill_every: float, reload_every: flo
             for seed in range(clients):
                 traffic.start_soon(soak.client, seed)
             traffic.start_soon(soak.operator)
+            traffic.start_soon(soak.scraper)
+            traffic.start_soon(soak.watcher)
+            traffic.start_soon(soak.staller)
             traffic.start_soon(soak.killer, random.Random(1234))
         soak.samples.append((time.monotonic() - soak.started, rss_mib(proc.pid), open_fds(proc.pid)))
         nursery.cancel_scope.cancel()
@@ -254,6 +300,9 @@ def report(soak: Soak, minutes: float, clients: int, exit_code: int, left: int) 
         f"| routerd open fds after warm-up / middle / end | {first[2]} / {middle[2]} / {last[2]} |",
         f"| routerd exit status after SIGTERM | {exit_code} |",
         f"| llama-server processes left after stop (must be 0) | {left} of {len(soak.backend_pids)} seen |",
+        f"| /metrics scrapes (every 2 s) | {dict(soak.scrapes)} |",
+        f"| events read by a reader that keeps up | {sum(v for k, v in soak.events.items() if k != 'reconnects')}"
+        f" ({soak.events['request']} requests, {soak.events['reconnects']} reconnects) |",
         "", "Outcomes (action: status and error code):", "", "| outcome | count |", "|---|---|",
     ]
     lines += [f"| {outcome} | {count} |" for outcome, count in sorted(soak.outcomes.items())]
