@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
+import attrs
 from quart import Response, request
 from quart_trio import QuartTrio
 
@@ -117,8 +118,6 @@ def _json(data: Any) -> Response:
 
 
 def _plain(value: Any) -> Any:
-    import attrs
-
     if attrs.has(type(value)):
         return attrs.asdict(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")

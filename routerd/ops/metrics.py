@@ -9,14 +9,16 @@ reasons, error codes), never raw client input: a request for an unknown model co
 ``model=""``.
 
 A scrape reads no GGUF file (estimates are cached per spec) and walks no /proc tree: one status
-file per running llama-server. It must not change state: it only reads. Names are listed in
-docs/metrics.md.
+file per running llama-server. It must not start, stop or queue anything: a scrape only reads
+(measuring a backend updates the memory manager's record of its peak, as every status view
+does). Names are listed in docs/metrics.md.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -357,8 +359,6 @@ class _Snapshot:
 
 def llama_server_version(binary: str) -> str:
     """``llama-server --version``'s first line (blocking: run it in a thread), or "unknown"."""
-    import subprocess
-
     try:
         done = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
