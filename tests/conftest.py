@@ -16,8 +16,8 @@ import tomli_w
 import trio
 
 from routerd import config as config_mod
-from routerd.ops.daemon import Daemon
 from routerd.backends.memory import MemoryManager
+from routerd.ops.daemon import Daemon
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent

@@ -15,11 +15,11 @@ import tomli_w
 import trio
 
 from routerctl.cli import main as routerctl
-from routerd.front import keys as keys_mod
-from routerd.front.access import Caller, Gate, TokenBucket, is_loopback, presented_key
 from routerd.backends.backend import API_KEY_VARIABLE, child_environment
 from routerd.config import AuthConfig
 from routerd.errors import EXIT_CONFIG, ConfigError, TooManyRequests, Unauthorized
+from routerd.front import keys as keys_mod
+from routerd.front.access import Caller, Gate, TokenBucket, is_loopback, presented_key
 from routerd.front.proxy import forward_headers
 from tests.conftest import make_config
 from tests.test_hardening import assert_clean_failure, serve

@@ -11,10 +11,10 @@ import gguf
 import numpy as np
 import pytest
 
-from routerd.models import discovery, hub
-from routerd.errors import NotFound
-from routerd.models.catalog import Catalog
 from routerd.config import from_mapping
+from routerd.errors import NotFound
+from routerd.models import discovery, hub
+from routerd.models.catalog import Catalog
 from tests.conftest import make_config
 from tests.fake_hub import FakeHub
 from tests.test_control import call, rpc

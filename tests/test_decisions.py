@@ -9,11 +9,10 @@ import sys
 import pytest
 from hypothesis import given, strategies as st
 
-from routerd import config as config_mod, paths
+from routerd import config as config_mod, llama_args, paths
 from routerd.backends import admission, memory
-from routerd import llama_args
-from routerd.front import proxy
 from routerd.errors import BadRequest, ConfigError
+from routerd.front import proxy
 from routerd.models.gguf_meta import GGUFMeta
 from tests.conftest import FakeGpus
 

@@ -20,8 +20,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from routerd.ops.control import STATE_CHANGING
 from routerd.front.proxy import PROXIED_POST
+from routerd.ops.control import STATE_CHANGING
 from tests.conftest import make_config, spawn_routerd
 
 FUZZ = settings(max_examples=100, deadline=None, database=None,

@@ -23,8 +23,8 @@ import tomli_w
 import trio
 
 from routerd import client_json
-from routerd.models import discovery
 from routerd.errors import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_UNAVAILABLE
+from routerd.models import discovery
 from tests.conftest import isolated_env, make_config, spawn_routerd
 from tests.test_catalog import hf_repo
 from tests.test_control import call, rpc

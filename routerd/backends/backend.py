@@ -19,12 +19,11 @@ from collections.abc import Callable, Mapping
 import attrs
 import trio
 
-from routerd import events
-from routerd import llama_args
+from routerd import events, llama_args
 from routerd.backends.child import Child, spawn
-from routerd.errors import LoadFailed
 from routerd.backends.logring import LogRing
 from routerd.backends.upstream import ConnectionPool, UpstreamError
+from routerd.errors import LoadFailed
 
 log = logging.getLogger("routerd.backend")
 LOG_TAIL_LINES = 15

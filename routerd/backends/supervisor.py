@@ -20,14 +20,13 @@ from collections.abc import Mapping
 import attrs
 import trio
 
-from routerd import events
+from routerd import events, llama_args
 from routerd.backends import admission, scheduler
-from routerd import llama_args
 from routerd.backends.backend import Backend, BackendSpec, HealthPolicy, State
-from routerd.models.catalog import Catalog, ModelEntry
+from routerd.backends.memory import MemoryManager
 from routerd.config import Config
 from routerd.errors import InsufficientMemory, LoadFailed, RouterdError, Unavailable
-from routerd.backends.memory import MemoryManager
+from routerd.models.catalog import Catalog, ModelEntry
 
 log = logging.getLogger("routerd.supervisor")
 

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from routerd.front import keys as keys_mod
 from routerd.config import AuthConfig
+from routerd.front import keys as keys_mod
 from routerd.errors import (BadRequest, ConfigError, Forbidden, NotFound, TooManyRequests, Unauthorized,
                             Unavailable)
 from routerd.front.keys import ApiKey, KeyFile

@@ -22,10 +22,10 @@ import trio
 
 from routerd import client_json, events
 from routerd.backends import scheduler
-from routerd.front import cors, feedback
-from routerd.front.exchange import Exchange
-from routerd.front.access import ANONYMOUS, Caller, Gate
 from routerd.backends.backend import Backend
+from routerd.front import cors, feedback
+from routerd.front.access import ANONYMOUS, Caller, Gate
+from routerd.front.exchange import Exchange
 from routerd.errors import (BadRequest, HeadersTooLarge, PayloadTooLarge, RequestTimeout, RouterdError,
                             UpstreamFailed)
 from routerd.backends.supervisor import Supervisor

@@ -23,8 +23,8 @@ import attrs
 
 from routerd import statefile
 from routerd.config import Config
-from routerd.models.discovery import Found, resolve_collisions
 from routerd.errors import NotWritable, UnknownModel
+from routerd.models.discovery import Found, resolve_collisions
 from routerd.models.gguf_meta import GGUFError, read_meta
 
 log = logging.getLogger("routerd.catalog")

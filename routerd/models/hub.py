@@ -22,9 +22,9 @@ try:  # huggingface_hub >= 2 talks through httpx2, older releases through httpx
 except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
     _hub_http = httpx  # type: ignore[no-redef]
 
+from routerd.errors import BadRequest, NotFound, RouterdError, Unavailable
 from routerd.models import discovery
 from routerd.models.gguf_meta import split_parts
-from routerd.errors import BadRequest, NotFound, RouterdError, Unavailable
 
 Progress = Callable[[str, int, int | None], None]  # file, bytes done, bytes total
 

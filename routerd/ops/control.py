@@ -27,9 +27,9 @@ import trio
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 from routerd import __version__, client_json
-from routerd.front.access import Gate
 from routerd.config import CONVERTER, ControlConfig, flatten_errors
 from routerd.errors import ConfigError, NotWritable, RouterdError, StartupError
+from routerd.front.access import Gate
 
 if TYPE_CHECKING:
     from routerd.backends.backend import Backend

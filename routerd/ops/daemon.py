@@ -21,21 +21,20 @@ import attrs
 import hypercorn.config
 import trio
 
-from routerd import __version__, config as config_mod
-from routerd import events, paths
-from routerd.front import http_server
-from routerd.models import discovery, hub
-from routerd.ops import requestlog
-from routerd.front.access import Gate
-from routerd.models.catalog import Catalog, ImportStore
-from routerd.errors import BadRequest, RouterdError, StartupError, Unavailable, leaves
-from routerd.config import Config
-from routerd.ops.control import ControlServer
+from routerd import __version__, config as config_mod, events, paths
 from routerd.backends.memory import MemoryManager, NvmlProvider
+from routerd.backends.supervisor import Supervisor
+from routerd.config import Config
+from routerd.errors import BadRequest, RouterdError, StartupError, Unavailable, leaves
+from routerd.front import http_server
+from routerd.front.access import Gate
+from routerd.front.tls import Certificates
+from routerd.models import discovery, hub
+from routerd.models.catalog import Catalog, ImportStore
+from routerd.ops import requestlog
+from routerd.ops.control import ControlServer
 from routerd.ops.metrics import BuildInfo, Metrics, build_info, llama_server_version
 from routerd.ops.sdnotify import Notifier
-from routerd.backends.supervisor import Supervisor
-from routerd.front.tls import Certificates
 
 log = logging.getLogger("routerd")
 #: Shortest time between two recomputations of the STATUS line sent to systemd (seconds).

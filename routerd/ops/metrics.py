@@ -29,8 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from routerd import __version__, events
-from routerd import llama_args
+from routerd import __version__, events, llama_args
 from routerd.backends.backend import Backend, State
 from routerd.backends.supervisor import Supervisor, spec_for
 from routerd.backends.upstream import UpstreamError
