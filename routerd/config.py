@@ -153,6 +153,18 @@ class SchedulerConfig:
     #: chunks ("loading X: weights 45%"), which chat UIs show as thinking; off, it gets SSE
     #: comments only. ``models.NAME.loading_feedback`` overrides this per model.
     loading_feedback: bool = False
+    #: Sticky sessions (a request's ``X-Session-Id`` header, else its body's ``user``): a
+    #: session goes back to the endpoint that served it last unless that one has more than
+    #: ``sticky_slack`` requests beyond the least loaded of its model's endpoints.
+    sticky_slack: int = 2
+    #: Sessions remembered (least recently used forgotten first), and for how long (seconds).
+    sticky_sessions: int = 10000
+    sticky_ttl: float = 3600.0
+    #: ``replicas = "auto"``: a model whose oldest queued request has waited this long gets
+    #: another replica, if memory allows without evicting a busy model.
+    scale_up_wait: float = 2.0
+    #: ``replicas = "auto"``: an extra replica idle this long (seconds) is stopped.
+    scale_down_idle: float = 120.0
 
 
 @attrs.frozen
@@ -208,6 +220,58 @@ class ModelConfig:
     env: dict[str, str] = attrs.field(factory=dict)
     #: Overrides scheduler.loading_feedback for this model.
     loading_feedback: bool | None = None
+    #: llama-servers of this model run at once: a number, or "auto" (more while requests
+    #: queue, up to max_replicas). Each is admitted by the memory budget like any backend.
+    replicas: int | str = 1
+    max_replicas: int = 4
+    #: Remote endpoints that serve this model too: "REMOTE" (the same name there) or
+    #: "REMOTE/MODEL". They join its pool beside the local replicas.
+    remotes: list[str] = attrs.field(factory=list)
+
+    def replica_policy(self) -> tuple[int, int]:
+        """(replicas to keep running, most replicas): (1, max_replicas) for "auto"."""
+        if self.replicas == "auto":
+            return 1, self.max_replicas
+        assert isinstance(self.replicas, int)
+        return self.replicas, self.replicas
+
+
+@attrs.frozen
+class RemoteConfig:
+    """Another server (a routerd, a llama-server, an OpenAI-compatible API) whose models
+    routerd relays to, as ``NAME/MODEL`` (and the bare name when nothing else claims it)."""
+
+    #: Its base URL, without /v1: ``http://gpu2:8082``.
+    url: str
+    #: Where its API key is: an environment variable of routerd's, or a file (first line).
+    #: Sent as ``Authorization: Bearer`` and ``x-api-key``; never logged.
+    api_key_env: str = ""
+    api_key_file: str = ""
+    #: Its models; empty: discovered from its ``GET /v1/models``.
+    models: list[str] = attrs.field(factory=list)
+    #: Seconds between discoveries of its models (0: at startup and on rescan only).
+    refresh: float = 60.0
+    connect_timeout: float = 5.0
+    #: Longest silence allowed between two chunks of its answers.
+    read_timeout: float = 600.0
+    #: Requests sent to it at once; more wait in routerd's queue of their model.
+    max_concurrent: int = 16
+    #: Seconds between health checks (``GET health_path``), each bounded by connect_timeout.
+    health_interval: float = 10.0
+    health_path: str = "/v1/models"
+
+
+@attrs.frozen
+class SelectorConfig:
+    """A virtual model: a request for it is served by one of ``targets``, chosen by ``strategy``.
+
+    ``warm``: the first target loaded and not saturated, else one loading, else the first that
+    starts without evicting a busy model. ``pin``: always the first. ``spillover``: the first
+    with fewer than ``per_target`` requests, in order."""
+
+    targets: list[str]
+    strategy: str = "warm"
+    per_target: int = 4
 
 
 @attrs.frozen
@@ -222,6 +286,8 @@ class Config:
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
     models: dict[str, ModelConfig] = attrs.field(factory=dict)
+    remotes: dict[str, RemoteConfig] = attrs.field(factory=dict)
+    selectors: dict[str, SelectorConfig] = attrs.field(factory=dict)
     #: Where this config was read from (None for the built-in defaults).
     source: str | None = attrs.field(default=None, metadata={"internal": True})
 
@@ -257,6 +323,12 @@ def _make_converter() -> cattrs.Converter:
             raise TypeError(f"expected true or false, got {type(value).__name__} {value!r}")
         return value
 
+    def structure_replicas(value: Any, _: type) -> int | str:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+            return value  # type: ignore[no-any-return]
+        raise TypeError(f'expected a number of replicas or "auto", got {value!r}')
+
+    converter.register_structure_hook(int | str, structure_replicas)
     converter.register_structure_hook(bool, structure_bool)
     converter.register_structure_hook(float, structure_float)
     converter.register_structure_hook(int, structure_int)
@@ -377,6 +449,61 @@ def _validate(config: Config) -> list[str]:
             if alias in owners and owners[alias] != name:
                 errors.append(f"{where}.aliases: {alias!r} is already the name or an alias of {owners[alias]!r}")
             owners.setdefault(alias, name)
+    errors += _validate_pools(config, owners)
+    return errors
+
+
+#: Strategies of a selector.
+SELECTOR_STRATEGIES = ("warm", "pin", "spillover")
+
+
+def _validate_pools(config: Config, owners: Mapping[str, str]) -> list[str]:
+    """Replicas, remotes and selectors: the rules that span sections."""
+    errors: list[str] = []
+    if config.scheduler.sticky_slack < 0:
+        errors.append("scheduler.sticky_slack: must not be negative")
+    if config.scheduler.sticky_sessions < 1:
+        errors.append("scheduler.sticky_sessions: must be at least 1")
+    for key in ("sticky_ttl", "scale_up_wait", "scale_down_idle"):
+        if getattr(config.scheduler, key) < 0:
+            errors.append(f"scheduler.{key}: must not be negative")
+    for name, model in config.models.items():
+        where = f"models.{name}"
+        if isinstance(model.replicas, int) and not 1 <= model.replicas <= 64:
+            errors.append(f"{where}.replicas: {model.replicas} is not between 1 and 64 (or \"auto\")")
+        if model.max_replicas < 1:
+            errors.append(f"{where}.max_replicas: must be at least 1")
+        for remote in model.remotes:
+            if remote.split("/", 1)[0] not in config.remotes:
+                errors.append(f"{where}.remotes: {remote!r} names no [remotes.{remote.split('/', 1)[0]}]")
+    for name, remote in config.remotes.items():
+        where = f"remotes.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            errors.append(f"{where}: a remote's name is letters, digits, '_', '.' and '-' (it prefixes its models)")
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", remote.url):
+            errors.append(f"{where}.url: {remote.url!r} is not a base URL like http://gpu2:8082")
+        if remote.api_key_env and remote.api_key_file:
+            errors.append(f"{where}: set api_key_env or api_key_file, not both")
+        for key in ("connect_timeout", "read_timeout", "health_interval", "max_concurrent"):
+            if getattr(remote, key) <= 0:
+                errors.append(f"{where}.{key}: must be positive")
+        if remote.refresh < 0:
+            errors.append(f"{where}.refresh: must not be negative")
+        if not remote.health_path.startswith("/"):
+            errors.append(f"{where}.health_path: must start with /")
+    for name, selector in config.selectors.items():
+        where = f"selectors.{name}"
+        if name in owners:
+            errors.append(f"{where}: {name!r} is already the name or an alias of model {owners[name]!r}")
+        if selector.strategy not in SELECTOR_STRATEGIES:
+            errors.append(f"{where}.strategy: {selector.strategy!r} is not one of {', '.join(SELECTOR_STRATEGIES)}")
+        if not selector.targets:
+            errors.append(f"{where}.targets: name at least one model")
+        if selector.per_target < 1:
+            errors.append(f"{where}.per_target: must be at least 1")
+        for target in selector.targets:
+            if target in config.selectors:
+                errors.append(f"{where}.targets: {target!r} is a selector; targets are models")
     return errors
 
 
@@ -399,7 +526,9 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     server = attrs.evolve(config.server, **{key: absolute(getattr(config.server, key))
                                             for key in ("certfile", "keyfile") if getattr(config.server, key)})
     auth = attrs.evolve(config.auth, keys_file=absolute(config.auth.keys_file)) if config.auth.keys_file else config.auth
-    return attrs.evolve(config, models=models, catalog=catalog, server=server, auth=auth)
+    remotes = {name: attrs.evolve(remote, api_key_file=absolute(remote.api_key_file)) if remote.api_key_file
+               else remote for name, remote in config.remotes.items()}
+    return attrs.evolve(config, models=models, catalog=catalog, server=server, auth=auth, remotes=remotes)
 
 
 def from_mapping(data: Mapping[str, Any], *, source: str | None = None, base: Path | None = None) -> Config:

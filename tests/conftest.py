@@ -113,9 +113,9 @@ def record_spawns(supervisor: Any) -> list[str]:
     spawned: list[str] = []
     original = supervisor._start
 
-    def recording_start(entry: Any, *args: Any) -> Any:
+    def recording_start(entry: Any, *args: Any, **kwargs: Any) -> Any:
         spawned.append(entry.name)
-        return original(entry, *args)
+        return original(entry, *args, **kwargs)
 
     supervisor._start = recording_start
     return spawned

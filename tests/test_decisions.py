@@ -227,11 +227,13 @@ def test_a_model_path_splits_at_the_longest_known_name():
     assert proxy.split_model_path("unknown/props", names) == ("unknown", "props")
 
 
-def test_the_model_and_stream_flag_come_from_the_body_and_bad_bodies_are_400():
-    assert proxy.model_and_stream(b'{"model": "m", "stream": true}') == ("m", True)
-    assert proxy.model_and_stream(b'{"model": "m", "stream": "yes"}') == ("m", False)
+def test_the_model_stream_flag_and_user_come_from_the_body_and_bad_bodies_are_400():
+    assert proxy.read_request(b'{"model": "m", "stream": true}') == proxy.Requested("m", True)
+    assert proxy.read_request(b'{"model": "m", "stream": "yes"}') == proxy.Requested("m", False)
+    assert proxy.read_request(b'{"model": "m", "user": "ann"}') == proxy.Requested("m", False, "ann")
+    assert proxy.read_request(b'{"model": "m", "user": 7}').user is None
     for body, code in [(b"{", "invalid_json"), (b"[]", "invalid_json"), (b'{"model": ""}', "missing_model"),
                        (b'{"prompt": "x"}', "missing_model"), (b"\xff", "invalid_json")]:
         with pytest.raises(BadRequest) as caught:
-            proxy.model_and_stream(body)
+            proxy.read_request(body)
         assert caught.value.code == code

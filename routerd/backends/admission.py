@@ -8,8 +8,8 @@ The policy:
 * running models of *other explicit groups* always make way (they drain, bounded by the stop
   grace); models without a group are never touched by group rules;
 * then, if the newcomer does not fit (by count or by memory on any device), idle models are
-  evicted in least-recently-used order, skipping those whose eviction frees nothing that is
-  short, and only as many as needed;
+  evicted in least-recently-used order (a model's extra replicas before any first one),
+  skipping those whose eviction frees nothing that is short, and only as many as needed;
 * a busy model (request in flight) is never evicted for room: the plan says Wait;
 * a model that cannot fit even on an empty device is Refused.
 """
@@ -30,6 +30,8 @@ class Resident:
     busy: bool
     last_used: float
     usage: Usage = attrs.field(factory=dict)
+    #: A replica beyond its model's first: evicted before any model's first.
+    extra: bool = False
 
 
 @attrs.frozen
@@ -93,7 +95,7 @@ def plan_admission(newcomer: Newcomer, residents: Sequence[Resident], budgets: M
     swapped = group_conflicts(newcomer, residents)
     staying = [r for r in residents if r not in swapped]
     evicted: list[str] = []
-    for candidate in sorted((r for r in staying if not r.busy), key=lambda r: r.last_used):
+    for candidate in sorted((r for r in staying if not r.busy), key=lambda r: (not r.extra, r.last_used)):
         short = shortfall(newcomer, staying, budgets, max_loaded)
         if not short:
             break

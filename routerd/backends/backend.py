@@ -32,6 +32,9 @@ LOG_TAIL_LINES = 15
 #: (sequential 1-token chats 17.7 -> 13.0 ms, routerd CPU -28%). While loading, every line counts
 #: (readiness and the stall timeout), so reads stay immediate.
 OUTPUT_BATCH_INTERVAL = 0.02
+#: How long a failed call waits for its backend's exit to be noticed (the exit watcher reads
+#: the last output for up to 0.5 s first).
+EXIT_NOTICE_TIME = 1.0
 
 
 class State(str, enum.Enum):
@@ -114,8 +117,11 @@ class Backend:
 
     def __init__(self, spec: BackendSpec, *, idle_ttl: float, upstream_read_timeout: float,
                  env: Mapping[str, str] | None = None, on_change: Callable[[], None] = lambda: None,
-                 health: HealthPolicy = HealthPolicy(), bus: events.Bus | None = None) -> None:
+                 health: HealthPolicy = HealthPolicy(), bus: events.Bus | None = None, key: str = "") -> None:
         self.spec = spec
+        #: Unique among endpoints: the model's name, or ``name#2``... for further replicas.
+        self.key = key or spec.name
+        self.label = f"backend for {spec.name!r}" + (f" (replica {self.key})" if self.key != spec.name else "")
         self.bus = bus if bus is not None else events.Bus()
         self.health = health
         self.idle_ttl = idle_ttl
@@ -158,6 +164,23 @@ class Backend:
     @property
     def gone(self) -> bool:
         return self._gone.is_set()
+
+    @property
+    def slots(self) -> int:
+        return self.spec.slots
+
+    @property
+    def extra(self) -> bool:
+        """A replica beyond the model's first (the first to go when memory is needed)."""
+        return self.key != self.spec.name
+
+    async def failure_reason(self, exc: BaseException) -> str:
+        """After a broken call: give a dying process a moment to be reaped (its exit status is
+        the real reason, and a backend that is gone is not chosen again)."""
+        self.distrust()
+        with trio.move_on_after(EXIT_NOTICE_TIME):
+            await self.wait_gone()
+        return self.error or str(exc)
 
     @property
     def accepting(self) -> bool:

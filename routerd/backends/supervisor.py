@@ -1,12 +1,14 @@
-"""The supervisor: which backends run, and getting a ready one for a request.
+"""The supervisor: which backends run, and getting an endpoint for a request.
 
-Owns the backends table and the nursery every backend runs in, the admission of new backends
-(group rules, ``max_loaded_models`` and the memory budget, decided by ``admission``; fair turns
-between models that cannot all be resident), each model's request queue and failure history
-(policies in ``scheduler``), unloads, preload, applying a new catalog (restart what changed,
-keep what did not), and status snapshots. The HTTP
-API and the control plane both call it; it must not parse HTTP or JSON-RPC, and nothing but the
-supervisor may start or stop a backend.
+Owns the backends table (keyed by replica: ``smollm2``, ``smollm2#2``) and the nursery every
+backend runs in, the admission of new backends (group rules, ``max_loaded_models`` and the
+memory budget, decided by ``admission``; fair turns between models that cannot all be
+resident), each model's request queue and failure history (policies in ``scheduler``), each
+model's pool of endpoints (its replicas and the remotes that serve it; the choice among them
+and how many replicas to run are decided by ``endpoints``), unloads, preload, applying a new
+catalog (restart what changed, keep what did not), and status snapshots. The remotes
+themselves live in ``remote``. The HTTP API and the control plane both call it; it must not
+parse HTTP or JSON-RPC, and nothing but the supervisor may start or stop a backend.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import attrs
 import trio
 
 from routerd import events, llama_args
-from routerd.backends import admission, scheduler
+from routerd.backends import admission, endpoints, scheduler, selectors
 from routerd.backends.backend import Backend, BackendSpec, HealthPolicy, State
+from routerd.backends.endpoints import Endpoint, Lease
 from routerd.backends.memory import MemoryManager
+from routerd.backends.remote import Remote, Remotes
 from routerd.config import Config
 from routerd.errors import InsufficientMemory, LoadFailed, RouterdError, Unavailable
 from routerd.models.catalog import Catalog, ModelEntry
@@ -73,6 +77,8 @@ class ModelStatus:
     exit_code: int | None = None
     memory: dict[str, object] | None = None
     metadata: dict[str, object] | None = None
+    #: Its pool: each local replica and remote serving it, with its state and load.
+    endpoints: list[dict[str, object]] = attrs.field(factory=list)
 
 
 @attrs.frozen
@@ -106,7 +112,14 @@ class Supervisor:
         self.binary = binary
         self.memory = memory
         self._env = dict(os.environ if env is None else env)
+        #: Every live backend by key: the model's name for its first replica, ``name#N`` after.
         self._backends: dict[str, Backend] = {}
+        self.remotes = Remotes(bus=self.bus, on_change=self._notify_change)
+        self._sessions = endpoints.SessionMap(config.scheduler.sticky_sessions, config.scheduler.sticky_ttl)
+        #: Models with extra replicas being admitted, or local loads running in the background
+        #: (a pool with remotes does not wait for them), and when a failed one may be tried again.
+        self._scaling: set[str] = set()
+        self._background: dict[str, float] = {}
         self._last_failure: dict[str, Backend] = {}
         self._failures: dict[str, scheduler.FailureHistory] = {}
         self._queues: dict[str, scheduler.ModelQueue] = {}
@@ -131,6 +144,7 @@ class Supervisor:
         """Own the backends' nursery until cancelled; cancelling stops every backend."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.remotes.run)
             task_status.started()
             await trio.sleep_forever()
 
@@ -173,20 +187,23 @@ class Supervisor:
         self._queue(self.catalog.resolve(name).name).rejoin(ticket)
         self._signal_watchers()
 
-    async def acquire_ticket(self, name: str, ticket: scheduler.Ticket) -> Backend:
-        """A ready backend for ``name`` with one request counted in flight (call ``release()``),
-        once ``ticket``'s turn comes (priority, aging, a free slot); 503 at its deadline. Safe to
-        cancel and call again: the ticket keeps its place until ``dequeue``."""
+    async def acquire_ticket(self, name: str, ticket: scheduler.Ticket, session: str | None = None) -> Lease:
+        """An endpoint of ``name``'s pool with one request counted in flight (release it with
+        ``lease.endpoint.release()``), once ``ticket``'s turn comes (priority, aging, a free
+        slot); 503 at its deadline. ``session`` keeps a conversation on one endpoint (see
+        ``endpoints.choose``). Safe to cancel and call again: the ticket keeps its place until
+        ``dequeue``."""
         entry = self.catalog.resolve(name)
         queue = self._queue(entry.name)
         with trio.move_on_at(ticket.deadline):
             while True:
-                backend = await self._ready_backend(entry)
-                while backend.accepting and not self._my_turn(backend, queue, ticket):
+                pool = await self._pool(entry)
+                if queue.is_next(ticket):
+                    lease = self._take(entry, pool, session)
+                    if lease is not None:
+                        return lease
+                with trio.move_on_after(self._scale_timer(entry)):
                     await queue.changed()
-                if backend.accepting:
-                    backend.acquire()
-                    return backend
         waited = trio.current_time() - ticket.enqueued
         raise Unavailable(f"waited {waited:.0f} s for {entry.name!r} without a free slot "
                           f"(scheduler.max_queue_wait); retry later", code="queue_timeout", retry_after=5)
@@ -198,7 +215,8 @@ class Supervisor:
         room = self._making_room.get(name)
         if room is not None:
             return WaitInfo(name, room[0], others=room[1])
-        backend = self._backends.get(name)
+        live = self._replicas(name)
+        backend = live[0] if live else None
         last = self._load_seconds.get(name)
         if backend is None:
             return WaitInfo(name, "backoff" if self._failures.get(name) else "starting", last_load=last)
@@ -209,9 +227,166 @@ class Supervisor:
         queue = self._queues.get(name)
         return WaitInfo(name, "queued", ahead=queue.ahead_of(ticket) if queue else 0, running=backend.in_flight)
 
-    def _my_turn(self, backend: Backend, queue: scheduler.ModelQueue, ticket: scheduler.Ticket) -> bool:
-        return (backend.name not in self._yielding and backend.in_flight < backend.spec.slots
-                and queue.is_next(ticket))
+    # -- pools ------------------------------------------------------------------------------
+    async def _pool(self, entry: ModelEntry) -> list[tuple[Endpoint, str | None]]:
+        """``entry``'s accepting endpoints, each with the model's name there when it differs.
+
+        A remote's model is served by its remote alone: unreachable, a clear 503 at once. A
+        local model waits for a ready replica (starting one, with all of admission's errors),
+        unless remotes serve it too: then a reachable remote is used while the local replica
+        loads in the background.
+        """
+        if entry.remote:
+            remote = await self._reachable(entry.remote, entry.name)
+            return [(remote, entry.remote_model if entry.remote_model != entry.name else None)]
+        remotes: list[tuple[Endpoint, str | None]] = []
+        for remote_name, there in entry.remotes:
+            remote = self.remotes.get(remote_name)
+            if remote is not None and remote.accepting:
+                remotes.append((remote, there if there != entry.name else None))
+        if not remotes:
+            await self._ready_backend(entry)
+        elif not self._live_replicas(entry.name):
+            self._load_in_background(entry)
+        self._scale(entry)
+        local: list[tuple[Endpoint, str | None]] = [
+            (b, None) for b in self._replicas(entry.name) if b.accepting and b.key not in self._yielding]
+        return local + remotes
+
+    async def _reachable(self, remote_name: str, model: str) -> Remote:
+        remote = self.remotes.get(remote_name)
+        if remote is not None and remote.state == "unknown":  # just configured: its first check
+            with trio.move_on_after(remote.config.connect_timeout + 5.0):
+                await remote.checked.wait()
+        if remote is None or not remote.accepting:
+            why = remote.error if remote is not None else "it is no longer configured"
+            raise Unavailable(f"model {model!r} is served by remote {remote_name!r}, which is unreachable: {why}",
+                              code="remote_unreachable", retry_after=5)
+        return remote
+
+    def _take(self, entry: ModelEntry, pool: list[tuple[Endpoint, str | None]], session: str | None,
+              ) -> Lease | None:
+        """Choose from ``pool`` (see ``endpoints.choose``) and take a slot there; None if all are full."""
+        by_key = {endpoint.key: (endpoint, there) for endpoint, there in pool}
+        candidates = [endpoints.Candidate(endpoint.key, _outstanding(endpoint, entry, there),
+                                          endpoint.in_flight < endpoint.slots) for endpoint, there in pool]
+        now = trio.current_time()
+        last = self._sessions.get(entry.name, session, now) if session is not None else None
+        chosen = endpoints.choose(candidates, last=last, slack=self.config.scheduler.sticky_slack, session=session)
+        if chosen is None:
+            return None
+        endpoint, there = by_key[chosen]
+        if session is not None:
+            self._sessions.put(entry.name, session, chosen, now)
+        endpoint.acquire()
+        return Lease(endpoint, entry.name, there)
+
+    def select(self, selector: str) -> str:
+        """The model a request for virtual model ``selector`` goes to now (see ``selectors``)."""
+        config = self.config.selectors[selector]
+        targets = []
+        residents = None
+        for name in config.targets:
+            entry = self.catalog.get(name)
+            if entry is None:
+                continue  # not in the catalog (a remote that was never reached): not a choice
+            state = self.state_of(entry.name)
+            state = "ready" if state == "reachable" else state
+            replicas = [b for b in self._replicas(entry.name) if b.accepting]
+            remote = self.remotes.get(entry.remote) if entry.remote else None
+            capacity = remote.slots if remote is not None else sum(b.slots for b in replicas)
+            outstanding = (remote.in_flight if remote is not None else sum(b.in_flight for b in replicas))
+            fits = True
+            if config.strategy == "warm" and state not in ("ready", "starting") and not entry.remote:
+                residents = self.residents() if residents is None else residents
+                plan, _, _ = self._best_plan(entry, spec_for(entry, self.config, self.binary), residents)
+                busy = {r.name for r in residents if r.busy}
+                fits = isinstance(plan, admission.Admit) and not busy & set(plan.group_swap)
+            targets.append(selectors.Target(entry.name, state, outstanding + self.queued(entry.name),
+                                            max(1, capacity), fits))
+        if not targets:
+            raise Unavailable(f"none of selector {selector!r}'s targets ({', '.join(config.targets)}) is in the "
+                              "catalog: check the names (`routerctl models`)", code="selector_empty")
+        return selectors.choose_target(config.strategy, targets, config.per_target)
+
+    def _replicas(self, name: str) -> list[Backend]:
+        """``name``'s backends in any state, first replica first."""
+        return sorted((b for b in self._backends.values() if b.name == name), key=lambda b: _replica_index(b.key))
+
+    def _live_replicas(self, name: str) -> list[Backend]:
+        """Those not asked to stop."""
+        return [b for b in self._replicas(name) if not b.stop_requested and b.state is not State.STOPPING]
+
+    def _load_in_background(self, entry: ModelEntry) -> None:
+        """Start ``entry``'s first replica without waiting for it (a failure is logged, and not
+        tried again for a while: the remotes serve meanwhile)."""
+        now = trio.current_time()
+        if self._background.get(entry.name, -math.inf) > now or self.crash_looping(entry.name):
+            return
+        self._background[entry.name] = math.inf  # one at a time
+        assert self._nursery is not None, "Supervisor.run() is not running"
+
+        async def load() -> None:
+            try:
+                await self._ready_backend(entry)
+                self._background.pop(entry.name, None)
+            except RouterdError as exc:
+                log.warning("%s: the local replica did not start (its remotes serve meanwhile): %s",
+                            entry.name, exc.message)
+                self._background[entry.name] = trio.current_time() + self.config.scheduler.restart_backoff_max
+
+        self._nursery.start_soon(load, name=f"load {entry.name}")
+
+    def _scale(self, entry: ModelEntry) -> None:
+        """Start more replicas of ``entry`` if its policy says so now (in the background)."""
+        if entry.max_replicas <= 1 or entry.name in self._scaling or self._closing:
+            return
+        live = self._live_replicas(entry.name)
+        if not live:
+            return  # the first replica comes first, the way any model starts
+        more = endpoints.replicas_to_start(
+            live=len(live), starting=sum(b.state is State.STARTING for b in live), keep=entry.replicas,
+            most=entry.max_replicas, oldest_wait=self.oldest_wait(entry.name),
+            scale_up_wait=self.config.scheduler.scale_up_wait)
+        if more:
+            assert self._nursery is not None, "Supervisor.run() is not running"
+            self._scaling.add(entry.name)
+            self._nursery.start_soon(self._add_replicas, entry, more, name=f"scale {entry.name}")
+
+    def _scale_timer(self, entry: ModelEntry) -> float:
+        """Seconds until waiting requests would earn ``entry`` another replica (inf: never)."""
+        if entry.max_replicas <= len(self._live_replicas(entry.name)) or entry.name in self._scaling:
+            return math.inf
+        return max(0.0, self.config.scheduler.scale_up_wait - self.oldest_wait(entry.name)) + 0.01
+
+    async def _add_replicas(self, entry: ModelEntry, count: int) -> None:
+        """Admit and start ``count`` more replicas, each only where it fits without evicting a
+        busy model (never waiting for room: the ones running serve meanwhile)."""
+        try:
+            for _ in range(count):
+                async with self._admission_lock:
+                    if self._closing or self.catalog.get(entry.name) != entry:
+                        return
+                    spec = spec_for(entry, self.config, self.binary)
+                    plan, newcomer, gpu = self._best_plan(entry, spec, self.residents())
+                    if not isinstance(plan, admission.Admit) or plan.group_swap:
+                        log.info("%s: no room for another replica now (%s)", entry.name,
+                                 plan.reason if isinstance(plan, admission.Refuse) else "busy models hold it")
+                        return
+                    await self._evict(plan, entry.name)
+                    await self.memory.wait_released(newcomer.need)
+                    backend = self._start(entry, spec, gpu, key=self._next_key(entry.name))
+                    self.memory.reserve(backend, newcomer.need)
+        except RouterdError as exc:
+            log.warning("%s: another replica did not start: %s", entry.name, exc.message)
+        finally:
+            self._scaling.discard(entry.name)
+            self._notify_change()
+
+    def _next_key(self, name: str) -> str:
+        if name not in self._backends:
+            return name
+        return next(f"{name}#{i}" for i in range(2, len(self._backends) + 3) if f"{name}#{i}" not in self._backends)
 
     def _queue(self, name: str) -> scheduler.ModelQueue:
         queue = self._queues.get(name)
@@ -261,12 +436,18 @@ class Supervisor:
         return await self._ready_backend(self.catalog.resolve(name))
 
     async def _ready_backend(self, entry: ModelEntry) -> Backend:
-        """The ready backend of ``entry``, started (after any restart backoff) if there is none."""
+        """A ready replica of ``entry``, its first started (after any restart backoff) if none runs."""
+        if entry.remote:
+            raise Unavailable(f"model {entry.name!r} is served by remote {entry.remote!r}; routerd does not "
+                              "load it", code="remote_model")
         while True:
             if self._closing:
                 raise Unavailable("routerd is shutting down", code="shutting_down")
             self._refuse_if_crash_looping(entry.name)
-            backend = self._backends.get(entry.name)
+            replicas = self._replicas(entry.name)
+            live = [b for b in replicas if not b.stop_requested and b.state is not State.STOPPING]
+            ready = [b for b in live if b.state is State.READY and not b.suspect]
+            backend = (ready or live or replicas or [None])[0]
             if backend is None:
                 history = self._failures.get(entry.name)
                 if history is not None:  # restart backoff
@@ -294,11 +475,11 @@ class Supervisor:
     def unload(self, name: str, *, force: bool = False) -> Backend | None:
         """Ask ``name`` to stop; in-flight requests finish first unless ``force``."""
         entry = self.catalog.resolve(name)
-        backend = self._backends.get(entry.name)
-        if backend is not None:
+        replicas = self._replicas(entry.name)
+        for backend in replicas:
             backend.request_stop("unloaded" if not force else "unloaded (forced)", cause="operator",
                                  drain_timeout=0.0 if force else math.inf)
-        return backend
+        return replicas[0] if replicas else None
 
     def load_soon(self, name: str) -> None:
         """Start loading ``name`` in the background (failures show in status and logs)."""
@@ -319,7 +500,7 @@ class Supervisor:
             except RouterdError as exc:
                 log.warning("preload: %s", exc.message)
                 continue
-            if entry.name in self._backends:
+            if entry.remote or self._replicas(entry.name):
                 continue
             plan, _, _ = self._best_plan(entry, spec_for(entry, self.config, self.binary), self.residents())
             if not isinstance(plan, admission.Admit) or plan.evict:  # never evict to preload
@@ -334,8 +515,9 @@ class Supervisor:
             log.warning("background load of %s failed: %s", name, exc.message)
 
     def running(self, name: str) -> Backend | None:
-        """The live backend of ``name`` (starting, ready or stopping), if any."""
-        return self._backends.get(self.catalog.resolve(name).name)
+        """The first live replica of ``name`` (starting, ready or stopping), if any."""
+        replicas = self._replicas(self.catalog.resolve(name).name)
+        return replicas[0] if replicas else None
 
     async def wait_changed(self) -> None:
         """Return after the next change of any backend's state or load."""
@@ -343,7 +525,7 @@ class Supervisor:
 
     def backend(self, name: str) -> Backend | None:
         entry = self.catalog.resolve(name)
-        return self._backends.get(entry.name) or self._last_failure.get(entry.name)
+        return self.running(entry.name) or self._last_failure.get(entry.name)
 
     # -- admission --------------------------------------------------------------------------
     async def _admit_and_start(self, entry: ModelEntry) -> Backend:
@@ -357,17 +539,17 @@ class Supervisor:
             await pending.done.wait()
             if pending.error is not None:
                 raise pending.error.copy()
-            existing = self._backends.get(entry.name)
-            return existing if existing is not None else await self._admit_and_start(entry)
+            existing = self._live_replicas(entry.name)
+            return existing[0] if existing else await self._admit_and_start(entry)
         admission_ = self._admitting[entry.name] = _Admission()
         try:
             async with self._admission_lock:
-                existing = self._backends.get(entry.name)
-                if existing is not None:
-                    return existing
+                existing = self._live_replicas(entry.name)
+                if existing:
+                    return existing[0]
                 spec = spec_for(entry, self.config, self.binary)
                 need, gpu = await self._make_room(entry, spec)
-                backend = self._start(entry, spec, gpu)
+                backend = self._start(entry, spec, gpu, key=self._next_key(entry.name))
                 self.memory.reserve(backend, need)
                 return backend
         except RouterdError as exc:
@@ -439,7 +621,10 @@ class Supervisor:
             newcomer = admission.Newcomer(entry.name, entry.group, self.memory.need(spec, gpu))
             plan = admission.plan_admission(newcomer, residents, budgets, self.config.backend.max_loaded_models)
             options.append((plan, newcomer, gpu))
-        return min(options, key=lambda option: _plan_cost(option[0]))
+        # Among equal plans, the GPU with the fewest replicas of this model: replicas spread.
+        siblings = [self.memory.usage(b) for b in self._replicas(entry.name)]
+        return min(options, key=lambda option: (_plan_cost(option[0]),
+                                                sum(1 for used in siblings if option[2] in used)))
 
     def _take_turn_from(self, busy: tuple[str, ...], waiting: str) -> set[str]:
         """``waiting`` has waited its turn: the models in its way stop taking new requests."""
@@ -454,50 +639,60 @@ class Supervisor:
         entry = self.catalog.get(backend.name)
         # Requests waiting for a model count as demand: it is not evicted under them, unless
         # its turn is up (then only what runs keeps it).
-        demand = backend.in_flight > 0 or (backend.name not in self._yielding and self.queued(backend.name) > 0)
+        demand = backend.in_flight > 0 or (backend.key not in self._yielding and self.queued(backend.name) > 0)
         return admission.Resident(
-            name=backend.name, group=entry.group if entry else "",
+            name=backend.key, group=entry.group if entry else "",
             busy=demand and not backend.stop_requested,
-            last_used=backend.last_used, usage=self.memory.usage(backend))
+            last_used=backend.last_used, usage=self.memory.usage(backend), extra=backend.extra)
 
     async def _evict(self, plan: admission.Admit, newcomer: str) -> None:
         victims = [self._backends[name] for name in plan.evict if name in self._backends]
         if victims:
-            self._making_room[newcomer] = ("evicting", tuple(victim.name for victim in victims))
+            self._making_room[newcomer] = ("evicting", tuple(victim.key for victim in victims))
         for victim in victims:
-            if victim.name in plan.group_swap:
+            if victim.key in plan.group_swap:
                 reason, cause = f"group swap for {newcomer}", "group"
             else:
                 reason = f"evicted to make room for {newcomer}"
-                cause = "turn" if victim.name in self._yielding else "memory"
+                cause = "turn" if victim.key in self._yielding else "memory"
             if not victim.stop_requested:
                 self.bus.publish("model.evicted", victim.name, cause=cause, reason=reason, **{"for": newcomer})
             victim.request_stop(reason, cause=cause, drain_timeout=victim.spec.stop_grace)
         for victim in victims:
             await victim.wait_gone()
 
-    def _start(self, entry: ModelEntry, spec: BackendSpec, gpu: str | None) -> Backend:
+    def _start(self, entry: ModelEntry, spec: BackendSpec, gpu: str | None, key: str = "") -> Backend:
         assert self._nursery is not None, "Supervisor.run() is not running"
         env = self._env
         if gpu is not None:  # NVML numbers GPUs in PCI bus order; make CUDA agree
             env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpu.removeprefix("gpu")}
         policy = self.config.scheduler
-        backend = Backend(spec, idle_ttl=entry.idle_ttl, upstream_read_timeout=self.config.server.upstream_read_timeout,
-                          env=env, on_change=self._notify_change, bus=self.bus,
+        key = key or entry.name
+        backend = Backend(spec, idle_ttl=self._idle_ttl(entry, key),
+                          upstream_read_timeout=self.config.server.upstream_read_timeout,
+                          env=env, on_change=self._notify_change, bus=self.bus, key=key,
                           health=HealthPolicy(policy.health_interval, policy.health_timeout, policy.health_failures))
-        self._backends[entry.name] = backend
-        self.bus.publish("model.loading", entry.name, restart=entry.name in self._failures, device=gpu or "ram")
-        self._nursery.start_soon(self._run_backend, backend, name=f"backend {entry.name}")
+        self._backends[key] = backend
+        self.bus.publish("model.loading", entry.name, restart=entry.name in self._failures, device=gpu or "ram",
+                         replica=key)
+        self._nursery.start_soon(self._run_backend, backend, name=f"backend {key}")
         self._notify_change()
         return backend
+
+    def _idle_ttl(self, entry: ModelEntry, key: str) -> float:
+        """Replicas an "auto" model added go after ``scale_down_idle``; the rest follow the model."""
+        if key == entry.name or entry.replicas > _replica_index(key) - 1:
+            return entry.idle_ttl
+        scale_down = self.config.scheduler.scale_down_idle
+        return scale_down if entry.idle_ttl <= 0 else min(entry.idle_ttl, scale_down)
 
     async def _run_backend(self, backend: Backend) -> None:
         try:
             await backend.run()
         finally:
-            if self._backends.get(backend.name) is backend:
-                del self._backends[backend.name]
-            self._yielding.discard(backend.name)
+            if self._backends.get(backend.key) is backend:
+                del self._backends[backend.key]
+            self._yielding.discard(backend.key)
             if backend.error:
                 self._last_failure[backend.name] = backend
                 was_looping = self.crash_looping(backend.name)
@@ -535,18 +730,22 @@ class Supervisor:
         old_catalog = self.catalog
         self.config, self.catalog = config, catalog
         self.memory.forget_estimates()  # files may have changed under the same names
+        self._sessions.capacity, self._sessions.ttl = config.scheduler.sticky_sessions, config.scheduler.sticky_ttl
         outcome: dict[str, list[str]] = {"restarted": [], "stopped": [], "kept": []}
-        for name, backend in list(self._backends.items()):
-            entry = catalog.get(name)
-            if entry is None or entry.name != name:
+        for key, backend in list(self._backends.items()):
+            entry = catalog.get(backend.name)
+            if entry is None or entry.name != backend.name or entry.remote:
                 backend.request_stop("removed from config", cause="reload")
-                outcome["stopped"].append(name)
+                outcome["stopped"].append(key)
             elif spec_for(entry, config, self.binary) != backend.spec:
                 backend.request_stop("config changed", cause="reload")
-                outcome["restarted"].append(name)
+                outcome["restarted"].append(key)
+            elif _replica_index(key) > entry.max_replicas:
+                backend.request_stop("fewer replicas configured", cause="reload")
+                outcome["stopped"].append(key)
             else:
-                backend.set_idle_ttl(entry.idle_ttl)
-                outcome["kept"].append(name)
+                backend.set_idle_ttl(self._idle_ttl(entry, key))
+                outcome["kept"].append(key)
         for name in set(self._last_failure) | set(self._failures):
             old, new = old_catalog.get(name), catalog.get(name)
             if new is None or old != new:  # a changed model gets a fresh start
@@ -562,16 +761,26 @@ class Supervisor:
         return [self.model_status(entry) for entry in self.catalog]
 
     def model_status(self, entry: ModelEntry) -> ModelStatus:
-        backend = self._backends.get(entry.name)
+        replicas = self._replicas(entry.name)
+        backend = replicas[0] if replicas else None
         shown = backend or self._last_failure.get(entry.name)
         history = self._failures.get(entry.name)
         state = self.state_of(entry.name)
+        pool = self._pool_status(entry, replicas)
+        if entry.remote:
+            return ModelStatus(
+                name=entry.name, aliases=list(entry.aliases), group=entry.group, source=entry.source,
+                catalog=entry.state, path=entry.path, available=True, state=state,
+                in_flight=sum(int(e["in_flight"]) for e in pool),  # type: ignore[call-overload]
+                queued=self.queued(entry.name), oldest_wait=self.oldest_wait(entry.name),
+                last_error=pool[0]["error"] if pool else "remote not configured",  # type: ignore[arg-type]
+                endpoints=pool)
         return ModelStatus(
             name=entry.name, aliases=list(entry.aliases), group=entry.group, source=entry.source,
             catalog=entry.state,
             path=entry.path, available=entry.available, state=state,
             pid=backend.pid if backend else None, port=backend.port if backend else None,
-            in_flight=backend.in_flight if backend else 0,
+            in_flight=sum(b.in_flight for b in replicas),
             queued=self.queued(entry.name), oldest_wait=self.oldest_wait(entry.name),
             last_used=_wall(shown.last_used) if shown else None,
             idle_ttl=entry.idle_ttl,
@@ -580,7 +789,24 @@ class Supervisor:
             exit_code=shown.exit_code if shown else None,
             memory=self.memory.model_report(entry, spec_for(entry, self.config, self.binary), backend),
             metadata=self.catalog.metadata(entry),
+            endpoints=pool,
         )
+
+    def _pool_status(self, entry: ModelEntry, replicas: list[Backend]) -> list[dict[str, object]]:
+        """Each endpoint of ``entry``: its replicas, then its remotes."""
+        shown: list[dict[str, object]] = [
+            {"endpoint": b.key, "kind": "local", "state": b.state.value, "in_flight": b.in_flight,
+             "slots": b.slots, "pid": b.pid, "port": b.port} for b in replicas]
+        listed = [(entry.remote, entry.remote_model)] if entry.remote else list(entry.remotes)
+        for remote_name, there in listed:
+            remote = self.remotes.get(remote_name)
+            if remote is None:
+                continue
+            shown.append({"endpoint": remote.key, "kind": "remote", "remote": remote_name, "model": there,
+                          "url": remote.config.url, "state": remote.state, "in_flight": remote.in_flight,
+                          "slots": remote.slots, "queued_there": remote.queued.get(there, 0),
+                          "error": remote.error})
+        return shown
 
     def residents(self) -> list[admission.Resident]:
         return [self._resident(b) for b in self._backends.values()]
@@ -590,8 +816,10 @@ class Supervisor:
         residents = self.residents()
         models = []
         for entry in self.catalog:
+            if entry.remote:
+                continue  # memory on another host is that host's budget
             spec = spec_for(entry, self.config, self.binary)
-            backend = self._backends.get(entry.name)
+            backend = self.running(entry.name)
             report = self.memory.model_report(entry, spec, backend)
             if backend is not None:
                 fits_now = fits_after = True
@@ -608,10 +836,16 @@ class Supervisor:
         return {"devices": self.memory.report(residents), "models": models}
 
     def state_of(self, name: str) -> str:
-        """A model's state, cheaply (no memory measurement): for counts and summaries."""
-        backend = self._backends.get(name)
-        if backend is not None:
-            return backend.state.value
+        """A model's state, cheaply (no memory measurement): for counts and summaries. A
+        remote's model is ``reachable``, ``unreachable`` or ``unknown`` (not checked yet)."""
+        entry = self.catalog.get(name)
+        if entry is not None and entry.remote:
+            remote = self.remotes.get(entry.remote)
+            return remote.state if remote is not None else "unreachable"
+        replicas = self._replicas(name)
+        if replicas:
+            states = [b.state for b in replicas]
+            return (State.READY if State.READY in states else states[0]).value
         if self.crash_looping(name) or name in self._last_failure:
             return State.FAILED.value
         return State.UNLOADED.value
@@ -628,6 +862,19 @@ class _Admission:
 
     done: trio.Event = attrs.field(factory=trio.Event)
     error: RouterdError | None = None
+
+
+def _replica_index(key: str) -> int:
+    """1 for a model's first replica (keyed by its name), N for ``name#N``."""
+    _, sep, number = key.rpartition("#")
+    return int(number) if sep and number.isdigit() else 1
+
+
+def _outstanding(endpoint: Endpoint, entry: ModelEntry, there: str | None) -> int:
+    """What an endpoint holds: a remote routerd's own queue for the model counts too."""
+    if isinstance(endpoint, Remote):
+        return endpoint.outstanding(there or entry.remote_model or entry.name)
+    return endpoint.in_flight
 
 
 def _plan_cost(plan: admission.Plan) -> tuple[int, int]:

@@ -1,18 +1,20 @@
-"""HTTP/1.1 to one llama-server: a small keep-alive connection pool over trio and h11.
+"""HTTP/1.1 to one server: a small keep-alive connection pool over trio and h11.
 
-Owns the sockets to one backend's loopback port: opening them, reusing idle ones, framing
-requests and responses (h11), timeouts, and closing them. It knows nothing of models, queues
-or clients; the proxy decides what to send and where the answer goes.
+Owns the sockets to one backend's loopback port (or a remote endpoint's host, over TLS when its
+URL says https): opening them, reusing idle ones, framing requests and responses (h11),
+timeouts, and closing them. It knows nothing of models, queues or clients; the proxy decides
+what to send and where the answer goes.
 
 Why not httpx: on this path a general client's per-request machinery (URL and header models,
 pool bookkeeping that slows as concurrency rises) cost more than the rest of the relay. The
-backend is one known HTTP/1.1 server on 127.0.0.1, so the whole client is a few dozen lines.
+backend is one known HTTP/1.1 server, so the whole client is a few dozen lines.
 """
 
 from __future__ import annotations
 
 import math
 import select
+import ssl
 from collections.abc import Callable, Iterable
 
 import h11
@@ -32,8 +34,9 @@ class NotDelivered(UpstreamError):
 
 
 class _Connection:
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
         self.stream = stream
+        self.socket = sock
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
 
@@ -55,7 +58,7 @@ class _Connection:
         """An idle keep-alive socket with something to read was closed by the server (or is
         out of step): reusing it would fail the request."""
         poller = select.poll()  # not select(): descriptors past 1024 are normal in a busy daemon
-        poller.register(self.stream.socket.fileno(), select.POLLIN)
+        poller.register(self.socket.fileno(), select.POLLIN)
         return bool(poller.poll(0))
 
     def reusable(self) -> bool:
@@ -65,7 +68,7 @@ class _Connection:
         return False
 
     def close(self) -> None:
-        self.stream.socket.close()
+        self.socket.close()
 
 
 class Response:
@@ -130,14 +133,22 @@ class Response:
 
 
 class ConnectionPool:
-    """Keep-alive HTTP/1.1 connections to ``127.0.0.1:port``; ``max_idle`` are kept between
-    requests (the backend's slot count: more can never be busy at once)."""
+    """Keep-alive HTTP/1.1 connections to ``host:port`` (loopback by default); ``max_idle`` are
+    kept between requests (the backend's slot count: more can never be busy at once)."""
 
     def __init__(self, port: int, *, max_idle: int, read_timeout: float = math.inf,
-                 connect_timeout: float = 10.0, idle_timeout: float = 4.0, authorization: bytes = b"") -> None:
+                 connect_timeout: float = 10.0, idle_timeout: float = 4.0, authorization: bytes = b"",
+                 host: str = "127.0.0.1", tls: ssl.SSLContext | None = None, prefix: str = "",
+                 fixed_headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
         self.port = port
+        self.host = host
+        self._tls = tls
+        #: Prepended to every target: a remote served under a path (``https://host/llm``).
+        self._prefix = prefix.rstrip("/")
+        self._host_header = host.encode("idna") + (b"" if port == (443 if tls else 80) else b":%d" % port)
         # Sent with every request (the backend's own key): callers' credentials never are.
         self._fixed_headers = [(b"authorization", authorization)] if authorization else []
+        self._fixed_headers += list(fixed_headers)
         self.max_idle = max_idle
         self.read_timeout = read_timeout
         self.connect_timeout = connect_timeout
@@ -151,9 +162,9 @@ class ConnectionPool:
         """Send a request and return once the response's headers arrive (UpstreamError if the
         backend fails before that). ``timeout`` bounds each read; the pool's default otherwise."""
         read_timeout = self.read_timeout if timeout is None else timeout
-        head = [(b"host", b"127.0.0.1:%d" % self.port), (b"content-length", b"%d" % len(body)),
+        head = [(b"host", self._host_header), (b"content-length", b"%d" % len(body)),
                 *self._fixed_headers, *headers]
-        request = h11.Request(method=method, target=target, headers=head)
+        request = h11.Request(method=method, target=self._prefix + target, headers=head)
         while True:
             conn, reused = self._take_idle(), True
             if conn is None:
@@ -219,17 +230,27 @@ class ConnectionPool:
     async def _connect(self) -> _Connection:
         if self._closed:
             raise NotDelivered("the backend's connections are closed (it is stopping)")
+        where = f"port {self.port}" if self.host == "127.0.0.1" else f"{self.host}:{self.port}"
         try:
             with trio.fail_after(self.connect_timeout):
-                stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+                tcp = await trio.open_tcp_stream(self.host, self.port)
+                stream: trio.abc.Stream = tcp
+                if self._tls is not None:
+                    stream = trio.SSLStream(tcp, self._tls, server_hostname=self.host, https_compatible=True)
+                    try:
+                        await stream.do_handshake()
+                    except BaseException:
+                        tcp.socket.close()
+                        raise
         except trio.TooSlowError:
-            raise NotDelivered(f"timed out connecting to the backend on port {self.port}") from None
-        except OSError as exc:
+            raise NotDelivered(f"timed out connecting to the backend on {where}") from None
+        except (OSError, trio.BrokenResourceError) as exc:
             # trio reports each attempt's error in a group behind its own summary
-            attempts = exc.__cause__.exceptions if isinstance(exc.__cause__, BaseExceptionGroup) else [exc]
+            cause = exc.__cause__
+            attempts = cause.exceptions if isinstance(cause, BaseExceptionGroup) else [cause or exc]
             reason = getattr(attempts[-1], "strerror", None) or str(attempts[-1])
-            raise NotDelivered(f"cannot reach the backend on port {self.port}: {reason}") from None
-        return _Connection(stream)
+            raise NotDelivered(f"cannot reach the backend on {where}: {reason}") from None
+        return _Connection(stream, tcp.socket)
 
 
 def first_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes:

@@ -240,6 +240,13 @@ class Gate:
             raise NotFound(f"model {requested!r} not found", code="model_not_found")
 
     @staticmethod
+    def check_selector(caller: Caller, selector: str) -> None:
+        """Like ``check_model`` for a virtual model: a scoped key names the selector itself,
+        which then lets it reach every target."""
+        if caller.key is not None and not caller.allows((selector,)):
+            raise NotFound(f"model {selector!r} not found", code="model_not_found")
+
+    @staticmethod
     def require_admin(caller: Caller, action: str) -> None:
         if not caller.is_admin:
             raise Forbidden(f"{action} needs an admin key (`routerctl keys add NAME --admin`)")

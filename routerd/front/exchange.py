@@ -45,6 +45,11 @@ class Exchange:
         self.cancelled = False
         self.error: str | None = None
         self.feedback = False
+        #: The virtual model asked for, when a selector chose ``model``; the endpoint that served.
+        self.selector: str | None = None
+        self.endpoint: str | None = None
+        #: Said with the answer: which model served (``x-routerd-model``).
+        self.routing_headers: list[tuple[bytes, bytes]] = []
         self.answer: bytes = b""
         self.stream_tail: list[bytes] = []
 
@@ -52,6 +57,10 @@ class Exchange:
         self.started = True
         self.event_stream = event_stream
         self.status = status
+        if self.routing_headers or self.endpoint:
+            headers = headers + self.routing_headers
+            if self.endpoint:
+                headers.append((b"x-routerd-endpoint", self.endpoint.encode()))
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def body(self, chunk: bytes, *, more: bool = True) -> None:

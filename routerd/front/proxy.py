@@ -1,28 +1,31 @@
 """The proxied requests, from the client's connection to a backend's and back: a lean ASGI app.
 
-Owns the hot path: which requests are proxied (``is_proxied``), reading the body and its
-``model``, queueing for a backend through the supervisor (with SSE keep-alive comments for a
-stream that waits), sending the request upstream, relaying the answer chunk by chunk, and
-rendering failures as OpenAI errors (in-band once a stream has started). A client that hangs up
-cancels the relay, which closes the upstream socket (llama-server then stops generating) and
-releases the backend. Every other request falls through to the Quart app (``api.py``).
+Owns the hot path: which requests are proxied (``is_proxied``), reading the body, its ``model``
+(a selector's resolved to a target) and its session, queueing for an endpoint through the
+supervisor (with SSE keep-alive comments for a stream that waits), sending the request upstream
+(under the model's name there, for a remote), relaying the answer chunk by chunk, and rendering
+failures as OpenAI errors (in-band once a stream has started). A client that hangs up cancels
+the relay, which closes the upstream socket (llama-server then stops generating) and releases
+the endpoint. Every other request falls through to the Quart app (``api.py``).
 
-It must not choose a backend or decide about memory: the supervisor does. It runs on raw ASGI
+It must not choose an endpoint or decide about memory: the supervisor does. It runs on raw ASGI
 because a framework's request and response objects cost more than the rest of the relay.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
+import attrs
 import trio
 
 from routerd import client_json, events
 from routerd.backends import scheduler
-from routerd.backends.backend import Backend
+from routerd.backends.endpoints import SESSION_HEADER, Endpoint, Lease
 from routerd.front import cors, feedback
 from routerd.front.access import ANONYMOUS, Caller, Gate
 from routerd.front.exchange import Exchange
@@ -53,9 +56,9 @@ _VIEW_PREFIX = "/v1/models/"
 FEEDBACK_INTERVAL = 1.0
 #: Tries to deliver one request; only a request no backend received is tried again.
 MAX_DELIVERY_ATTEMPTS = 3
-#: How long a failed call waits for its backend's exit to be noticed (the exit watcher reads
-#: the last output for up to 0.5 s first).
-EXIT_NOTICE_TIME = 1.0
+#: Response headers naming the model that served (a selector's choice) and its endpoint.
+MODEL_HEADER = b"x-routerd-model"
+ENDPOINT_HEADER = b"x-routerd-endpoint"
 
 #: Never passed on: hop-by-hop headers, and credentials (a backend has its own key, and a
 #: client's key is for routerd alone).
@@ -89,20 +92,43 @@ def forward_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes,
             if (name := k.lower()) not in _NOT_FORWARDED and not name.startswith(_CORS_PREFIX)]
 
 
-def model_and_stream(body: bytes) -> tuple[str, bool]:
-    """The ``model`` field of a JSON request body (400 when missing or malformed), and whether
-    it asks for a stream."""
+@attrs.frozen
+class Requested:
+    """What a proxied request's JSON body asks for."""
+
+    model: str
+    stream: bool = False
+    #: The body's ``user`` (a session key when there is no X-Session-Id header).
+    user: str | None = None
+
+
+def read_request(body: bytes) -> Requested:
+    """The ``model`` field of a JSON request body (400 when missing or malformed), whether it
+    asks for a stream, and its ``user``."""
+    payload = _json_object(body)
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("the request has no 'model' field: name the model to use (GET /v1/models lists them)",
+                         code="missing_model")
+    user = payload.get("user")
+    return Requested(model, payload.get("stream") is True, user if isinstance(user, str) and user else None)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
     try:
         payload = client_json.loads(body)
     except client_json.InvalidJson as exc:
         raise BadRequest(f"request body is {exc}", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("the request has no 'model' field: name the model to use (GET /v1/models lists them)",
-                         code="missing_model")
-    return model, payload.get("stream") is True
+    return payload
+
+
+def renamed(body: bytes, model: str) -> bytes:
+    """``body`` asking for ``model`` instead (for a remote that knows the model by another name)."""
+    payload = _json_object(body)
+    payload["model"] = model
+    return json.dumps(payload).encode()
 
 
 def split_model_path(rest: str, names: Iterable[str]) -> tuple[str, str]:
@@ -211,11 +237,12 @@ class ProxyApp:
             completion_tokens=tokens[1] if tokens else None, bytes_in=client.bytes_in, bytes_out=client.bytes_out,
             client=_peer(scope), key=caller.key.name if (caller := caller_of(scope)).key else None,
             cancelled=client.cancelled or not client.finished, stream=client.event_stream,
-            error=client.error)
+            error=client.error, selector=client.selector, endpoint=client.endpoint)
 
     async def _handle(self, scope: Scope, receive: Receive, client: Exchange) -> None:
         method, path = scope["method"], scope["path"]
         server = self.supervisor.config.server
+        user = None
         if method == "POST":
             with trio.move_on_after(server.body_timeout) as reading:
                 body = await _read_body(scope, receive, server.max_body_bytes)
@@ -226,7 +253,8 @@ class ProxyApp:
                 client.cancelled = True
                 return  # the client left while sending
             client.bytes_in = len(body)
-            model, stream = model_and_stream(body)
+            requested = read_request(body)
+            model, stream, user = requested.model, requested.stream, requested.user
             target = path
         else:
             body, stream = b"", False
@@ -238,23 +266,33 @@ class ProxyApp:
             target += "?" + scope["query_string"].decode("latin-1")
         headers = scope["headers"]
         caller = caller_of(scope)
+        if model in self.supervisor.config.selectors and model not in self.supervisor.catalog:
+            self.gate.check_selector(caller, model)
+            client.selector = model
+            model = self.supervisor.select(model)
         entry = self.supervisor.catalog.get(model)
         client.model = entry.name if entry is not None else ""  # a label: never the client's text
-        self.gate.check_model(caller, model, entry)
+        if client.selector is None:
+            self.gate.check_model(caller, model, entry)
         if stream and path in feedback.CHAT_ROUTES and entry is not None:
             client.feedback = self.supervisor.config.loading_feedback(entry.name)
         priority_header = first_header(headers, scheduler.PRIORITY_HEADER.lower().encode())
         priority = caller.priority(scheduler.parse_priority(priority_header.decode("latin-1")))
+        session = first_header(headers, SESSION_HEADER.lower().encode()).decode("latin-1") or user
+        if entry is not None:
+            client.routing_headers.append((MODEL_HEADER, entry.name.encode()))
         with self.gate.admit(caller):  # 429 over the key's rate or concurrency
-            await self._queue_and_relay(client, receive, model, priority, stream, method, target, headers, body)
+            await self._queue_and_relay(client, receive, model, priority, stream, method, target, headers, body,
+                                        session)
 
     async def _queue_and_relay(self, client: Exchange, receive: Receive, model: str, priority: int, stream: bool,
-                               method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+                               method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
+                               session: str | None) -> None:
         ticket = self.supervisor.enqueue(model, priority)  # 429 here, before anything is sent
         async with trio.open_nursery() as nursery:  # lives as long as the request
             nursery.start_soon(cancel_on_disconnect, receive, nursery.cancel_scope, client)
             try:
-                await self._relay(client, model, ticket, stream, method, target, headers, body)
+                await self._relay(client, model, ticket, stream, method, target, headers, body, session)
             except RouterdError as exc:
                 await client.fail(exc)
             finally:
@@ -262,58 +300,66 @@ class ProxyApp:
             nursery.cancel_scope.cancel()
 
     async def _relay(self, client: Exchange, model: str, ticket: scheduler.Ticket, stream: bool, method: str,
-                     target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        upstream, backend = await self._deliver(client, model, ticket, stream, method, target, headers, body)
-        upstream.on_end = backend.release  # the slot is free once the backend is done, not the client
+                     target: str, headers: list[tuple[bytes, bytes]], body: bytes, session: str | None) -> None:
+        upstream, endpoint = await self._deliver(client, model, ticket, stream, method, target, headers, body,
+                                                 session)
+        upstream.on_end = endpoint.release  # the slot is free once the backend is done, not the client
         try:
-            await _answer(client, backend, upstream)
+            await _answer(client, endpoint, upstream)
         finally:
             upstream.aclose_now()  # unfinished (client gone): closing tells llama-server to stop
 
     async def _deliver(self, client: Exchange, model: str, ticket: scheduler.Ticket, stream: bool, method: str,
-                       target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[Response, Backend]:
-        """Send the request to a ready backend once its turn comes; the response and its backend.
+                       target: str, headers: list[tuple[bytes, bytes]], body: bytes, session: str | None,
+                       ) -> tuple[Response, Endpoint]:
+        """Send the request to an endpoint once its turn comes; the response and its endpoint.
 
-        A request that never reached its backend (it died between our turn and our connect)
-        goes back to its place in the queue and waits for the next backend: nothing was done
-        for it, so nothing is lost by trying again. One that reached it is never sent twice.
+        A request that never reached its endpoint (a backend died between our turn and our
+        connect, a remote could not be reached) goes back to its place in the queue and is
+        sent to another endpoint of the pool, or the next backend: nothing was done for it, so
+        nothing is lost by trying again. One that reached it is never sent twice.
         """
         supervisor = self.supervisor
         for attempt in range(1, MAX_DELIVERY_ATTEMPTS + 1):
-            backend = await self._acquire(client, model, ticket, stream)
+            lease = await self._acquire(client, model, ticket, stream, session)
+            endpoint = lease.endpoint
             supervisor.dequeue(model, ticket)
             if client.queue_wait is None:
                 client.queue_wait = trio.current_time() - ticket.enqueued
-            pool = backend.upstream
-            assert pool is not None, "an acquired backend is ready, and a ready backend has its pool"
+            client.endpoint = endpoint.key
+            pool = endpoint.upstream
             try:
-                return await pool.request(method, target, headers=forward_headers(headers), body=body), backend
+                if pool is None:
+                    raise NotDelivered(f"{endpoint.label} stopped taking requests")
+                sent = body if lease.upstream_model is None or not body else renamed(body, lease.upstream_model)
+                return await pool.request(method, target, headers=forward_headers(headers), body=sent), endpoint
             except NotDelivered as exc:
-                backend.distrust()  # before the slot is freed: nobody else is sent there meanwhile
-                backend.release()
+                endpoint.distrust()  # before the slot is freed: nobody else is sent there meanwhile
+                endpoint.release()
                 if attempt == MAX_DELIVERY_ATTEMPTS:
-                    raise await _failure(backend, exc) from None
-                log.info("%s: request not delivered (%s); back in the queue for a working backend",
-                         backend.name, exc)
-                await _await_exit(backend)
+                    raise await _failure(endpoint, exc) from None
+                log.info("%s: request not delivered (%s); back in the queue for a working endpoint",
+                         endpoint.label, exc)
+                await endpoint.failure_reason(exc)
                 supervisor.requeue(model, ticket)
             except UpstreamError as exc:
-                backend.release()
-                raise await _failure(backend, exc) from None  # distrusts it before anyone else runs
+                endpoint.release()
+                raise await _failure(endpoint, exc) from None  # distrusts it before anyone else runs
             except BaseException:
-                backend.release()
+                endpoint.release()
                 raise
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _acquire(self, client: Exchange, model: str, ticket: scheduler.Ticket, stream: bool) -> Backend:
-        """Wait for a backend. A stream that has to wait gets its event-stream headers now and an
-        SSE comment every keep-alive interval (clients and proxies drop silent connections), or,
-        with loading feedback, a chunk saying what it waits for."""
+    async def _acquire(self, client: Exchange, model: str, ticket: scheduler.Ticket, stream: bool,
+                       session: str | None) -> Lease:
+        """Wait for an endpoint. A stream that has to wait gets its event-stream headers now and
+        an SSE comment every keep-alive interval (clients and proxies drop silent connections),
+        or, with loading feedback, a chunk saying what it waits for."""
         if not stream:
-            return await self.supervisor.acquire_ticket(model, ticket)
+            return await self.supervisor.acquire_ticket(model, ticket, session)
         waiting = _Waiting()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiting.acquire, self.supervisor, model, ticket)
+            nursery.start_soon(waiting.acquire, self.supervisor, model, ticket, session)
             await self._keep_informed(client, model, ticket, waiting.done)
         return waiting.result()
 
@@ -343,29 +389,30 @@ class ProxyApp:
 
 
 class _Waiting:
-    """A backend being acquired in its own task (see ``ProxyApp._acquire``)."""
+    """An endpoint being acquired in its own task (see ``ProxyApp._acquire``)."""
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self._backend: Backend | None = None
+        self._lease: Lease | None = None
         self._error: RouterdError | None = None
 
-    async def acquire(self, supervisor: Supervisor, model: str, ticket: scheduler.Ticket) -> None:
+    async def acquire(self, supervisor: Supervisor, model: str, ticket: scheduler.Ticket,
+                      session: str | None) -> None:
         try:
-            self._backend = await supervisor.acquire_ticket(model, ticket)
+            self._lease = await supervisor.acquire_ticket(model, ticket, session)
         except RouterdError as exc:
             self._error = exc
         finally:
             self.done.set()
 
-    def result(self) -> Backend:
+    def result(self) -> Lease:
         if self._error is not None:
             raise self._error
-        assert self._backend is not None, "acquire() ended without a backend or an error"
-        return self._backend
+        assert self._lease is not None, "acquire() ended without a lease or an error"
+        return self._lease
 
 
-async def _answer(client: Exchange, backend: Backend, upstream: Response) -> None:
+async def _answer(client: Exchange, backend: Endpoint, upstream: Response) -> None:
     """Relay the backend's answer: an event stream chunk by chunk, anything else whole (so a
     backend dying mid-body is still a clean 502)."""
     is_stream = upstream.header(b"content-type").startswith(b"text/event-stream")
@@ -392,24 +439,16 @@ async def _answer(client: Exchange, backend: Backend, upstream: Response) -> Non
             await client.body(chunk)
         await client.body(b"", more=False)
     except UpstreamError as exc:
-        log.warning("%s: answer broke: %s", backend.name, exc)
+        log.warning("%s: answer broke: %s", backend.label, exc)
         raise await _failure(backend, exc, "mid-stream" if client.started else "") from None
 
 
-async def _await_exit(backend: Backend) -> None:
-    """After a failed call: give a dying backend a moment to be reaped (its exit status is the
-    real reason, and a backend that is gone is not chosen again)."""
-    with trio.move_on_after(EXIT_NOTICE_TIME):
-        await backend.wait_gone()
-
-
-async def _failure(backend: Backend, exc: BaseException, when: str = "") -> UpstreamFailed:
-    """The 502 for a broken upstream call, with the backend's own reason when it died."""
-    backend.distrust()
-    await _await_exit(backend)
-    why = backend.error or str(exc)
-    return UpstreamFailed(f"backend for {backend.name!r} failed{' ' + when if when else ''}: {why}",
-                          data={"exit_code": backend.exit_code})
+async def _failure(endpoint: Endpoint, exc: BaseException, when: str = "") -> UpstreamFailed:
+    """The 502 for a broken upstream call, with a backend's own reason when it died."""
+    endpoint.distrust()
+    why = await endpoint.failure_reason(exc)
+    return UpstreamFailed(f"{endpoint.label} failed{' ' + when if when else ''}: {why}",
+                          data={"exit_code": getattr(endpoint, "exit_code", None), "endpoint": endpoint.key})
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:

@@ -7,7 +7,8 @@ the supervisor turns entries into backends. It never writes the user's config fi
 
 States: models from the config and imported ones are ``manual`` (never dropped; unavailable
 while their file is missing); discovered ones are ``auto`` (gone when their file goes, back
-when it returns).
+when it returns). A remote's models are entries too (``NAME/MODEL``, source ``remote:NAME``, and
+the bare name as an alias when nothing else claims it): they have no file.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import os
 import tempfile
 import tomllib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import attrs
 
@@ -45,6 +46,14 @@ class ModelEntry:
     mmproj: tuple[str, ...] = ()
     #: Environment variables its llama-server gets (the config's models.NAME.env).
     env: tuple[tuple[str, str], ...] = ()
+    #: Local replicas kept running once in use, and the most there may be ("auto" scales between).
+    replicas: int = 1
+    max_replicas: int = 1
+    #: Remote endpoints serving it too: (remote, the model's name there).
+    remotes: tuple[tuple[str, str], ...] = ()
+    #: A remote's model: served only there, by this name there (source ``remote:NAME``).
+    remote: str = ""
+    remote_model: str = ""
 
     @property
     def state(self) -> str:
@@ -53,11 +62,13 @@ class ModelEntry:
 
     @property
     def available(self) -> bool:
-        return os.path.exists(self.path)
+        return bool(self.remote) or os.path.exists(self.path)
 
     def metadata_dict(self) -> dict[str, object] | None:
         """Header facts for display (architecture, size, quantization, context), if readable.
         Reads the file each call; ``Catalog.metadata`` keeps the result."""
+        if self.remote:
+            return None
         try:
             return read_meta(self.path).public()
         except (OSError, GGUFError):
@@ -95,18 +106,26 @@ class Catalog:
 
     @classmethod
     def from_config(cls, config: Config, imported: Sequence[Found] = (), discovered: Sequence[Found] = (),
-                    problems: Sequence[str] = ()) -> Catalog:
-        """Config models first; then imported, then discovered ones whose names are still free."""
-        entries = [ModelEntry(name=name, path=model.path, aliases=tuple(model.aliases), group=model.group,
-                              idle_ttl=config.idle_ttl(name), args=tuple(model.args),
-                              env=tuple(sorted(model.env.items())))
-                   for name, model in config.models.items()]
+                    problems: Sequence[str] = (), remote_models: Mapping[str, Sequence[str]] | None = None,
+                    ) -> Catalog:
+        """Config models first; then imported, then discovered ones whose names are still free;
+        then each remote's models (``remote_models``: remote name -> its models)."""
+        entries = []
+        for name, model in config.models.items():
+            keep, most = model.replica_policy()
+            remotes = tuple((r.split("/", 1)[0], r.split("/", 1)[1] if "/" in r else name) for r in model.remotes)
+            entries.append(ModelEntry(name=name, path=model.path, aliases=tuple(model.aliases), group=model.group,
+                                      idle_ttl=config.idle_ttl(name), args=tuple(model.args),
+                                      env=tuple(sorted(model.env.items())), replicas=keep, max_replicas=most,
+                                      remotes=remotes))
         taken = [name for entry in entries for name in (entry.name, *entry.aliases)]
         folders = [f for f in discovered if f.source == "folder"]
         cached = [f for f in discovered if f.source != "folder"]
         for found in resolve_collisions([imported, folders, cached], taken):
             entries.append(ModelEntry(name=found.name, path=found.path, aliases=found.aliases,
                                       idle_ttl=config.backend.idle_ttl, source=found.source, mmproj=found.mmproj))
+        entries += remote_entries(config, remote_models or {},
+                                  {name for entry in entries for name in (entry.name, *entry.aliases)})
         return cls(entries, problems)
 
     def __iter__(self) -> Iterator[ModelEntry]:
@@ -142,6 +161,28 @@ class Catalog:
             changed=tuple(sorted(n for n in set(self._entries) & set(new._entries)
                                  if self._entries[n] != new._entries[n])),
         )
+
+
+def remote_entries(config: Config, remote_models: Mapping[str, Sequence[str]], taken: set[str],
+                   ) -> list[ModelEntry]:
+    """A remote's models as entries ``REMOTE/MODEL`` (pure); the bare ``MODEL`` is an alias
+    when no local model, selector or other remote claims it (as llama-swap's peers do)."""
+    claims: dict[str, int] = {}
+    for models in remote_models.values():
+        for model in set(models):
+            claims[model] = claims.get(model, 0) + 1
+    entries = []
+    for remote, models in remote_models.items():
+        if remote not in config.remotes:
+            continue
+        for model in models:
+            name = f"{remote}/{model}"
+            if name in taken:
+                continue
+            bare = model not in taken and model not in config.selectors and claims[model] == 1
+            entries.append(ModelEntry(name=name, path=config.remotes[remote].url, aliases=(model,) if bare else (),
+                                      source=f"remote:{remote}", remote=remote, remote_model=model))
+    return entries
 
 
 class ImportStore:

@@ -22,6 +22,7 @@ import hypercorn.config
 import trio
 
 from routerd import __version__, config as config_mod, events, paths
+from routerd.backends import remote
 from routerd.backends.memory import MemoryManager, NvmlProvider
 from routerd.backends.supervisor import Supervisor
 from routerd.config import Config
@@ -53,6 +54,8 @@ class ReloadResult:
     changed: list[str]
     #: What discovery could not read (corrupted Hugging Face cache entries), each with its reason.
     problems: list[str]
+    #: Remotes added, removed and changed (reconnected) by a reload.
+    remotes: dict[str, list[str]] = attrs.field(factory=dict)
 
 
 class Daemon:
@@ -81,6 +84,7 @@ class Daemon:
         # beyond loopback with no key.
         self.gate = Gate(config.auth, listening_on=config.server.host, state_dir=paths.state_dir(environ))
         self.certificates = Certificates(config.server)
+        self._remote_keys = remote.api_keys(config, self.environ)  # ConfigError (78) if one cannot be read
 
     def _log_request(self, event: events.Event) -> None:
         if self.config.logging.requests:
@@ -98,10 +102,13 @@ class Daemon:
             # Check everything before changing anything: a bad key file or certificate keeps
             # the running config whole.
             context = self.certificates.prepare(new.server)
+            keys = remote.api_keys(new, self.environ)
             self.gate.configure(new.auth, listening_on=self.config.server.host)
             self.certificates.context = context
             self.bus.buffer = new.metrics.event_buffer
-            result = await self._apply(new, trigger="reload")
+            remotes = self.supervisor.remotes.apply(new.remotes, keys)
+            self._remote_keys = keys
+            result = attrs.evolve(await self._apply(new, trigger="reload"), remotes=remotes)
         except RouterdError as exc:
             self.bus.publish("config.reload", ok=False, error=exc.message)
             raise
@@ -117,6 +124,8 @@ class Daemon:
         except RouterdError as exc:
             self.bus.publish("catalog.rescan", trigger=trigger, ok=False, error=exc.message)
             raise
+        if trigger == "operator":
+            self.supervisor.remotes.rediscover()  # their lists follow as each answers
         return await self._apply(attrs.evolve(self.config, models=fresh.models), trigger=trigger)
 
     async def import_models(self, path: str) -> list[str]:
@@ -145,19 +154,21 @@ class Daemon:
         await self._apply(self.config, trigger="pull")
         return {"model": f"{repo_id}:{plan.tag}", "files": list(plan.files), "cache": self.hub_cache}
 
-    def discover(self, config: Config) -> Catalog:
-        """The catalog for ``config``: blocking file-system work, run it in a thread."""
+    def discover(self, config: Config, remote_models: Mapping[str, tuple[str, ...]]) -> Catalog:
+        """The catalog for ``config``, with the remotes' models as last listed: blocking
+        file-system work, run it in a thread."""
         found = [f for folder in config.catalog.folders for f in discovery.scan_folder(folder)]
         problems: list[str] = []
         if config.catalog.hf_cache:
             cache = discovery.scan_hf_cache(self.hub_cache)
             found += cache.found
             problems += cache.problems
-        return Catalog.from_config(config, imported=self.imports.load(), discovered=found, problems=problems)
+        return Catalog.from_config(config, imported=self.imports.load(), discovered=found, problems=problems,
+                                   remote_models=remote_models)
 
     async def _apply(self, new: Config, *, trigger: str) -> ReloadResult:
         async with self._catalog_lock:  # one rescan at a time; the newest file system wins
-            new_catalog = await trio.to_thread.run_sync(self.discover, new)
+            new_catalog = await trio.to_thread.run_sync(self.discover, new, self.supervisor.remotes.models())
             old_catalog = self.supervisor.catalog
             outcome = self.supervisor.apply(new, new_catalog)
             diff = old_catalog.diff(new_catalog)
@@ -172,6 +183,14 @@ class Daemon:
                              added=result.added, removed=result.removed, changed=result.changed,
                              problems=result.problems)
         return result
+
+    async def _follow_remotes(self) -> None:
+        """Rebuild the catalog whenever a remote's model list changes (discovery, reload)."""
+        while True:
+            await self.supervisor.remotes.wait_models_changed()
+            result = await self._apply(self.config, trigger="remote")
+            if result.added or result.removed:
+                log.info("remote models: added %s, removed %s", result.added, result.removed)
 
     async def _rescan_periodically(self) -> None:
         while self.config.catalog.rescan_interval > 0:
@@ -193,7 +212,14 @@ class Daemon:
         self.imports.check_writable()
         async with trio.open_nursery() as root:
             await root.start(self.supervisor.run)
+            remotes = self.supervisor.remotes
+            remotes.apply(config.remotes, self._remote_keys)
+            # Their model lists are in the first catalog unless a remote is slow to answer (then
+            # they join it when it does): a dead remote never holds routerd's start for long.
+            await remotes.first_checks(timeout=max([r.connect_timeout for r in config.remotes.values()], default=0))
+            remotes.take_models_changed()  # the first catalog has what they said so far
             await self._apply(config, trigger="startup")  # discovery, before serving: discovered models are servable at READY
+            root.start_soon(self._follow_remotes)
             http_config = hypercorn.config.Config()
             http_config.bind = [f"{config.server.host}:{config.server.port}"]
             http_config.graceful_timeout = 1.0  # requests have drained before it applies

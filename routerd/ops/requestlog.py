@@ -21,6 +21,10 @@ FIELDS = "request"
 def line(model: str, data: dict[str, Any]) -> str:
     """The text of one request's line (pure)."""
     parts = [model or "-", data["method"], data["route"], str(data["status"]), f"{data['duration']:.3f}s"]
+    if data.get("selector"):
+        parts.append(f"via={data['selector']}")
+    if data.get("endpoint") and data["endpoint"] != model:
+        parts.append(f"endpoint={data['endpoint']}")
     if data.get("ttfb") is not None:
         parts.append(f"ttfb={data['ttfb']:.3f}s")
     if data.get("queue_wait") is not None:
