@@ -146,6 +146,22 @@ def print_status(result: dict[str, Any]) -> None:
                      (m.get("last_error") or "")[:60]])
     print(table(rows, ["MODEL", "STATE", "PID", "PORT", "GROUP", "INFLIGHT", "QUEUED", "LAST USED", "TTL LEFT",
                        "MEMORY", "LAST ERROR"]))
+    pools = [(m["name"], m["endpoints"]) for m in result["models"]
+             if len(m.get("endpoints") or []) > 1 or any(e["kind"] == "remote" for e in m.get("endpoints") or [])]
+    if pools:
+        rows = [[name, e["endpoint"], e["state"], f"{e['in_flight']}/{e['slots']}",
+                 str(e.get("port") or e.get("url") or "-"),
+                 str(e["queued_there"]) if e["kind"] == "remote" else "-", (e.get("error") or "")[:50]]
+                for name, endpoints in pools for e in endpoints]
+        print("\n" + table(rows, ["POOL", "ENDPOINT", "STATE", "LOAD", "PORT/URL", "QUEUED THERE", "ERROR"]))
+    if result.get("remotes"):
+        rows = [[r["name"], r["url"], r["state"], f"{r['in_flight']}/{r['max_concurrent']}",
+                 ", ".join(r["models"]) or "-", (r.get("error") or "")[:50]] for r in result["remotes"]]
+        print("\n" + table(rows, ["REMOTE", "URL", "STATE", "LOAD", "MODELS", "ERROR"]))
+    if result.get("selectors"):
+        rows = [[s["name"], s["strategy"] + (f" ({s['per_target']} each)" if s["strategy"] == "spillover" else ""),
+                 ", ".join(f"{t['model']} ({t['state']})" for t in s["targets"])] for s in result["selectors"]]
+        print("\n" + table(rows, ["SELECTOR", "STRATEGY", "TARGETS"]))
 
 
 def print_details(model: dict[str, Any]) -> None:
@@ -195,6 +211,9 @@ def print_reload(result: dict[str, Any]) -> None:
     for key in ("added", "removed", "changed", "restarted", "stopped", "kept"):
         if key in result:
             print(f"{key}: {', '.join(result[key]) or '-'}")
+    for key, names in (result.get("remotes") or {}).items():
+        if names:
+            print(f"remotes {key}: {', '.join(names)}")
     for problem in result.get("problems", []):
         print(f"not served (corrupted cache entry): {problem}")
 

@@ -74,11 +74,15 @@ async def start_routerd(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[
     """Start routerd with a config dict; it is shut down (backends stopped) after the test."""
     started: list[Daemon] = []
 
-    async def start(data: dict[str, Any], *, env: dict[str, str] | None = None, gpus: Any = None) -> Routerd:
-        path = tmp_path / "config.toml"
+    async def start(data: dict[str, Any], *, env: dict[str, str] | None = None, gpus: Any = None,
+                    name: str = "") -> Routerd:
+        """``name`` gives a second routerd in the same test its own config file and state."""
+        path = tmp_path / f"{name or 'config'}.toml"
         path.write_text(tomli_w.dumps(data))
         config = config_mod.load(path)
         environ = {**isolated_env(tmp_path), **(os.environ if env is None else env)}
+        if name:
+            environ["STATE_DIRECTORY"] = str(tmp_path / f"{name}-state")
         daemon = Daemon(config, binary=config_mod.resolve_llama_server(config, environ), environ=environ,
                         memory=MemoryManager(config.memory, gpus, env=environ))
         await nursery.start(lambda task_status: daemon.run(handle_signals=False, task_status=task_status))

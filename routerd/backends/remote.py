@@ -73,7 +73,7 @@ def listed_models(body: bytes) -> tuple[list[str], dict[str, int]]:
     for item in data:
         if not isinstance(item, dict) or not isinstance(item.get("id"), str):
             continue
-        if item.get("alias_of") or str(item.get("source", "")).startswith("remote:") or item.get("selector"):
+        if item.get("alias_of") or str(item.get("source", "")).startswith("remote:") or "selector" in item:
             continue
         models.append(item["id"])
         if isinstance(item.get("queued"), int):

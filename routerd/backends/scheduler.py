@@ -40,6 +40,8 @@ class Ticket:
     enqueued: float
     seq: int
     deadline: float
+    #: The queue's model (its catalog name when the ticket was made: it may leave the catalog).
+    model: str = ""
 
 
 def effective_priority(ticket: Ticket, now: float, aging: float) -> float:
@@ -72,7 +74,7 @@ class ModelQueue:
                                   f"(scheduler.max_queue = {self.limit}); retry later",
                                   retry_after=max(1.0, len(self.tickets) / 16))
         now = trio.current_time()
-        ticket = Ticket(priority, now, next(self._seq), now + max_wait)
+        ticket = Ticket(priority, now, next(self._seq), now + max_wait, self.name)
         self.tickets.append(ticket)
         self.wake()
         return ticket

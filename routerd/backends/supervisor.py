@@ -165,10 +165,12 @@ class Supervisor:
         self._signal_watchers()
         return ticket
 
-    def dequeue(self, name: str, ticket: scheduler.Ticket) -> None:
-        entry = self.catalog.resolve(name)
-        self._queue(entry.name).leave(ticket)
-        self._watch_queue_depth(entry.name)
+    def dequeue(self, ticket: scheduler.Ticket) -> None:
+        """Leave the ticket's queue (its model may have left the catalog since)."""
+        queue = self._queues.get(ticket.model)
+        if queue is not None:
+            queue.leave(ticket)
+            self._watch_queue_depth(ticket.model)
         self._signal_watchers()
 
     def _watch_queue_depth(self, name: str) -> None:
@@ -182,9 +184,9 @@ class Supervisor:
             self._queue_high.discard(name)
             self.bus.publish("queue.normal", name, depth=depth, max_queue=limit)
 
-    def requeue(self, name: str, ticket: scheduler.Ticket) -> None:
+    def requeue(self, ticket: scheduler.Ticket) -> None:
         """Put a dequeued ticket back in its place (its request never reached a backend)."""
-        self._queue(self.catalog.resolve(name).name).rejoin(ticket)
+        self._queue(ticket.model).rejoin(ticket)
         self._signal_watchers()
 
     async def acquire_ticket(self, name: str, ticket: scheduler.Ticket, session: str | None = None) -> Lease:
@@ -470,6 +472,7 @@ class Supervisor:
                 self._failures[entry.name].loaded()
             if backend.ready_at is not None:
                 self._load_seconds[entry.name] = backend.ready_at - backend.started_at
+            self._scale(entry)  # replicas = N: the rest follow the first
             return backend
 
     def unload(self, name: str, *, force: bool = False) -> Backend | None:
@@ -807,6 +810,17 @@ class Supervisor:
                           "slots": remote.slots, "queued_there": remote.queued.get(there, 0),
                           "error": remote.error})
         return shown
+
+    def remotes_status(self) -> list[dict[str, object]]:
+        """Each remote: where, its state, its load and its models."""
+        return [{"name": r.name, "url": r.config.url, "state": r.state, "error": r.error, "in_flight": r.in_flight,
+                 "max_concurrent": r.slots, "models": list(r.models)} for r in self.remotes]
+
+    def selectors_status(self) -> list[dict[str, object]]:
+        """Each virtual model: its strategy and targets, with each target's state now."""
+        return [{"name": name, "strategy": s.strategy, "per_target": s.per_target,
+                 "targets": [{"model": t, "state": self.state_of(t) if t in self.catalog else "not in catalog"}
+                             for t in s.targets]} for name, s in self.config.selectors.items()]
 
     def residents(self) -> list[admission.Resident]:
         return [self._resident(b) for b in self._backends.values()]

@@ -176,6 +176,11 @@ def _views_app(supervisor: Supervisor, gate: Gate) -> QuartTrio:
                 if shown != status.name:
                     entry["alias_of"] = status.name
                 data.append(entry)
+        for name, selector in supervisor.config.selectors.items():
+            if caller.allows([name]):
+                data.append({"id": name, "object": "model", "created": 0, "owned_by": "routerd",
+                             "selector": {"strategy": selector.strategy, "targets": list(selector.targets),
+                                          "per_target": selector.per_target}})
         body = json.dumps({"object": "list", "data": data}, default=_default)
         if len(models_view) > MODELS_VIEWS_KEPT:
             models_view.clear()

@@ -66,8 +66,8 @@ _NOT_FORWARDED = frozenset({b"connection", b"keep-alive", b"proxy-authenticate",
                             b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
                             b"authorization", b"x-api-key", b"cookie", b"set-cookie"})
 #: CORS is routerd's decision (server.cors_origins), never a backend's: llama-server allows every
-#: origin by default.
-_CORS_PREFIX = b"access-control-"
+#: origin by default. A remote routerd's routing headers are its own: ours say what we chose.
+_DROPPED_PREFIXES = (b"access-control-", b"x-routerd-")
 _EVENT_STREAM_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                          (b"x-accel-buffering", b"no")]
 
@@ -89,7 +89,7 @@ def forward_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes,
     """Headers to pass on, either way: without hop-by-hop ones, credentials and CORS (pure;
     names are lower-case bytes)."""
     return [(k, v) for k, v in headers
-            if (name := k.lower()) not in _NOT_FORWARDED and not name.startswith(_CORS_PREFIX)]
+            if (name := k.lower()) not in _NOT_FORWARDED and not name.startswith(_DROPPED_PREFIXES)]
 
 
 @attrs.frozen
@@ -296,7 +296,7 @@ class ProxyApp:
             except RouterdError as exc:
                 await client.fail(exc)
             finally:
-                self.supervisor.dequeue(model, ticket)
+                self.supervisor.dequeue(ticket)
             nursery.cancel_scope.cancel()
 
     async def _relay(self, client: Exchange, model: str, ticket: scheduler.Ticket, stream: bool, method: str,
@@ -323,7 +323,7 @@ class ProxyApp:
         for attempt in range(1, MAX_DELIVERY_ATTEMPTS + 1):
             lease = await self._acquire(client, model, ticket, stream, session)
             endpoint = lease.endpoint
-            supervisor.dequeue(model, ticket)
+            supervisor.dequeue(ticket)
             if client.queue_wait is None:
                 client.queue_wait = trio.current_time() - ticket.enqueued
             client.endpoint = endpoint.key
@@ -341,7 +341,7 @@ class ProxyApp:
                 log.info("%s: request not delivered (%s); back in the queue for a working endpoint",
                          endpoint.label, exc)
                 await endpoint.failure_reason(exc)
-                supervisor.requeue(model, ticket)
+                supervisor.requeue(ticket)
             except UpstreamError as exc:
                 endpoint.release()
                 raise await _failure(endpoint, exc) from None  # distrusts it before anyone else runs

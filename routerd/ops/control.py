@@ -490,7 +490,8 @@ class ControlServer:
             return {"model": supervisor.model_status(supervisor.catalog.resolve(params.model))}
         return {"version": __version__, "pid": os.getpid(), "uptime": time.time() - self.daemon.started,
                 "config": self.daemon.config.source, "listen": self.daemon.http_urls, "socket": self.path,
-                "summary": self.daemon.status_line(), "models": supervisor.status()}
+                "summary": self.daemon.status_line(), "models": supervisor.status(),
+                "remotes": supervisor.remotes_status(), "selectors": supervisor.selectors_status()}
 
     async def _models(self, params: NoParams, conn: Connection) -> dict[str, Any]:
         return {"models": self.daemon.supervisor.status()}

@@ -166,8 +166,11 @@ class Daemon:
         return Catalog.from_config(config, imported=self.imports.load(), discovered=found, problems=problems,
                                    remote_models=remote_models)
 
-    async def _apply(self, new: Config, *, trigger: str) -> ReloadResult:
+    async def _apply(self, new: Config | None, *, trigger: str) -> ReloadResult:
+        """Rebuild the catalog under ``new`` (None: the running config, as it is once this
+        rescan's turn comes, so a reload applied meanwhile is not undone)."""
         async with self._catalog_lock:  # one rescan at a time; the newest file system wins
+            new = self.config if new is None else new
             new_catalog = await trio.to_thread.run_sync(self.discover, new, self.supervisor.remotes.models())
             old_catalog = self.supervisor.catalog
             outcome = self.supervisor.apply(new, new_catalog)
@@ -188,7 +191,7 @@ class Daemon:
         """Rebuild the catalog whenever a remote's model list changes (discovery, reload)."""
         while True:
             await self.supervisor.remotes.wait_models_changed()
-            result = await self._apply(self.config, trigger="remote")
+            result = await self._apply(None, trigger="remote")
             if result.added or result.removed:
                 log.info("remote models: added %s, removed %s", result.added, result.removed)
 

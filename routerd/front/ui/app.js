@@ -128,7 +128,7 @@ function scheduleRefresh(delay = 200, withMemory = true) {
 async function refresh(withMemory = true) {
   try {
     const listing = await api("/v1/models");
-    page.models = listing.data.filter((m) => !m.alias_of);
+    page.models = listing.data.filter((m) => !m.alias_of && !m.selector);
     $("models-error").hidden = true;
   } catch (error) {
     $("models-error").textContent = `Cannot list models: ${error.message}`;
