@@ -348,3 +348,32 @@ async def test_models_found_in_the_hf_cache_and_a_folder_are_served_with_no_mode
         answer = await trio.to_thread.run_sync(lambda: c.chat.completions.create(
             model=name, messages=MESSAGES, max_tokens=4))
         assert answer.choices[0].message.content is not None
+
+
+async def test_a_real_model_behind_a_remote_routerd_answers_through_another_with_sessions(start_routerd, tmp_path):
+    # B serves SmolLM2 behind a key; A has no model of its own, only B as remote "gpu2".
+    b_data = real_config(tmp_path, **{"smollm2-135m": {}})
+    b_data["control"]["socket"] = str(tmp_path / "b.sock")
+    b = await start_routerd(b_data, name="b")
+    secret, _ = b.daemon.gate.add("routerd-a")
+    a_data = real_config(tmp_path)
+    a_data["remotes"] = {"gpu2": {"url": b.url, "api_key_env": "GPU2_KEY", "health_interval": 1.0}}
+    a = await start_routerd(a_data, env={**os.environ, "GPU2_KEY": secret}, name="a")
+    c = client(a)
+    listed = await trio.to_thread.run_sync(lambda: [m.id for m in c.models.list().data])
+    assert "gpu2/smollm2-135m" in listed and "smollm2-135m" in listed
+
+    def stream() -> tuple[list[str], dict[str, str]]:
+        with c.chat.completions.with_streaming_response.create(
+                model="smollm2-135m", messages=MESSAGES, max_tokens=16, stream=True,
+                extra_headers={"X-Session-Id": "conversation-1"}) as response:
+            pieces = [chunk.choices[0].delta.content or "" for chunk in response.parse() if chunk.choices]
+            return pieces, dict(response.headers)
+    pieces, headers = await trio.to_thread.run_sync(stream)
+    assert len(pieces) > 3 and "".join(pieces)
+    assert headers["x-routerd-endpoint"] == "remote:gpu2" and headers["x-routerd-model"] == "gpu2/smollm2-135m"
+    answer = await trio.to_thread.run_sync(lambda: c.chat.completions.create(
+        model="gpu2/smollm2-135m", messages=MESSAGES, max_tokens=8))
+    assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
+    assert b.supervisor.state_of("smollm2-135m") == "ready"  # the process runs on B, not on A
+    assert not a.supervisor._backends
