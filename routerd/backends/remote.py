@@ -251,6 +251,7 @@ class Remotes:
         """Start new remotes, close removed ones, replace changed ones (keys from ``api_keys``)."""
         assert self._nursery is not None, "Remotes.run() is not running"
         outcome: dict[str, list[str]] = {"added": [], "removed": [], "changed": []}
+        known: dict[str, tuple[str, ...]] = {}  # a changed remote's models stay listed meanwhile
         for name, remote in list(self._remotes.items()):
             if name not in configs:
                 outcome["removed"].append(name)
@@ -259,6 +260,7 @@ class Remotes:
             else:
                 continue
             del self._remotes[name]
+            known[name] = remote.models
             remote.close()
         for name, config in configs.items():
             if name not in self._remotes:
@@ -266,6 +268,8 @@ class Remotes:
                     outcome["added"].append(name)
                 remote = self._remotes[name] = Remote(name, config, keys.get(name, ""), bus=self.bus,
                                                       on_change=self._on_change)
+                if not config.models and name in known:
+                    remote.models = known[name]
                 self._nursery.start_soon(remote.run, self._note_models_changed, name=f"remote {name}")
         if outcome["removed"] or outcome["added"] or outcome["changed"]:
             self._note_models_changed()
