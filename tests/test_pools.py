@@ -72,6 +72,16 @@ def test_replicas_start_to_the_kept_count_then_one_at_a_time_while_requests_wait
     assert replicas_to_start(live=4, starting=0, oldest_wait=9.0, **auto) == 0  # at the most
 
 
+def test_an_idle_extra_replica_is_evicted_before_any_model_s_first():
+    from routerd.backends import admission
+
+    residents = [admission.Resident("old", "", False, last_used=1.0, usage={"ram": 100}),
+                 admission.Resident("m#2", "", False, last_used=9.0, usage={"ram": 100}, extra=True),
+                 admission.Resident("m", "", False, last_used=8.0, usage={"ram": 100})]
+    plan = admission.plan_admission(admission.Newcomer("new", "", {"ram": 100}), residents, {"ram": 300})
+    assert plan == admission.Admit(evict=("m#2",))
+
+
 # -- selectors -------------------------------------------------------------------------------
 
 

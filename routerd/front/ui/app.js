@@ -194,7 +194,15 @@ function renderModels() {
       aliases.textContent = model.aliases.join(", ");
       name.appendChild(aliases);
     }
-    cell(row, "State", model.state, `state state-${model.state}`);
+    const state = cell(row, "State", model.state, `state state-${model.state}`);
+    const endpoints = model.endpoints || [];
+    if (endpoints.length > 1 || endpoints.some((e) => e.kind === "remote")) {
+      // A pool: each replica and remote with its load, e.g. "m#2 ready 1/4".
+      const pool = document.createElement("div");
+      pool.className = "aliases";
+      pool.textContent = endpoints.map((e) => `${e.endpoint} ${e.state} ${e.in_flight}/${e.slots}`).join(", ");
+      state.appendChild(pool);
+    }
     cell(row, "Source", model.source);
     const meta = model.metadata || {};
     cell(row, "Size", [meta.size_label, meta.quantization, size(meta.file_size)].filter(Boolean).join(" · "));
@@ -208,7 +216,7 @@ function renderModels() {
     cell(row, "Idle stop", model.idle_ttl_left === null ? "–" : clock(model.idle_ttl_left));
     cell(row, "Last error", model.last_error || "", "error");
     const actions = cell(row, "Actions", "", "actions");
-    if (page.admin) {
+    if (page.admin && !model.source.startsWith("remote:")) {  // a remote's models are its own to load
       const running = ["starting", "ready", "stopping"].includes(model.state);
       if (!running) actions.appendChild(actionButton("Load", model.name, "load"));
       if (running) actions.appendChild(actionButton("Unload", model.name, "unload"));
