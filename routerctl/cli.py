@@ -289,6 +289,11 @@ def format_event(event: dict[str, Any]) -> str:
                   f"`routerctl reset {model}` once fixed")
     elif kind == "model.loading":
         detail = "loading" + (" (restart after a failure)" if event.get("restart") else "")
+        if event.get("replica") not in (None, model):
+            detail += f" replica {event['replica']}"
+    elif kind in ("remote.reachable", "remote.unreachable"):
+        model = f"remote {event.get('remote')}"
+        detail = kind.split(".")[1] + (f": {event['error']}" if event.get("error") else "")
     elif kind == "model.progress":
         detail = f"  {event.get('line')}"
     elif kind in ("queue.high", "queue.normal"):

@@ -476,3 +476,19 @@ def test_the_endpoint_protocol_is_what_both_kinds_provide():
     assert wanted <= set(endpoints.Endpoint.__annotations__) | set(dir(endpoints.Endpoint))
     assert {"accepting", "slots", "acquire", "release", "distrust", "failure_reason"} <= set(dir(Backend))
     assert {"accepting", "slots", "acquire", "release", "distrust", "failure_reason"} <= set(dir(Remote))
+
+
+async def test_replicas_spread_over_gpus(start_routerd, tmp_path):
+    from demo import demo_model_paths
+    from tests.conftest import ROOT, FakeGpus
+    from tests.test_serving import _cuda_visible_devices
+
+    # The fake server never reads the file; routerd reads its GGUF header to estimate it on a GPU.
+    smollm2 = str(demo_model_paths(ROOT / "demo")["smollm2-135m"])
+    gpus = FakeGpus((0, "fake A", 8 << 30, 8 << 30), (1, "fake B", 8 << 30, 8 << 30))
+    r = await start_routerd(make_config(tmp_path, {"m": {"path": smollm2, "replicas": 2}},
+                                        memory={"gpu_reserve": "0"}), gpus=gpus)
+    assert (await chat(r, "m")).status_code == 200
+    await eventually(lambda: _ready_replicas(r, "m", 2))
+    pids = [e["pid"] for e in (await r.http.get("/v1/models/m")).json()["endpoints"]]
+    assert sorted(_cuda_visible_devices(pid) for pid in pids) == ["0", "1"]  # both fit on either: one each

@@ -333,7 +333,7 @@ class MemoryManager:
 
     def reserve(self, backend: Backend, need: Mapping[str, int]) -> None:
         """Record what ``backend`` was admitted with (its estimate or last measured peak)."""
-        self._reserved[backend.name] = dict(need)
+        self._reserved[backend.key] = dict(need)
 
     def usage(self, backend: Backend) -> dict[str, int]:
         """What a resident backend holds or may soon hold, per device.
@@ -342,7 +342,7 @@ class MemoryManager:
         cache is touched as it fills), so a backend counts as the larger of what it was
         admitted with and the peak measured so far.
         """
-        reserved = self._reserved.get(backend.name) or self.need(backend.spec)
+        reserved = self._reserved.get(backend.key) or self.need(backend.spec)
         measured = self.measure(backend)
         peak = measured.per_device if measured else {}
         return {d: max(reserved.get(d, 0), peak.get(d, 0)) for d in reserved.keys() | peak.keys()}

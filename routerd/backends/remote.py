@@ -242,10 +242,16 @@ class Remotes:
         return {name: remote.models for name, remote in self._remotes.items()}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        """Own the remotes' checks until cancelled; then close every remote's connections."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            for remote in self._remotes.values():
+                if remote.upstream is not None:
+                    remote.upstream.close()
 
     def apply(self, configs: Mapping[str, RemoteConfig], keys: Mapping[str, str]) -> dict[str, list[str]]:
         """Start new remotes, close removed ones, replace changed ones (keys from ``api_keys``)."""
