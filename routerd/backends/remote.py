@@ -143,6 +143,11 @@ class Remote:
     async def failure_reason(self, exc: BaseException) -> str:
         return str(exc)
 
+    @property
+    def check_timeout(self) -> float:
+        """Longest one check may take: connecting, then a few seconds to answer."""
+        return self.config.connect_timeout + 5.0
+
     def outstanding(self, model: str) -> int:
         """Ours in flight there, or what it reports holding for ``model`` if that is more."""
         return max(self.in_flight, self.queued.get(model, 0))
@@ -182,8 +187,7 @@ class Remote:
         assert self.upstream is not None
         path = "/v1/models" if discover else self.config.health_path
         try:
-            with trio.fail_after(self.config.connect_timeout + 5.0):
-                status, body = await self.upstream.get(path, timeout=self.config.connect_timeout + 5.0)
+            status, body = await self.upstream.get(path, timeout=self.check_timeout)
         except (UpstreamError, trio.TooSlowError) as exc:
             self._set_state("unreachable", str(exc) or "timed out")
             return False

@@ -247,10 +247,11 @@ class Supervisor:
             if remote is not None and remote.accepting:
                 remotes.append((remote, there if there != entry.name else None))
         if not remotes:
-            await self._ready_backend(entry)
-        elif not self._live_replicas(entry.name):
-            self._load_in_background(entry)
-        self._scale(entry)
+            await self._ready_backend(entry)  # which also scales
+        else:
+            if not self._live_replicas(entry.name):
+                self._load_in_background(entry)
+            self._scale(entry)
         local: list[tuple[Endpoint, str | None]] = [
             (b, None) for b in self._replicas(entry.name) if b.accepting and b.key not in self._yielding]
         return local + remotes
@@ -258,7 +259,7 @@ class Supervisor:
     async def _reachable(self, remote_name: str, model: str) -> Remote:
         remote = self.remotes.get(remote_name)
         if remote is not None and remote.state == "unknown":  # just configured: its first check
-            with trio.move_on_after(remote.config.connect_timeout + 5.0):
+            with trio.move_on_after(remote.check_timeout):
                 await remote.checked.wait()
         if remote is None or not remote.accepting:
             why = remote.error if remote is not None else "it is no longer configured"
@@ -317,7 +318,7 @@ class Supervisor:
 
     def _live_replicas(self, name: str) -> list[Backend]:
         """Those not asked to stop."""
-        return [b for b in self._replicas(name) if not b.stop_requested and b.state is not State.STOPPING]
+        return [b for b in self._replicas(name) if _live(b)]
 
     def _load_in_background(self, entry: ModelEntry) -> None:
         """Start ``entry``'s first replica without waiting for it (a failure is logged, and not
@@ -329,12 +330,9 @@ class Supervisor:
         assert self._nursery is not None, "Supervisor.run() is not running"
 
         async def load() -> None:
-            try:
-                await self._ready_backend(entry)
+            if await self._load_quietly(entry.name):
                 self._background.pop(entry.name, None)
-            except RouterdError as exc:
-                log.warning("%s: the local replica did not start (its remotes serve meanwhile): %s",
-                            entry.name, exc.message)
+            else:
                 self._background[entry.name] = trio.current_time() + self.config.scheduler.restart_backoff_max
 
         self._nursery.start_soon(load, name=f"load {entry.name}")
@@ -447,7 +445,7 @@ class Supervisor:
                 raise Unavailable("routerd is shutting down", code="shutting_down")
             self._refuse_if_crash_looping(entry.name)
             replicas = self._replicas(entry.name)
-            live = [b for b in replicas if not b.stop_requested and b.state is not State.STOPPING]
+            live = [b for b in replicas if _live(b)]
             ready = [b for b in live if b.state is State.READY and not b.suspect]
             backend = (ready or live or replicas or [None])[0]
             if backend is None:
@@ -511,11 +509,14 @@ class Supervisor:
                 continue
             await self._load_quietly(entry.name)
 
-    async def _load_quietly(self, name: str) -> None:
+    async def _load_quietly(self, name: str) -> bool:
+        """Load ``name``; a failure is logged, not raised. Whether it loaded."""
         try:
             await self.load(name)
         except RouterdError as exc:
             log.warning("background load of %s failed: %s", name, exc.message)
+            return False
+        return True
 
     def running(self, name: str) -> Backend | None:
         """The first live replica of ``name`` (starting, ready or stopping), if any."""
@@ -684,7 +685,7 @@ class Supervisor:
 
     def _idle_ttl(self, entry: ModelEntry, key: str) -> float:
         """Replicas an "auto" model added go after ``scale_down_idle``; the rest follow the model."""
-        if key == entry.name or entry.replicas > _replica_index(key) - 1:
+        if _replica_index(key) <= entry.replicas:
             return entry.idle_ttl
         scale_down = self.config.scheduler.scale_down_idle
         return scale_down if entry.idle_ttl <= 0 else min(entry.idle_ttl, scale_down)
@@ -771,13 +772,13 @@ class Supervisor:
         state = self.state_of(entry.name)
         pool = self._pool_status(entry, replicas)
         if entry.remote:
+            remote = self.remotes.get(entry.remote)
             return ModelStatus(
                 name=entry.name, aliases=list(entry.aliases), group=entry.group, source=entry.source,
                 catalog=entry.state, path=entry.path, available=True, state=state,
-                in_flight=sum(int(e["in_flight"]) for e in pool),  # type: ignore[call-overload]
+                in_flight=remote.in_flight if remote else 0,
                 queued=self.queued(entry.name), oldest_wait=self.oldest_wait(entry.name),
-                last_error=pool[0]["error"] if pool else "remote not configured",  # type: ignore[arg-type]
-                endpoints=pool)
+                last_error=remote.error if remote else "remote not configured", endpoints=pool)
         return ModelStatus(
             name=entry.name, aliases=list(entry.aliases), group=entry.group, source=entry.source,
             catalog=entry.state,
@@ -876,6 +877,11 @@ class _Admission:
 
     done: trio.Event = attrs.field(factory=trio.Event)
     error: RouterdError | None = None
+
+
+def _live(backend: Backend) -> bool:
+    """Not asked to stop: it serves, or will once loaded."""
+    return not backend.stop_requested and backend.state is not State.STOPPING
 
 
 def _replica_index(key: str) -> int:
