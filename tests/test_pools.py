@@ -495,3 +495,15 @@ async def test_replicas_spread_over_gpus(start_routerd, tmp_path):
     await eventually(lambda: _ready_replicas(r, "m", 2))
     pids = [e["pid"] for e in (await r.http.get("/v1/models/m")).json()["endpoints"]]
     assert sorted(_cuda_visible_devices(pid) for pid in pids) == ["0", "1"]  # both fit on either: one each
+
+
+async def test_a_rescan_reads_a_remote_s_model_list_again_at_once(start_routerd, tmp_path, model_file):
+    from routerctl.cli import main as routerctl
+
+    a, b, _ = await remote_pair(start_routerd, tmp_path, model_file, remote={"refresh": 3600.0})
+    assert "b/m2" not in listing(await a.http.get("/v1/models"))
+    b.write_config(make_config(tmp_path, {"m1": {"path": model_file("m1")}, "m2": {"path": model_file("m2")}},
+                               control={"socket": str(tmp_path / "b.sock")}))
+    await b.daemon.reload()
+    assert await trio.to_thread.run_sync(routerctl, ["--socket", a.daemon.socket_path, "rescan"]) == 0
+    await eventually(lambda: _state(a, "b/m2", "reachable"), timeout=5)  # not an hour later

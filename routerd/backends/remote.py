@@ -113,6 +113,8 @@ class Remote:
         self.removed = False
         self.checked = trio.Event()
         self._recheck = trio.Event()
+        #: When its model list is read next (discovery; at once at first).
+        self._next_discovery = -float("inf")
         self._models_changed: Callable[[], None] = lambda: None
         self._cancel = trio.CancelScope()
 
@@ -157,13 +159,12 @@ class Remote:
         """Check it now and every ``health_interval`` (sooner after a failure, backing off)."""
         self._models_changed = models_changed
         with self._cancel:
-            next_discovery = trio.current_time()
             delay = 0.25
             while True:
-                discover = not self.config.models and trio.current_time() >= next_discovery
+                discover = not self.config.models and trio.current_time() >= self._next_discovery
                 ok = await self._check(discover)
                 if ok and discover:
-                    next_discovery = trio.current_time() + (self.config.refresh or float("inf"))
+                    self._next_discovery = trio.current_time() + (self.config.refresh or float("inf"))
                 self.checked.set()
                 wait = self.config.health_interval if ok else min(delay, self.config.health_interval)
                 delay = 0.25 if ok else min(delay * 2, RECHECK_MAX)
@@ -172,7 +173,8 @@ class Remote:
                 self._recheck = trio.Event()
 
     def rediscover(self) -> None:
-        """Read its model list again at the next check, now (on rescan)."""
+        """Read its model list again now (on rescan)."""
+        self._next_discovery = -float("inf")
         self._recheck.set()
 
     def close(self) -> None:
