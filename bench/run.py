@@ -11,7 +11,6 @@ also writes docs/benchmarks.md. Figures never fail anything: this is not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -31,21 +30,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "packaging"))
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+
+import cost  # noqa: E402
 from demo import demo_model_paths  # noqa: E402
+from loadgen import (evict_from_page_cache, free_port, process_cpu, resident_fraction, wait_http,  # noqa: E402
+                     write_tiny_ggufs)
 
 from routerd import config as config_mod  # noqa: E402
 from routerd.models import discovery  # noqa: E402
 
-SMALL, OTHER = "smollm2", "gemma3"
+SMALL, OTHER, COLD = "smollm2", "gemma3", "cold"
 CHAT = [{"role": "user", "content": "Say hello."}]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -64,44 +60,44 @@ class Target:
         self.name, self.url, self.proc, self.models = name, url, proc, models
 
 
-async def wait_http(url: str, path: str = "/health", timeout: float = 60) -> None:
-    async with httpx.AsyncClient(timeout=2, trust_env=False) as client:
-        deadline = trio.current_time() + timeout
-        while trio.current_time() < deadline:
-            try:
-                if (await client.get(url + path)).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await trio.sleep(0.02)
-    raise RuntimeError(f"{url}{path} never answered")
-
-
-def start_all(work: Path, binary: str, models: dict[str, Path], routerd_log: Path | None) -> list[Target]:
-    common = ["--ctx-size", "2048", "--threads", "2", "--fit", "off"]
+def start_all(work: Path, binary: str, models: dict[str, Path], routerd_log: Path | None,
+              extra_args: tuple[str, ...] = ()) -> list[Target]:
+    """Direct llama-server (the small model), router mode and routerd (small, other and, when
+    ``models`` has it, ``cold``: a private copy nobody else maps, for page-cache evictions)."""
+    work.mkdir(exist_ok=True)
+    common = ["--ctx-size", "2048", "--threads", "2", "--fit", "off", *extra_args]
     direct_port, router_port, routerd_port = free_port(), free_port(), free_port()
     direct = subprocess.Popen([binary, "-m", str(models["smollm2-135m"]), "--port", str(direct_port), "--alias", SMALL,
                                *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    files = {SMALL: models["smollm2-135m"], OTHER: models["gemma3-270m"]}
+    if COLD in models:
+        files[COLD] = models[COLD]
     models_dir = work / "models"
     models_dir.mkdir()
-    (models_dir / f"{SMALL}.gguf").symlink_to(models["smollm2-135m"])
-    (models_dir / f"{OTHER}.gguf").symlink_to(models["gemma3-270m"])
+    for name, path in files.items():
+        (models_dir / f"{name}.gguf").symlink_to(path)
     router = subprocess.Popen([binary, "--models-dir", str(models_dir), "--models-max", "1", "--port",
                                str(router_port), *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     config = {"server": {"port": routerd_port}, "control": {"socket": str(work / "control.sock")},
               "backend": {"binary": binary, "args": common, "max_loaded_models": 1, "idle_ttl": 0},
               "catalog": {"hf_cache": False},
-              "models": {SMALL: {"path": str(models["smollm2-135m"])}, OTHER: {"path": str(models["gemma3-270m"])}}}
+              "models": {name: {"path": str(path)} for name, path in files.items()}}
     (work / "routerd.toml").write_text(tomli_w.dumps(config))
     env = {**os.environ, "STATE_DIRECTORY": str(work / "state")}
     log = open(routerd_log, "wb") if routerd_log else subprocess.DEVNULL  # noqa: SIM115 (lives with the process)
     routerd = subprocess.Popen([sys.executable, "-m", "routerd", "serve", "--config", str(work / "routerd.toml"),
                                 "--log-level", "INFO" if routerd_log else "WARNING"], env=env, cwd=ROOT,
                                stdout=log, stderr=log)
-    names = {SMALL: SMALL, OTHER: OTHER}
+    names = {name: name for name in files}
     return [Target("direct", f"http://127.0.0.1:{direct_port}", direct, {SMALL: SMALL}),
             Target("llama.cpp router", f"http://127.0.0.1:{router_port}", router, names),
             Target("routerd", f"http://127.0.0.1:{routerd_port}", routerd, names)]
+
+
+def stop_all(targets: list[Target]) -> None:
+    for t in targets:
+        t.proc.terminate()
+        t.proc.wait()
 
 
 async def interleaved(targets: list[Target], rounds: int, measure: Callable[[Target], Awaitable[float | None]],
@@ -207,7 +203,7 @@ class Bench:
         ttfb: dict[str, list[float]] = {t.name: [] for t in self.targets}
         gaps: dict[str, list[float]] = {t.name: [] for t in self.targets}
         routerd = self.targets[-1]
-        cpu_before, chunks_total = cpu_seconds(routerd.proc.pid), 0
+        cpu_before, chunks_total = process_cpu(routerd.proc.pid), 0
         for _ in range(n):
             for t in random.sample(self.targets, len(self.targets)):
                 try:
@@ -219,7 +215,7 @@ class Bench:
                 gaps[t.name] += g
                 if t is routerd:
                     chunks_total += chunks
-        cpu = cpu_seconds(routerd.proc.pid) - cpu_before
+        cpu = process_cpu(routerd.proc.pid) - cpu_before
         self.stats_rows("2. stream 128 tokens: time to first byte", ttfb)
         base = gaps["direct"]
         cells = {name: f"p50 {ms(pct(v, 0.5))}, p99 {ms(pct(v, 0.99))}"
@@ -251,7 +247,7 @@ class Bench:
                 cells[t.name] = f"{rate:.1f} req/s" + (f", {errors} errors" if errors else "")
             self.row(f"3. throughput, concurrency {concurrency} (8-token chats)", cells)
 
-    async def cold_and_swap(self, binary: str, small_path: str) -> None:
+    async def cold_and_swap(self, binary: str, small_path: str, cold_path: str) -> None:
         n = 2 if self.quick else 8
         router, routerd = self.targets[1], self.targets[2]
 
@@ -277,8 +273,21 @@ class Bench:
                                capture_output=True, cwd=ROOT)
 
         cold: dict[str, list[float]] = {"direct": [], router.name: [], routerd.name: []}
+        from_disk: dict[str, list[float]] = {"direct": [], router.name: [], routerd.name: []}
         swap: dict[str, list[float]] = {router.name: [], routerd.name: []}
+        left_cached = 0.0  # the largest share of the file still cached after an eviction
         for _ in range(n):
+            for name in random.sample(list(from_disk), 3):  # nothing has the private copy open now
+                evict_from_page_cache(cold_path)
+                left_cached = max(left_cached, resident_fraction(cold_path))
+                if name == "direct":
+                    from_disk[name].append(await direct_cold_start(binary, cold_path))
+                    continue
+                t = router if name == router.name else routerd
+                for model in (SMALL, OTHER):  # a load, not a swap (one model at a time)
+                    await unload(t, model)
+                from_disk[name].append(await first_token(t, COLD))
+                await unload(t, COLD)
             cold["direct"].append(await direct_cold_start(binary, small_path))
             for t in random.sample([router, routerd], 2):
                 await first_token(t, SMALL)
@@ -288,6 +297,8 @@ class Bench:
                 await first_token(t, SMALL)  # A loaded; B must replace it (one model at a time)
                 swap[t.name].append(await first_token(t, OTHER))
         self.stats_rows("4. cold start: request to first token (direct: process start to first token)", cold)
+        self.stats_rows(f"4. cold start, model file not in the page cache (fadvise DONTNEED; at most "
+                        f"{left_cached:.0%} of it left cached)", from_disk)
         self.stats_rows("5. swap A -> B under a one-model limit, to first token", swap, baseline=router.name)
 
     async def many_streams(self) -> None:
@@ -356,11 +367,6 @@ async def direct_cold_start(binary: str, model: str) -> float:
         proc.wait()
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -368,26 +374,11 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def write_synthetic_ggufs(folder: Path, count: int) -> None:
-    import gguf
-    import numpy as np
-
-    for i in range(count):
-        writer = gguf.GGUFWriter(str(folder / f"synthetic-{i:04d}-Q4_K_M.gguf"), "llama")
-        writer.add_block_count(1)
-        writer.add_context_length(2048)
-        writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-
-
 async def catalog_scale(work: Path, binary: str, quick: bool) -> list[tuple[str, str]]:
     count = 200 if quick else 1000
     folder = work / "synthetic"
     folder.mkdir()
-    write_synthetic_ggufs(folder, count)
+    write_tiny_ggufs(folder, [f"synthetic-{i:04d}-Q4_K_M" for i in range(count)])
     start = time.perf_counter()
     found = discovery.scan_folder(folder)
     scan = time.perf_counter() - start
@@ -425,47 +416,84 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs ({cpu}), {mem:.0f} GiB RAM, {platform.platform()}, Python {platform.python_version()}"
 
 
-async def main(quick: bool, write: bool, routerd_log: Path | None) -> None:
+def private_copy(source: Path, target: Path) -> Path:
+    """A copy of a model file that only the cold-start rows open, so evicting it from the page
+    cache is not undone by another process keeping it mapped."""
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        while block := src.read(1 << 22):
+            dst.write(block)
+        dst.flush()
+        os.fsync(dst.fileno())  # dirty pages cannot be dropped
+    return target
+
+
+def write_block(text: str, marker: str, block: str) -> str:
+    """``text`` with the part between two ``marker`` lines replaced by ``block`` (appended when absent)."""
+    wrapped = f"{marker}\n{block}\n{marker}"
+    if marker not in text:
+        return text + "\n" + wrapped + "\n"
+    head, _, rest = text.partition(marker)
+    return head + wrapped + rest.partition(marker)[2]
+
+
+PHASES = ("latency", "streaming", "throughput", "streams", "cold", "cheap", "events", "scale", "catalog")
+
+
+async def main(quick: bool, write: bool, routerd_log: Path | None, only: set[str]) -> None:
     models = demo_model_paths(ROOT / "demo")
     binary = config_mod.resolve_llama_server(config_mod.Config(), os.environ)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        targets = start_all(work, binary, models, routerd_log)
+        models[COLD] = private_copy(models["smollm2-135m"], work / "cold-copy.gguf")
+        targets = start_all(work / "main", binary, models, routerd_log)
+        bench = Bench(targets, quick)
         try:
             for t in targets:
                 await wait_http(t.url)
             rss_idle = rss_mib(targets[-1].proc.pid)
-            bench = Bench(targets, quick)
-            bench.row("7. routerd RSS idle (2 models configured, none loaded)", {"routerd": f"{rss_idle:.1f} MiB"})
-            await bench.latency()
-            await bench.streaming()
-            await bench.throughput()
-            await bench.many_streams()
-            await bench.cold_and_swap(binary, str(models["smollm2-135m"]))
+            bench.row("7. routerd RSS idle (3 models configured, none loaded)", {"routerd": f"{rss_idle:.1f} MiB"})
+            if "latency" in only:
+                await bench.latency()
+            if "streaming" in only:
+                await bench.streaming()
+            if "throughput" in only:
+                await bench.throughput()
+            if "streams" in only:
+                await bench.many_streams()
+            if "cold" in only:
+                await bench.cold_and_swap(binary, str(models["smollm2-135m"]), str(models[COLD]))
             bench.dropped_row()
             await bench.aclose()
         finally:
-            for t in targets:
-                t.proc.terminate()
-                t.proc.wait()
-        scale = await catalog_scale(work, binary, quick)
+            stop_all(targets)
+        if "cheap" in only:  # a model started with --embeddings, one short input per request
+            cheap = start_all(work / "cheap", binary, {k: v for k, v in models.items() if k != COLD}, None,
+                              extra_args=("--embeddings", "--pooling", "mean"))
+            try:
+                for t in cheap:
+                    await wait_http(t.url)
+                await cost.cheap_requests(bench.row, cheap, quick)
+            finally:
+                stop_all(cheap)
+        if "events" in only:
+            await cost.paced_events(bench.row, work / "events", quick)
+        scale_table = await cost.scale(work, quick) if "scale" in only else []
+        catalog = await catalog_scale(work, binary, quick) if "catalog" in only else []
     lines = ["| figure | direct llama-server | llama.cpp router mode | routerd |", "|---|---|---|---|"]
     lines += [f"| {f} | {d} | {r} | {o} |" for f, d, r, o in bench.rows]
-    lines += [f"| {f} | - | - | {v} |" for f, v in scale]
+    lines += [f"| {f} | - | - | {v} |" for f, v in catalog]
     table = "\n".join(lines)
     print("\n" + table)
+    if scale_table:
+        print("\nrouterd CPU per request and per relayed event (stand-in backends):\n" + "\n".join(scale_table))
     if write:
         out = ROOT / "docs" / "benchmarks.md"
         text = out.read_text() if out.exists() else ""
-        marker = "<!-- bench table -->"
-        block = (f"{marker}\nMachine: {machine()}. Command: `make bench` "
-                 f"(`bench/run.py{' --quick' if quick else ''} --write`), {time.strftime('%Y-%m-%d')}.\n\n{table}\n{marker}")
-        if marker in text:
-            head, _, rest = text.partition(marker)
-            _, _, tail = rest.partition(marker)
-            text = head + block + tail
-        else:
-            text = text + "\n" + block + "\n"
+        stamp = (f"Machine: {machine()}. Command: `make bench` "
+                 f"(`bench/run.py{' --quick' if quick else ''} --write`), {time.strftime('%Y-%m-%d')}.")
+        text = write_block(text, "<!-- bench table -->", f"{stamp}\n\n{table}")
+        if scale_table:
+            text = write_block(text, "<!-- scale table -->", f"{stamp}\n\n" + "\n".join(scale_table))
         out.write_text(text)
         print(f"wrote {out}")
 
@@ -475,5 +503,10 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md with the table")
     parser.add_argument("--routerd-log", type=Path, help="keep routerd's log (INFO) in this file")
+    parser.add_argument("--only", default=",".join(PHASES),
+                        help=f"comma-separated phases to run (default all: {','.join(PHASES)})")
     args = parser.parse_args()
-    trio.run(main, args.quick, args.write, args.routerd_log)
+    phases = set(args.only.split(","))
+    if unknown := phases - set(PHASES):
+        parser.error(f"unknown phase(s) {', '.join(sorted(unknown))}; choose from {', '.join(PHASES)}")
+    trio.run(main, args.quick, args.write, args.routerd_log, phases)

@@ -1,0 +1,216 @@
+"""routerd's own cost, for `make bench`: cheap requests at full speed, relayed SSE events, scale.
+
+- Cheap requests: ``/tokenize`` and ``/v1/embeddings`` (one short input) from ``wrk`` at
+  concurrency 16 and 64, interleaved over direct llama-server, router mode and routerd; the
+  CPU each proxy process spends per request (router mode's router process, routerd).
+- Paced streams: 64 SSE streams from a fast stand-in backend (bench/standin.py) that emits one
+  event per stream every 10 ms, read directly and through routerd: delivered vs offered rate,
+  routerd's CPU per event.
+- Scale: routerd's CPU per request and per event at concurrency 1/16/64/256 with 1/4/16
+  resident stand-in backends.
+
+Figures only; nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import tomli_w
+import trio
+
+from loadgen import StreamRun, WrkRun, free_port, paced_streams, process_cpu, wait_http, wrk, write_tiny_ggufs
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+STANDIN = BENCH / "standin.py"
+#: Seconds between two events of one stand-in stream: 100 events/s, a fast GPU's token rate.
+EVENT_INTERVAL = 0.01
+
+Row = Callable[[str, dict[str, str]], None]
+
+
+def _body(model: str, route: str) -> bytes:
+    if route == "/tokenize":
+        return json.dumps({"model": model, "content": "hello world"}).encode()
+    return json.dumps({"model": model, "input": "hello world"}).encode()
+
+
+def _stream_body(model: str, events: int) -> bytes:
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello."}],
+                       "max_tokens": events, "stream": True}).encode()
+
+
+async def _wrk(url: str, route: str, bodies: Sequence[bytes], connections: int, seconds: float,
+               pid: int | None) -> tuple[WrkRun, float | None]:
+    """One wrk run, and the CPU seconds process ``pid`` used meanwhile."""
+    before = process_cpu(pid) if pid else None
+    run = await trio.to_thread.run_sync(lambda: wrk(url, route, bodies, connections=connections, seconds=seconds))
+    return run, (process_cpu(pid) - before) if pid and before is not None else None
+
+
+async def cheap_requests(row: Row, targets: Sequence[Any], quick: bool) -> None:
+    """Rows 9-10: cheap-request throughput at c=16/64 and each proxy's CPU per 1000 requests.
+
+    ``targets`` are (direct, router mode, routerd) serving the small model with --embeddings."""
+    seconds, rounds = (1, 1) if quick else (5, 3)
+    proxies = {t.name for t in targets[1:]}
+    cpu_per_request: dict[str, list[float]] = {name: [] for name in proxies}
+    async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
+        for t in targets:  # load the model everywhere before timing
+            for route in ("/tokenize", "/v1/embeddings"):
+                (await client.post(t.url + route, content=_body(t.models["smollm2"], route))).raise_for_status()
+    for route in ("/tokenize", "/v1/embeddings"):
+        for connections in (16, 64):
+            rates: dict[str, list[float]] = {t.name: [] for t in targets}
+            cpus: dict[str, list[float]] = {t.name: [] for t in targets}
+            generator, errors = [], {t.name: 0 for t in targets}
+            rng = random.Random(connections)
+            for _ in range(rounds):
+                for t in rng.sample(list(targets), len(targets)):
+                    pid = t.proc.pid if t.name in proxies else None
+                    run, cpu = await _wrk(t.url, route, [_body(t.models["smollm2"], route)], connections, seconds, pid)
+                    rates[t.name].append(run.rate)
+                    errors[t.name] += run.errors
+                    generator.append(run.cpu / run.seconds)
+                    if cpu is not None and run.requests:
+                        cpus[t.name].append(cpu / run.requests)
+                        cpu_per_request[t.name].append(cpu / run.requests)
+            router_rate = statistics.median(rates[targets[1].name])
+            cells = {}
+            for t in targets:
+                rate = statistics.median(rates[t.name])
+                text = f"{rate:.0f} req/s (runs " + ", ".join(f"{r:.0f}" for r in rates[t.name]) + ")"
+                if cpus[t.name]:
+                    text += f", its CPU {statistics.median(cpus[t.name]) * 1000:.2f} ms/req"
+                if t is targets[2]:
+                    text += f", **{rate / router_rate:.2f}x router mode**"
+                if errors[t.name]:
+                    text += f", {errors[t.name]} errors"
+                cells[t.name] = text
+            cells["direct"] += f" (wrk used {statistics.median(generator):.2f} of a core)"
+            row(f"9. {route} throughput, concurrency {connections} (wrk, 1 thread)", cells)
+    row("10. proxy process CPU per 1000 proxied requests (all runs of row 9)",
+        {name: f"{statistics.median(values) * 1000:.2f} s (median; {min(values) * 1000:.2f}-{max(values) * 1000:.2f})"
+         for name, values in cpu_per_request.items() if values})
+
+
+class StandinRouterd:
+    """routerd serving ``count`` stand-in models (``standin-00``...), all allowed resident."""
+
+    def __init__(self, work: Path, count: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.socket = work / "standin.sock"
+        paths = write_tiny_ggufs(work / "standin-models", [f"standin-{i:02d}" for i in range(count)])
+        self.names = [p.stem for p in paths]
+        config = {"server": {"port": self.port}, "control": {"socket": str(self.socket)},
+                  "backend": {"binary": str(STANDIN), "max_loaded_models": count, "idle_ttl": 0,
+                              "args": ["--parallel", "256", "--standin-interval", str(EVENT_INTERVAL)]},
+                  "scheduler": {"max_queue": 1024},
+                  "catalog": {"hf_cache": False},
+                  "models": {p.stem: {"path": str(p)} for p in paths}}
+        (work / "standin.toml").write_text(tomli_w.dumps(config))
+        self.proc = subprocess.Popen([sys.executable, "-m", "routerd", "serve", "--config", str(work / "standin.toml"),
+                                      "--log-level", "WARNING"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, env={**os.environ, "STATE_DIRECTORY": str(work / "s3")})
+
+    async def load(self, client: httpx.AsyncClient, names: Sequence[str]) -> None:
+        for name in names:
+            (await client.post(self.url + "/tokenize", content=_body(name, "/tokenize"))).raise_for_status()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+async def _streams(port: int, bodies: Sequence[bytes], pid: int | None) -> tuple[StreamRun, float | None]:
+    before = process_cpu(pid) if pid else None
+    run = await trio.to_thread.run_sync(lambda: paced_streams("127.0.0.1", port, bodies))
+    return run, (process_cpu(pid) - before) if pid and before is not None else None
+
+
+def _delivery(run: StreamRun, events_per_stream: int) -> str:
+    offered = run.streams / EVENT_INTERVAL
+    ideal = events_per_stream * EVENT_INTERVAL
+    delivered = run.events / run.seconds
+    text = (f"delivered {delivered:.0f} of {offered:.0f} events/s offered "
+            f"({ideal / run.seconds:.2f} of the paced rate), client CPU {run.cpu / run.seconds:.2f} core")
+    return text + (f", {run.failed} streams broken" if run.failed else "")
+
+
+async def paced_events(row: Row, work: Path, quick: bool) -> None:
+    """Row 11: 64 paced streams read directly from the stand-in and through routerd."""
+    events, rounds = (50, 1) if quick else (300, 3)
+    direct_port = free_port()
+    direct = subprocess.Popen([sys.executable, str(STANDIN), "--port", str(direct_port), "--standin-interval",
+                               str(EVENT_INTERVAL)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    routerd = StandinRouterd(work / "paced", 1)
+    try:
+        await wait_http(f"http://127.0.0.1:{direct_port}")
+        await wait_http(routerd.url)
+        async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
+            await routerd.load(client, routerd.names)
+        bodies = [_stream_body(routerd.names[0], events)] * 64
+        runs: dict[str, list[tuple[StreamRun, float | None]]] = {"direct": [], "routerd": []}
+        for _ in range(rounds):
+            for name in random.sample(list(runs), 2):
+                port, pid = (direct_port, None) if name == "direct" else (routerd.port, routerd.proc.pid)
+                runs[name].append(await _streams(port, bodies, pid))
+        cells = {}
+        for name, results in runs.items():
+            run = min(results, key=lambda r: r[0].seconds)  # the least disturbed round
+            text = _delivery(run[0], events)
+            per_event = [cpu / r.events for r, cpu in results if cpu is not None and r.events]
+            if per_event:
+                text += (f"; **routerd CPU {statistics.median(per_event) * 1000:.3f} ms/event** (runs "
+                         + ", ".join(f"{v * 1000:.3f}" for v in per_event) + ")")
+            cells[name] = text
+        row(f"11. 64 paced SSE streams, 100 events/s each, {events} events (stand-in backend)", cells)
+    finally:
+        direct.terminate()
+        direct.wait()
+        routerd.close()
+
+
+async def scale(work: Path, quick: bool) -> list[str]:
+    """routerd's CPU per request and per event against concurrency and resident models: a
+    markdown table for docs/benchmarks.md."""
+    seconds, events = (1, 20) if quick else (4, 200)
+    levels, residents = (1, 16, 64, 256), (1, 4, 16)
+    routerd = StandinRouterd(work / "scale-cost", max(residents))
+    cells: dict[tuple[int, int], str] = {}
+    try:
+        await wait_http(routerd.url)
+        async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
+            for resident in residents:
+                names = routerd.names[:resident]
+                await routerd.load(client, names)
+                for level in levels:
+                    bodies = [_body(name, "/tokenize") for name in names]
+                    run, cpu = await _wrk(routerd.url, "/tokenize", bodies, level, seconds, routerd.proc.pid)
+                    per_request = (cpu or 0.0) / max(1, run.requests)
+                    stream_bodies = [_stream_body(names[i % resident], events) for i in range(level)]
+                    streamed, stream_cpu = await _streams(routerd.port, stream_bodies, routerd.proc.pid)
+                    per_event = (stream_cpu or 0.0) / max(1, streamed.events)
+                    offered = level / EVENT_INTERVAL
+                    cells[(level, resident)] = (
+                        f"{per_request * 1000:.2f} ms/req ({run.rate:.0f} req/s{', %d errors' % run.errors if run.errors else ''}); "
+                        f"{per_event * 1000:.3f} ms/event ({streamed.events / streamed.seconds:.0f} of {offered:.0f} ev/s"
+                        f"{', %d broken' % streamed.failed if streamed.failed else ''})")
+                    print(f"scale: concurrency {level}, {resident} resident: {cells[(level, resident)]}", flush=True)
+    finally:
+        routerd.close()
+    lines = ["| concurrency | " + " | ".join(f"{r} resident model{'s' if r > 1 else ''}" for r in residents) + " |",
+             "|---|" + "---|" * len(residents)]
+    lines += [f"| {level} | " + " | ".join(cells[(level, r)] for r in residents) + " |" for level in levels]
+    return lines
