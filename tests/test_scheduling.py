@@ -9,6 +9,7 @@ import random
 
 import httpx
 import trio
+import trio.testing
 
 from routerd.backends import scheduler
 from tests.conftest import make_config, record_spawns
@@ -282,3 +283,27 @@ async def test_a_waiting_stream_answered_without_a_stream_gets_that_answer_as_an
         lines = [line async for line in response.aiter_lines() if line]
     assert lines[0].startswith(":") and lines[-1].startswith("data: ")
     assert json.loads(lines[-1].removeprefix("data: "))["error"]["code"] == 404
+
+
+async def test_a_change_wakes_only_the_waiter_whose_turn_it_is():
+    """With many requests queued, a freed slot wakes the next one, not all of them: waking every
+    waiter on each change cost O(queue) per request and made a long queue slow to drain."""
+    queue = scheduler.ModelQueue("a", limit=100, aging=100.0)
+    tickets = [queue.enter(scheduler.parse_priority(None), 60.0) for _ in range(50)]
+    woken: list[int] = []
+
+    async def wait_turn(i: int) -> None:
+        await queue.changed(tickets[i])
+        woken.append(i)
+
+    async with trio.open_nursery() as nursery:
+        for i in reversed(range(50)):
+            nursery.start_soon(wait_turn, i)
+        await trio.testing.wait_all_tasks_blocked()
+        queue.wake()  # a slot freed: ticket 0's turn
+        await trio.testing.wait_all_tasks_blocked()
+        assert woken == [0]
+        queue.leave(tickets[0])  # it took the slot and left: ticket 1's turn
+        await trio.testing.wait_all_tasks_blocked()
+        assert woken == [0, 1]
+        nursery.cancel_scope.cancel()

@@ -63,7 +63,8 @@ class ModelQueue:
         self.aging = aging
         self.tickets: list[Ticket] = []
         self._seq = itertools.count()
-        self._changed = trio.Event()
+        #: The tickets whose holders wait for their turn now, each with what wakes it.
+        self._waiting: dict[Ticket, trio.Event] = {}
         self._best: Ticket | None = None
         self._best_valid = False
 
@@ -76,7 +77,7 @@ class ModelQueue:
         now = trio.current_time()
         ticket = Ticket(priority, now, next(self._seq), now + max_wait, self.name)
         self.tickets.append(ticket)
-        self.wake()
+        self._best_valid = False  # its holder looks at once; a waiter is woken by a change of turn
         return ticket
 
     def rejoin(self, ticket: Ticket) -> None:
@@ -92,10 +93,13 @@ class ModelQueue:
             self.wake()
 
     def is_next(self, ticket: Ticket) -> bool:
+        return self._next() is ticket
+
+    def _next(self) -> Ticket | None:
         if not self._best_valid:  # computed once per change, not once per waiter
             self._best = pick_next(self.tickets, trio.current_time(), self.aging)
             self._best_valid = True
-        return self._best is ticket
+        return self._best
 
     def ahead_of(self, ticket: Ticket) -> int:
         """How many waiting tickets would be served before ``ticket`` as things stand."""
@@ -105,13 +109,24 @@ class ModelQueue:
                    if t is not ticket and (effective_priority(t, now, self.aging), t.seq) < mine)
 
     def wake(self) -> None:
-        """Something changed (a slot freed, a backend moved on, the queue changed): look again."""
+        """Something changed (a slot freed, a backend moved on, the queue changed): the ticket
+        whose turn it is looks again. Only that one: waking every waiter on each change cost
+        O(waiters) task switches per request, and only the next may take a slot anyway. The
+        others are woken in turn, as the tickets before them leave."""
         self._best_valid = False
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._waiting and (best := self._next()) is not None:
+            event = self._waiting.get(best)
+            if event is not None:
+                event.set()
 
-    async def changed(self) -> None:
-        await self._changed.wait()
+    async def changed(self, ticket: Ticket) -> None:
+        """Until something changes while it is ``ticket``'s turn (see ``wake``)."""
+        event = self._waiting[ticket] = trio.Event()
+        try:
+            await event.wait()
+        finally:
+            if self._waiting.get(ticket) is event:
+                del self._waiting[ticket]
 
 
 @attrs.define

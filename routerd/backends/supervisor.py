@@ -205,7 +205,7 @@ class Supervisor:
                     if lease is not None:
                         return lease
                 with trio.move_on_after(self._scale_timer(entry)):
-                    await queue.changed()
+                    await queue.changed(ticket)
         waited = trio.current_time() - ticket.enqueued
         raise Unavailable(f"waited {waited:.0f} s for {entry.name!r} without a free slot "
                           f"(scheduler.max_queue_wait); retry later", code="queue_timeout", retry_after=5)
