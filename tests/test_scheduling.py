@@ -307,3 +307,22 @@ async def test_a_change_wakes_only_the_waiter_whose_turn_it_is():
         await trio.testing.wait_all_tasks_blocked()
         assert woken == [0, 1]
         nursery.cancel_scope.cancel()
+
+
+async def test_tokenizer_routes_do_not_wait_behind_generation(start_routerd, tmp_path, model_file):
+    """/tokenize and the like take no slot in llama-server: with the only slot busy and a
+    completion queued behind it, they are answered at once, not after the generation."""
+    r = await start_routerd(make_config(tmp_path, {"a": one_slot(model_file)}))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(post, r, "a", None)  # loads the model
+        await wait_in_flight(r, "a")
+        busy_until = trio.current_time() + 40 * 0.05
+        nursery.start_soon(lambda: post(r, "a", None, max_tokens=40))
+        nursery.start_soon(lambda: post(r, "a", None, max_tokens=40))
+        await wait_queued(r, "a", 1)
+        for route, body in (("/tokenize", {"content": "hello"}), ("/detokenize", {"tokens": [1, 2]})):
+            response = await r.http.post(route, json={"model": "a", **body})
+            assert response.status_code == 200, response.text
+        assert (await r.http.get("/a/props")).status_code == 200
+        assert trio.current_time() < busy_until, "the tokenizer routes waited for the generation"
+        assert r.supervisor.queued("a") == 1, "they never joined the queue"

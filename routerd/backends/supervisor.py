@@ -210,6 +210,18 @@ class Supervisor:
         raise Unavailable(f"waited {waited:.0f} s for {entry.name!r} without a free slot "
                           f"(scheduler.max_queue_wait); retry later", code="queue_timeout", retry_after=5)
 
+    async def acquire_unqueued(self, name: str, session: str | None = None) -> Lease:
+        """An endpoint of ``name``'s pool for a request that takes no slot there (llama-server
+        answers /tokenize and the like on its HTTP threads): no queue and no wait for a free
+        slot, only for a ready endpoint (503 after ``scheduler.max_queue_wait``)."""
+        entry = self.catalog.resolve(name)
+        with trio.move_on_after(self.config.scheduler.max_queue_wait):
+            lease = self._take(entry, await self._pool(entry), session, needs_slot=False)
+            if lease is not None:  # None: an empty pool (it changed meanwhile)
+                return lease
+        raise Unavailable(f"{entry.name!r} was not ready within {self.config.scheduler.max_queue_wait:.0f} s "
+                          "(scheduler.max_queue_wait); retry later", code="queue_timeout", retry_after=5)
+
     def wait_info(self, name: str, ticket: scheduler.Ticket) -> WaitInfo:
         """What the request holding ``ticket`` waits for now."""
         entry = self.catalog.resolve(name)
@@ -268,11 +280,13 @@ class Supervisor:
         return remote
 
     def _take(self, entry: ModelEntry, pool: list[tuple[Endpoint, str | None]], session: str | None,
-              ) -> Lease | None:
-        """Choose from ``pool`` (see ``endpoints.choose``) and take a slot there; None if all are full."""
+              needs_slot: bool = True) -> Lease | None:
+        """Choose from ``pool`` (see ``endpoints.choose``) and take a slot there; None if all are
+        full (only when ``needs_slot``)."""
         by_key = {endpoint.key: (endpoint, there) for endpoint, there in pool}
         candidates = [endpoints.Candidate(endpoint.key, _outstanding(endpoint, entry, there),
-                                          endpoint.in_flight < endpoint.slots) for endpoint, there in pool]
+                                          not needs_slot or endpoint.in_flight < endpoint.slots)
+                      for endpoint, there in pool]
         now = trio.current_time()
         last = self._sessions.get(entry.name, session, now) if session is not None else None
         chosen = endpoints.choose(candidates, last=last, slack=self.config.scheduler.sticky_slack, session=session)

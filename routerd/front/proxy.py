@@ -47,6 +47,9 @@ PROXIED_POST = frozenset({
     "/reranking", "/completion", "/completions", "/infill", "/tokenize", "/detokenize", "/apply-template",
     "/embedding", "/embeddings", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
     "/chat/completions"})
+#: POST routes llama-server answers on its HTTP threads, without a slot: they skip the queue
+#: (a /tokenize never waits behind a long generation).
+SLOT_FREE_POST = frozenset({"/tokenize", "/detokenize", "/apply-template", "/v1/messages/count_tokens"})
 #: GET endpoints of a backend reachable as /{model}/{endpoint} (the seed's convention).
 SHORT_UPSTREAM_GET = frozenset({"health", "props", "slots", "metrics"})
 #: GET paths under this prefix belong to the model views, whatever their last segment.
@@ -83,6 +86,12 @@ def is_proxied(method: str, path: str) -> bool:
         return True
     model, _, endpoint = path[1:].rpartition("/")
     return bool(model) and endpoint in SHORT_UPSTREAM_GET and not path.startswith(_VIEW_PREFIX)
+
+
+def takes_a_slot(method: str, path: str) -> bool:
+    """Whether a proxied request occupies one of the backend's slots (and so waits its turn in
+    the model's queue) or is answered beside them: the reads (GET) and the tokenizer routes (pure)."""
+    return method == "POST" and path not in SLOT_FREE_POST
 
 
 def forward_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -282,13 +291,16 @@ class ProxyApp:
         if entry is not None:
             client.routing_headers.append((MODEL_HEADER, entry.name.encode()))
         with self.gate.admit(caller):  # 429 over the key's rate or concurrency
-            await self._queue_and_relay(client, receive, model, priority, stream, method, target, headers, body,
-                                        session)
+            queued = takes_a_slot(method, path)
+            await self._queue_and_relay(client, receive, model, priority if queued else None, stream, method, target,
+                                        headers, body, session)
 
-    async def _queue_and_relay(self, client: Exchange, receive: Receive, model: str, priority: int, stream: bool,
-                               method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
-                               session: str | None) -> None:
-        ticket = self.supervisor.enqueue(model, priority)  # 429 here, before anything is sent
+    async def _queue_and_relay(self, client: Exchange, receive: Receive, model: str, priority: int | None,
+                               stream: bool, method: str, target: str, headers: list[tuple[bytes, bytes]],
+                               body: bytes, session: str | None) -> None:
+        """``priority`` None: the request takes no slot, and skips the queue."""
+        # 429 here, before anything is sent
+        ticket = self.supervisor.enqueue(model, priority) if priority is not None else None
         async with trio.open_nursery() as nursery:  # lives as long as the request
             nursery.start_soon(cancel_on_disconnect, receive, nursery.cancel_scope, client)
             try:
@@ -296,10 +308,11 @@ class ProxyApp:
             except RouterdError as exc:
                 await client.fail(exc)
             finally:
-                self.supervisor.dequeue(ticket)
+                if ticket is not None:
+                    self.supervisor.dequeue(ticket)
             nursery.cancel_scope.cancel()
 
-    async def _relay(self, client: Exchange, model: str, ticket: scheduler.Ticket, stream: bool, method: str,
+    async def _relay(self, client: Exchange, model: str, ticket: scheduler.Ticket | None, stream: bool, method: str,
                      target: str, headers: list[tuple[bytes, bytes]], body: bytes, session: str | None) -> None:
         upstream, endpoint = await self._deliver(client, model, ticket, stream, method, target, headers, body,
                                                  session)
@@ -309,7 +322,7 @@ class ProxyApp:
         finally:
             upstream.aclose_now()  # unfinished (client gone): closing tells llama-server to stop
 
-    async def _deliver(self, client: Exchange, model: str, ticket: scheduler.Ticket, stream: bool, method: str,
+    async def _deliver(self, client: Exchange, model: str, ticket: scheduler.Ticket | None, stream: bool, method: str,
                        target: str, headers: list[tuple[bytes, bytes]], body: bytes, session: str | None,
                        ) -> tuple[Response, Endpoint]:
         """Send the request to an endpoint once its turn comes; the response and its endpoint.
@@ -320,12 +333,14 @@ class ProxyApp:
         nothing is lost by trying again. One that reached it is never sent twice.
         """
         supervisor = self.supervisor
+        waiting_since = trio.current_time() if ticket is None else ticket.enqueued
         for attempt in range(1, MAX_DELIVERY_ATTEMPTS + 1):
             lease = await self._acquire(client, model, ticket, stream, session)
             endpoint = lease.endpoint
-            supervisor.dequeue(ticket)
+            if ticket is not None:
+                supervisor.dequeue(ticket)
             if client.queue_wait is None:
-                client.queue_wait = trio.current_time() - ticket.enqueued
+                client.queue_wait = trio.current_time() - waiting_since
             client.endpoint = endpoint.key
             pool = endpoint.upstream
             try:
@@ -341,7 +356,8 @@ class ProxyApp:
                 log.info("%s: request not delivered (%s); back in the queue for a working endpoint",
                          endpoint.label, exc)
                 await endpoint.failure_reason(exc)
-                supervisor.requeue(ticket)
+                if ticket is not None:
+                    supervisor.requeue(ticket)
             except UpstreamError as exc:
                 endpoint.release()
                 raise await _failure(endpoint, exc) from None  # distrusts it before anyone else runs
@@ -350,11 +366,14 @@ class ProxyApp:
                 raise
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _acquire(self, client: Exchange, model: str, ticket: scheduler.Ticket, stream: bool,
+    async def _acquire(self, client: Exchange, model: str, ticket: scheduler.Ticket | None, stream: bool,
                        session: str | None) -> Lease:
-        """Wait for an endpoint. A stream that has to wait gets its event-stream headers now and
-        an SSE comment every keep-alive interval (clients and proxies drop silent connections),
-        or, with loading feedback, a chunk saying what it waits for."""
+        """Wait for an endpoint (with no ticket: for a ready one, not a free slot). A stream that
+        has to wait gets its event-stream headers now and an SSE comment every keep-alive
+        interval (clients and proxies drop silent connections), or, with loading feedback, a
+        chunk saying what it waits for."""
+        if ticket is None:
+            return await self.supervisor.acquire_unqueued(model, session)
         if not stream:
             return await self.supervisor.acquire_ticket(model, ticket, session)
         waiting = _Waiting()
