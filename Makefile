@@ -42,6 +42,7 @@ test: setup
 	$(PY) -m pytest -v -rs tests
 
 bench: setup
+	@command -v wrk >/dev/null || { echo "make bench drives cheap requests with wrk: install it (Debian: apt-get install wrk)"; exit 1; }
 	$(PY) bench/run.py --write
 
 # 30 minutes of mixed traffic with reloads and backend kills; writes docs/soak.md. Not run by CI.

@@ -7,6 +7,7 @@ Timings are not checked here: benchmarks print numbers, they never fail CI on on
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 
@@ -17,15 +18,21 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.real
 
 
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="the bench drives cheap requests with wrk: apt-get install wrk")
 def test_quick_bench_prints_a_row_for_every_figure():
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick"], cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = [line for line in run.stdout.splitlines() if line.startswith("| ")]
-    figures = {m.group(1) for line in rows if (m := re.match(r"\| (\d)\. ", line))}
-    assert figures == {str(n) for n in range(1, 9)}, rows
+    main_table, _, scale_table = run.stdout.partition("routerd CPU per request and per relayed event")
+    rows = [line for line in main_table.splitlines() if line.startswith("| ")]
+    figures = {m.group(1) for line in rows if (m := re.match(r"\| (\d+)\. ", line))}
+    assert figures == {str(n) for n in range(1, 12)}, rows
     routerd_cells = [line.rstrip(" |").rsplit("| ", 1)[-1] for line in rows[1:]]
     assert all(cell and "nan" not in cell for cell in routerd_cells), rows
+    # the scale table: CPU per request and per event, concurrency x resident stand-in backends
+    scale = {m.group(1): line for line in scale_table.splitlines() if (m := re.match(r"\| (\d+) \| ", line))}
+    assert sorted(scale, key=int) == ["1", "16", "64", "256"], scale_table
+    assert all(line.count("ms/req") == 3 and line.count("ms/event") == 3 for line in scale.values()), scale_table
 
 
 def test_short_soak_loses_nothing_and_leaves_nothing():

@@ -314,11 +314,10 @@ async def test_tokenizer_routes_do_not_wait_behind_generation(start_routerd, tmp
     completion queued behind it, they are answered at once, not after the generation."""
     r = await start_routerd(make_config(tmp_path, {"a": one_slot(model_file)}))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(post, r, "a", None)  # loads the model
+        nursery.start_soon(lambda: post(r, "a", None, max_tokens=40))  # holds the only slot for 2 s
         await wait_in_flight(r, "a")
         busy_until = trio.current_time() + 40 * 0.05
-        nursery.start_soon(lambda: post(r, "a", None, max_tokens=40))
-        nursery.start_soon(lambda: post(r, "a", None, max_tokens=40))
+        nursery.start_soon(lambda: post(r, "a", None, max_tokens=2))
         await wait_queued(r, "a", 1)
         for route, body in (("/tokenize", {"content": "hello"}), ("/detokenize", {"tokens": [1, 2]})):
             response = await r.http.post(route, json={"model": "a", **body})
