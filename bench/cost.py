@@ -22,13 +22,13 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import tomli_w
 import trio
 
-from loadgen import StreamRun, WrkRun, free_port, paced_streams, process_cpu, wait_http, wrk, write_tiny_ggufs
+from loadgen import StreamRun, free_port, paced_streams, process_cpu, wait_http, wrk, write_tiny_ggufs
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -37,6 +37,7 @@ STANDIN = BENCH / "standin.py"
 EVENT_INTERVAL = 0.01
 
 Row = Callable[[str, dict[str, str]], None]
+T = TypeVar("T")
 
 
 def _body(model: str, route: str) -> bytes:
@@ -50,12 +51,12 @@ def _stream_body(model: str, events: int) -> bytes:
                        "max_tokens": events, "stream": True}).encode()
 
 
-async def _wrk(url: str, route: str, bodies: Sequence[bytes], connections: int, seconds: float,
-               pid: int | None) -> tuple[WrkRun, float | None]:
-    """One wrk run, and the CPU seconds process ``pid`` used meanwhile."""
-    before = process_cpu(pid) if pid else None
-    run = await trio.to_thread.run_sync(lambda: wrk(url, route, bodies, connections=connections, seconds=seconds))
-    return run, (process_cpu(pid) - before) if pid and before is not None else None
+async def _with_cpu(pid: int | None, generate: Callable[[], T]) -> tuple[T, float | None]:
+    """Run the blocking load generator ``generate`` in a thread; its result, and the CPU seconds
+    process ``pid`` used meanwhile (None without a pid)."""
+    before = process_cpu(pid) if pid else 0.0
+    result = await trio.to_thread.run_sync(generate)
+    return result, (process_cpu(pid) - before) if pid else None
 
 
 async def cheap_requests(row: Row, targets: Sequence[Any], quick: bool) -> None:
@@ -78,7 +79,9 @@ async def cheap_requests(row: Row, targets: Sequence[Any], quick: bool) -> None:
             for _ in range(rounds):
                 for t in rng.sample(list(targets), len(targets)):
                     pid = t.proc.pid if t.name in proxies else None
-                    run, cpu = await _wrk(t.url, route, [_body(t.models["smollm2"], route)], connections, seconds, pid)
+                    bodies = [_body(t.models["smollm2"], route)]
+                    run, cpu = await _with_cpu(pid, lambda: wrk(t.url, route, bodies, connections=connections,
+                                                                 seconds=seconds))
                     rates[t.name].append(run.rate)
                     errors[t.name] += run.errors
                     generator.append(run.cpu / run.seconds)
@@ -133,12 +136,6 @@ class StandinRouterd:
         self.proc.wait()
 
 
-async def _streams(port: int, bodies: Sequence[bytes], pid: int | None) -> tuple[StreamRun, float | None]:
-    before = process_cpu(pid) if pid else None
-    run = await trio.to_thread.run_sync(lambda: paced_streams("127.0.0.1", port, bodies))
-    return run, (process_cpu(pid) - before) if pid and before is not None else None
-
-
 def _delivery(run: StreamRun, events_per_stream: int) -> str:
     offered = run.streams / EVENT_INTERVAL
     ideal = events_per_stream * EVENT_INTERVAL
@@ -165,7 +162,7 @@ async def paced_events(row: Row, work: Path, quick: bool) -> None:
         for _ in range(rounds):
             for name in random.sample(list(runs), 2):
                 port, pid = (direct_port, None) if name == "direct" else (routerd.port, routerd.proc.pid)
-                runs[name].append(await _streams(port, bodies, pid))
+                runs[name].append(await _with_cpu(pid, lambda: paced_streams("127.0.0.1", port, bodies)))
         cells = {}
         for name, results in runs.items():
             run = min(results, key=lambda r: r[0].seconds)  # the least disturbed round
@@ -197,10 +194,12 @@ async def scale(work: Path, quick: bool) -> list[str]:
                 await routerd.load(client, names)
                 for level in levels:
                     bodies = [_body(name, "/tokenize") for name in names]
-                    run, cpu = await _wrk(routerd.url, "/tokenize", bodies, level, seconds, routerd.proc.pid)
+                    run, cpu = await _with_cpu(routerd.proc.pid, lambda: wrk(routerd.url, "/tokenize", bodies,
+                                                                             connections=level, seconds=seconds))
                     per_request = (cpu or 0.0) / max(1, run.requests)
                     stream_bodies = [_stream_body(names[i % resident], events) for i in range(level)]
-                    streamed, stream_cpu = await _streams(routerd.port, stream_bodies, routerd.proc.pid)
+                    streamed, stream_cpu = await _with_cpu(
+                        routerd.proc.pid, lambda: paced_streams("127.0.0.1", routerd.port, stream_bodies))
                     per_event = (stream_cpu or 0.0) / max(1, streamed.events)
                     offered = level / EVENT_INTERVAL
                     cells[(level, resident)] = (

@@ -14,6 +14,7 @@ import argparse
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -419,11 +420,9 @@ def machine() -> str:
 def private_copy(source: Path, target: Path) -> Path:
     """A copy of a model file that only the cold-start rows open, so evicting it from the page
     cache is not undone by another process keeping it mapped."""
-    with open(source, "rb") as src, open(target, "wb") as dst:
-        while block := src.read(1 << 22):
-            dst.write(block)
-        dst.flush()
-        os.fsync(dst.fileno())  # dirty pages cannot be dropped
+    shutil.copyfile(source, target)
+    with open(target, "rb") as copy:
+        os.fsync(copy.fileno())  # dirty pages cannot be dropped
     return target
 
 
