@@ -154,7 +154,7 @@ class Backend:
         self._output_done = trio.Event()
         self._trusted = trio.Event()
         self._trusted.set()
-        self._nursery: trio.Nursery | None = None
+        self._distrusted = trio.Event()  # wakes the task that checks /health after a broken call
 
     # -- what the supervisor and proxy use -------------------------------------------------
     @property
@@ -198,11 +198,14 @@ class Backend:
         A process that was just killed can still accept connections for a moment while the
         kernel tears it down; a request sent then is reset without an answer, and routerd could
         not tell it was never processed. Waiting for the verdict (healthy, or gone) avoids that.
+
+        Only flags: the checking is done by the backend's own task, which lives as long as the
+        process (this is called from request tasks, even while the backend is being torn down).
         """
-        if self.state is not State.READY or self.suspect or self._nursery is None:
+        if self.state is not State.READY or self.suspect:
             return
         self._trusted = trio.Event()
-        self._nursery.start_soon(self._regain_trust)
+        self._distrusted.set()
         self._touch()
 
     async def wait_trusted(self) -> None:
@@ -302,7 +305,6 @@ class Backend:
 
     async def _serve(self, child: Child, pool: ConnectionPool) -> None:
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
             nursery.start_soon(self._pump_output, child)
             nursery.start_soon(self._watch_exit, child, nursery.cancel_scope)
             if not await self._become_ready(pool):
@@ -319,6 +321,7 @@ class Backend:
             self._on_change()
             nursery.start_soon(self._idle_timer)
             nursery.start_soon(self._watch_health, pool)
+            nursery.start_soon(self._keep_trust, pool)
             await self._stop_requested.wait()
             self.state = State.STOPPING
             self.bus.publish("model.stopping", self.name, reason=self.stop_reason, cause=self.stop_cause,
@@ -363,14 +366,18 @@ class Backend:
             return False
         return status == 200
 
-    async def _regain_trust(self) -> None:
-        delay = 0.05
-        while self.upstream is not None and not await self._healthy(self.upstream, self.health.timeout):
-            await trio.sleep(delay)  # dying: the exit watcher ends this backend (and this task)
-            delay = min(delay * 2, 1.0)
-        log.info("%s answers /health again after a broken call; taking requests", self.name)
-        self._trusted.set()
-        self._touch()
+    async def _keep_trust(self, pool: ConnectionPool) -> None:
+        """After each ``distrust``: check /health, backing off, until it answers."""
+        while True:
+            await self._distrusted.wait()
+            self._distrusted = trio.Event()
+            delay = 0.05
+            while not await self._healthy(pool, self.health.timeout):
+                await trio.sleep(delay)  # dying: the exit watcher ends this backend (and this task)
+                delay = min(delay * 2, 1.0)
+            log.info("%s answers /health again after a broken call; taking requests", self.name)
+            self._trusted.set()
+            self._touch()
 
     async def _watch_health(self, pool: ConnectionPool) -> None:
         """Kill a ready backend that stops answering /health (hung, deadlocked, swapped out)."""
