@@ -1,9 +1,9 @@
-"""HTTP/1.1 to one server: a small keep-alive connection pool over trio and h11.
+"""HTTP/1.1 to one server: a small keep-alive connection pool over trio.
 
 Owns the sockets to one backend's loopback port (or a remote endpoint's host, over TLS when its
-URL says https): opening them, reusing idle ones, framing requests and responses (h11),
-timeouts, and closing them. It knows nothing of models, queues or clients; the proxy decides
-what to send and where the answer goes.
+URL says https): opening them, reusing idle ones, sending requests and reading responses,
+timeouts, and closing them; the bytes on the wire are ``http1``'s. It knows nothing of models,
+queues or clients; the proxy decides what to send and where the answer goes.
 
 Why not httpx: on this path a general client's per-request machinery (URL and header models,
 pool bookkeeping that slows as concurrency rises) cost more than the rest of the relay. The
@@ -17,8 +17,9 @@ import select
 import ssl
 from collections.abc import Callable, Iterable
 
-import h11
 import trio
+
+from routerd.backends.http1 import Head, ProtocolError, ResponseReader, encode_request
 
 #: Bytes asked of the socket per read; llama-server's SSE chunks are far smaller.
 READ_SIZE = 65536
@@ -37,22 +38,29 @@ class _Connection:
     def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
         self.stream = stream
         self.socket = sock
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.reader = ResponseReader()
         self.idle_since = 0.0
 
-    async def send(self, *events: h11.Event) -> None:
-        await self.stream.send_all(b"".join(self.h11.send(event) or b"" for event in events))
+    async def send(self, method: str, head: bytes, body: bytes) -> None:
+        self.reader.expect(method)
+        if len(body) < READ_SIZE:
+            await self.stream.send_all(head + body)  # one write, one packet
+        else:  # a long prompt is not copied just to be joined to its head
+            await self.stream.send_all(head)
+            await self.stream.send_all(body)
 
-    async def next_event(self, read_timeout: float) -> h11.Event:
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
-            with trio.move_on_after(read_timeout) as scope:
-                data = await self.stream.receive_some(READ_SIZE)
-            if scope.cancelled_caught:
-                raise UpstreamError(f"no data from the backend for {read_timeout:g} s (server.upstream_read_timeout)")
-            self.h11.receive_data(data)  # b"" is EOF: h11 then reports the early close
+    async def receive(self, read_timeout: float) -> None:
+        """Feed the reader the next bytes the server sends (UpstreamError if none come in time)."""
+        with trio.move_on_after(read_timeout) as scope:
+            data = await self.stream.receive_some(READ_SIZE)
+        if scope.cancelled_caught:
+            raise UpstreamError(f"no data from the backend for {read_timeout:g} s (server.upstream_read_timeout)")
+        self.reader.feed(data)  # b"" is EOF: the reader then reports the early close
+
+    async def read_head(self, read_timeout: float) -> Head:
+        while (head := self.reader.head()) is None:
+            await self.receive(read_timeout)
+        return head
 
     def stale(self) -> bool:
         """An idle keep-alive socket with something to read was closed by the server (or is
@@ -60,12 +68,6 @@ class _Connection:
         poller = select.poll()  # not select(): descriptors past 1024 are normal in a busy daemon
         poller.register(self.socket.fileno(), select.POLLIN)
         return bool(poller.poll(0))
-
-    def reusable(self) -> bool:
-        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-            self.h11.start_next_cycle()
-            return True
-        return False
 
     def close(self) -> None:
         self.socket.close()
@@ -78,9 +80,9 @@ class Response:
     generating; a fully read response returns its connection to the pool.
     """
 
-    def __init__(self, pool: ConnectionPool, conn: _Connection, head: h11.Response, read_timeout: float) -> None:
-        self.status: int = head.status_code
-        self.headers: list[tuple[bytes, bytes]] = list(head.headers)
+    def __init__(self, pool: ConnectionPool, conn: _Connection, head: Head, read_timeout: float) -> None:
+        self.status: int = head.status
+        self.headers: list[tuple[bytes, bytes]] = head.headers
         self._pool, self._conn, self._read_timeout = pool, conn, read_timeout
         self._done = False
         #: Called once when the response ends, read to the end or closed early.
@@ -93,28 +95,27 @@ class Response:
         return self
 
     async def __anext__(self) -> bytes:
-        """The next part of the body: everything that has arrived, joined (a backend ahead of
-        a slow client is relayed in fewer, larger writes)."""
-        parts: list[bytes] = []
-        while not self._done:
-            try:
-                if not parts:
-                    event = await self._conn.next_event(self._read_timeout)
-                elif (event := self._conn.h11.next_event()) is h11.NEED_DATA:
-                    break  # nothing more buffered: send what we have
-            except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self.aclose_now()
-                raise UpstreamError(_describe(exc)) from None
-            if type(event) is h11.Data:
-                parts.append(bytes(event.data))
-            elif type(event) is h11.EndOfMessage:
-                self._end()
-                self._pool.give_back(self._conn)
-            else:  # ConnectionClosed cannot come before the end
-                self.aclose_now()
-                raise UpstreamError(f"unexpected {type(event).__name__} from the backend")
-        if parts:
-            return b"".join(parts)
+        """The next part of the body: everything that has arrived (a backend ahead of a slow
+        client is relayed in fewer, larger writes)."""
+        if self._done:
+            raise StopAsyncIteration
+        reader = self._conn.reader
+        try:
+            data = reader.body()
+            while not data and not reader.done:
+                await self._conn.receive(self._read_timeout)
+                data = reader.body()
+        except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.aclose_now()
+            raise UpstreamError(_describe(exc)) from None
+        except BaseException:
+            self.aclose_now()
+            raise
+        if reader.done:
+            self._end()
+            self._pool.give_back(self._conn)
+        if data:
+            return data
         raise StopAsyncIteration
 
     async def read(self) -> bytes:
@@ -164,13 +165,13 @@ class ConnectionPool:
         read_timeout = self.read_timeout if timeout is None else timeout
         head = [(b"host", self._host_header), (b"content-length", b"%d" % len(body)),
                 *self._fixed_headers, *headers]
-        request = h11.Request(method=method, target=self._prefix + target, headers=head)
+        encoded = encode_request(method, self._prefix + target, head)
         while True:
             conn, reused = self._take_idle(), True
             if conn is None:
                 conn, reused = await self._connect(), False
             try:
-                await conn.send(request, h11.Data(data=body), h11.EndOfMessage())
+                await conn.send(method, encoded, body)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 conn.close()
                 if reused:
@@ -180,12 +181,8 @@ class ConnectionPool:
                 conn.close()
                 raise
             try:
-                event = await conn.next_event(read_timeout)
-                while type(event) is h11.InformationalResponse:
-                    event = await conn.next_event(read_timeout)
-                if not isinstance(event, h11.Response):
-                    raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
-            except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                response_head = await conn.read_head(read_timeout)
+            except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
                     UpstreamError) as exc:
                 conn.close()
                 if reused and not isinstance(exc, UpstreamError):
@@ -194,7 +191,7 @@ class ConnectionPool:
             except BaseException:
                 conn.close()
                 raise
-            return Response(self, conn, event, read_timeout)
+            return Response(self, conn, response_head, read_timeout)
 
     async def get(self, target: str, *, timeout: float) -> tuple[int, bytes]:
         """A whole GET (health checks): status and body, within ``timeout`` seconds."""
@@ -206,7 +203,7 @@ class ConnectionPool:
                 response.aclose_now()
 
     def give_back(self, conn: _Connection) -> None:
-        if self._closed or len(self._idle) >= self.max_idle or not conn.reusable():
+        if self._closed or len(self._idle) >= self.max_idle or not conn.reader.reusable:
             conn.close()
             return
         conn.idle_since = trio.current_time()
@@ -254,7 +251,7 @@ class ConnectionPool:
 
 
 def first_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes:
-    """The first value of header ``name`` (lower-case, as h11 and ASGI give names), or b""."""
+    """The first value of header ``name`` (lower-case, as ``http1`` and ASGI give names), or b""."""
     for key, value in headers:
         if key == name:
             return value
@@ -262,7 +259,7 @@ def first_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, h11.RemoteProtocolError):
+    if isinstance(exc, ProtocolError):
         return f"the backend broke the connection ({exc})"
     if isinstance(exc, OSError) and exc.strerror:
         return f"the backend's connection failed: {exc.strerror}"
