@@ -156,6 +156,31 @@ async def test_unfinished_headers_are_dropped_after_the_header_timeout(start_rou
         assert await raw_exchange(r.url, b"GET /health HTTP/1.1\r\nhost: x\r\n", wait=10) == b""
 
 
+async def test_a_kept_alive_connection_serves_again_and_closes_once_idle_for_the_header_timeout(
+        start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}, server={"header_timeout": 0.5}))
+    host, port = r.url.removeprefix("http://").rsplit(":", 1)
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        for _ in range(3):  # each within the timeout of the last: the same connection serves
+            await trio.sleep(0.3)
+            await stream.send_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            answer = b""
+            while b'"ok"' not in answer:
+                answer += await stream.receive_some(65536)
+            assert answer.startswith(b"HTTP/1.1 200")
+        with trio.fail_after(5):  # then idle: closed after 0.5 s
+            assert await stream.receive_some(65536) == b""
+
+
+async def test_a_request_that_outlasts_the_header_timeout_is_answered_whole(start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.2"]}},
+                                        server={"header_timeout": 0.3}))
+    body = json.dumps({"model": "a", "max_tokens": 6, "messages": [], "stream": True}).encode()
+    answer = await raw_exchange(r.url, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                                       b"content-length: %d\r\n\r\n%s" % (len(body), body), wait=10)
+    assert answer.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in answer
+
+
 def test_hundreds_of_stalled_clients_on_both_fronts_do_not_stop_service(tmp_path, model_file):
     """300 HTTP connections that never finish their headers and 200 idle control connections
     (routerd in its own process, as in production): a request and `routerctl status` go through."""

@@ -14,6 +14,7 @@ know about routes, models or backends: the ASGI app does.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import ssl
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,7 @@ import hypercorn.config
 import trio
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.events import Closed, Event, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
@@ -87,7 +88,7 @@ async def _connection(app: Any, config: hypercorn.config.Config, context: Worker
 
 
 class _Server(TCPServer):
-    """hypercorn's per-connection server with a write timeout and a direct write.
+    """hypercorn's per-connection server with a write timeout, a direct write and one idle timer.
 
     hypercorn shields each socket write from cancellation (a half-written frame would corrupt
     the connection), so a client that stops reading while keeping its connection open would hold
@@ -98,6 +99,12 @@ class _Server(TCPServer):
     a lock, a cancel scope or a trip through trio's scheduler: that is nearly every write (a
     response, an SSE event), and the awaiting path cost more than the relay around it. Only what
     the buffer does not take goes the awaiting way.
+
+    hypercorn closes a connection idle for ``keep_alive_timeout`` (between requests, or while
+    a request's head is still arriving) with a timer task that it starts anew, and waits to
+    start, each time the connection goes idle, and cancels when a request begins: two trips
+    through the scheduler per request. Here one timer lives as long as the connection and each
+    change only moves its deadline.
     """
 
     def __init__(self, *args: Any, send_timeout: float, peer: str) -> None:
@@ -106,8 +113,34 @@ class _Server(TCPServer):
         self._peer = peer
         #: The connection's socket when nothing wraps it (not TLS): written to directly.
         self._plain = self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
+        self._idle = True  # no request in progress
+        self._became_idle = trio.Event()
+        self._idle_timer: trio.CancelScope | None = None
+
+    async def _idle_timeout(self) -> None:
+        """Close the connection once idle for ``keep_alive_timeout`` s, or idle after shutdown
+        began. hypercorn starts this once, as the connection opens."""
+        with trio.CancelScope() as self._idle_timer:
+            self._set_idle(self._idle)
+            await self.context.terminated.wait()
+            while not self._idle:  # shutting down: the request in progress is answered first
+                await self._became_idle.wait()
+        with trio.CancelScope(shield=True):
+            await self._initiate_server_close()
+
+    def _set_idle(self, idle: bool) -> None:
+        self._idle = idle
+        if idle:
+            self._became_idle.set()
+        elif self._became_idle.is_set():
+            self._became_idle = trio.Event()
+        if self._idle_timer is not None:
+            self._idle_timer.deadline = trio.current_time() + self.config.keep_alive_timeout if idle else math.inf
 
     async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):
+            self._set_idle(event.idle)
+            return
         if not isinstance(event, RawData):
             await super().protocol_send(event)
             return
