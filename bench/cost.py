@@ -8,6 +8,9 @@
   routerd's CPU per event.
 - Scale: routerd's CPU per request and per event at concurrency 1/16/64/256 with 1/4/16
   resident stand-in backends.
+- The design's floor: the same two CPU figures for routerd's HTTP front serving a do-nothing
+  app, and a bare relay on that front (bench/floor.py), interleaved with routerd: what the design
+  (hypercorn + trio) costs before routerd's own logic.
 
 Figures only; nothing here asserts a timing.
 """
@@ -33,6 +36,7 @@ from loadgen import StreamRun, free_port, paced_streams, process_cpu, wait_http,
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 STANDIN = BENCH / "standin.py"
+FLOOR = BENCH / "floor.py"
 #: Seconds between two events of one stand-in stream: 100 events/s, a fast GPU's token rate.
 EVENT_INTERVAL = 0.01
 
@@ -177,6 +181,52 @@ async def paced_events(row: Row, work: Path, quick: bool) -> None:
         direct.terminate()
         direct.wait()
         routerd.close()
+
+
+async def design_floor(row: Row, work: Path, quick: bool) -> None:
+    """Row 12: CPU per request (/tokenize, c=16) and per event (64 paced streams) of routerd's
+    HTTP front alone and of a bare relay on it, interleaved with routerd, all on the stand-in."""
+    seconds, events, rounds = (1, 50, 1) if quick else (4, 200, 5)
+    standin_port, front_port, relay_port = free_port(), free_port(), free_port()
+    floors = [[sys.executable, str(STANDIN), "--port", str(standin_port), "--standin-interval", str(EVENT_INTERVAL)],
+              [sys.executable, str(FLOOR), "--app", "front", "--port", str(front_port), "--interval", str(EVENT_INTERVAL)],
+              [sys.executable, str(FLOOR), "--app", "relay", "--port", str(relay_port), "--upstream-port",
+               str(standin_port)]]
+    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for argv in floors]
+    routerd = StandinRouterd(work / "floor", 1)
+    targets = {"front alone": (front_port, procs[1].pid), "bare relay": (relay_port, procs[2].pid),
+               "routerd": (routerd.port, routerd.proc.pid)}
+    try:
+        for port, _ in [(standin_port, 0), *targets.values()]:
+            await wait_http(f"http://127.0.0.1:{port}")
+        async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
+            await routerd.load(client, routerd.names)
+        body, stream_bodies = _body(routerd.names[0], "/tokenize"), [_stream_body(routerd.names[0], events)] * 64
+        per_request: dict[str, list[float]] = {name: [] for name in targets}
+        per_event: dict[str, list[float]] = {name: [] for name in targets}
+        for _ in range(rounds):
+            for name in random.sample(list(targets), len(targets)):
+                port, pid = targets[name]
+                url = f"http://127.0.0.1:{port}"
+                run, cpu = await _with_cpu(pid, lambda: wrk(url, "/tokenize", [body], connections=16, seconds=seconds))
+                per_request[name].append((cpu or 0.0) / max(1, run.requests))
+                streamed, cpu = await _with_cpu(pid, lambda: paced_streams("127.0.0.1", port, stream_bodies))
+                per_event[name].append((cpu or 0.0) / max(1, streamed.events))
+    finally:
+        routerd.close()
+        for proc in procs:
+            proc.terminate()
+            proc.wait()
+    request = {name: statistics.median(values) for name, values in per_request.items()}
+    event = {name: statistics.median(values) for name, values in per_event.items()}
+    floor = "; ".join(f"{name}: {request[name] * 1000:.2f} ms/req, {event[name] * 1000:.3f} ms/event"
+                      for name in ("front alone", "bare relay"))
+    relay_r, relay_e = request["bare relay"], event["bare relay"]
+    row("12. the design's floor: routerd's HTTP front with a do-nothing app, and a bare relay on it (stand-in; "
+        f"CPU per /tokenize at c=16 and per event of 64 paced streams, median of {rounds})",
+        {"direct": floor,
+         "routerd": f"{request['routerd'] * 1000:.2f} ms/req ({request['routerd'] / relay_r:.2f}x the bare relay), "
+                    f"{event['routerd'] * 1000:.3f} ms/event ({event['routerd'] / relay_e:.2f}x the bare relay)"})
 
 
 async def scale(work: Path, quick: bool) -> list[str]:

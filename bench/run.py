@@ -435,7 +435,7 @@ def write_block(text: str, marker: str, block: str) -> str:
     return head + wrapped + rest.partition(marker)[2]
 
 
-PHASES = ("latency", "streaming", "throughput", "streams", "cold", "cheap", "events", "scale", "catalog")
+PHASES = ("latency", "streaming", "throughput", "streams", "cold", "cheap", "events", "floor", "scale", "catalog")
 
 
 async def main(quick: bool, write: bool, routerd_log: Path | None, only: set[str]) -> None:
@@ -476,6 +476,8 @@ async def main(quick: bool, write: bool, routerd_log: Path | None, only: set[str
                 stop_all(cheap)
         if "events" in only:
             await cost.paced_events(bench.row, work / "events", quick)
+        if "floor" in only:
+            await cost.design_floor(bench.row, work, quick)
         scale_table = await cost.scale(work, quick) if "scale" in only else []
         catalog = await catalog_scale(work, binary, quick) if "catalog" in only else []
     lines = ["| figure | direct llama-server | llama.cpp router mode | routerd |", "|---|---|---|---|"]

@@ -26,7 +26,7 @@ def test_quick_bench_prints_a_row_for_every_figure():
     main_table, _, scale_table = run.stdout.partition("routerd CPU per request and per relayed event")
     rows = [line for line in main_table.splitlines() if line.startswith("| ")]
     figures = {m.group(1) for line in rows if (m := re.match(r"\| (\d+)\. ", line))}
-    assert figures == {str(n) for n in range(1, 12)}, rows
+    assert figures == {str(n) for n in range(1, 13)}, rows
     routerd_cells = [line.rstrip(" |").rsplit("| ", 1)[-1] for line in rows[1:]]
     assert all(cell and "nan" not in cell for cell in routerd_cells), rows
     # the scale table: CPU per request and per event, concurrency x resident stand-in backends

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""The design's floor, for `make bench`: what routerd's HTTP front costs before routerd does anything.
+
+routerd's cost per request and per relayed event sits on a fixed design (hypercorn's protocol
+code and trio, behind routerd.front.http_server). To tell what routerd's own logic adds from
+what the design costs, this serves two trivial ASGI apps on that same front, with the daemon's
+hypercorn settings:
+
+- ``--app front``: answers ``/tokenize`` and ``/v1/embeddings`` with a small fixed body and
+  streams ``max_tokens`` SSE events, one every ``--interval`` s, for chat completions: the front
+  alone, no upstream.
+- ``--app relay``: sends every POST to ``--upstream-port`` (the stand-in) over routerd's own
+  upstream client and relays the answer: a proxy with no routing, queueing, metrics or
+  disconnect watching.
+
+Figures only (bench/cost.py reads this process's CPU); it is not part of routerd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hypercorn.config
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from routerd.backends.upstream import ConnectionPool  # noqa: E402
+from routerd.front import http_server  # noqa: E402
+
+from standin import EMBEDDING, EVENT, LAST, TOKENIZE  # noqa: E402
+
+Scope = dict[str, Any]
+
+
+async def _body(receive: Any) -> bytes:
+    parts = []
+    while True:
+        message = await receive()
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+async def _lifespan(receive: Any, send: Any) -> None:
+    while True:
+        message = await receive()
+        await send({"type": message["type"] + ".complete"})
+        if message["type"] == "lifespan.shutdown":
+            return
+
+
+def front_app(interval: float) -> Any:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        body = await _body(receive)
+        if scope["path"] == "/v1/chat/completions":
+            events = json.loads(body or b"{}").get("max_tokens", 10)
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            deadline = trio.current_time()
+            for _ in range(events):
+                deadline += interval
+                await trio.sleep_until(deadline)
+                await send({"type": "http.response.body", "body": EVENT, "more_body": True})
+            await send({"type": "http.response.body", "body": LAST})
+            return
+        answer = EMBEDDING if scope["path"] == "/v1/embeddings" else TOKENIZE
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": answer})
+    return app
+
+
+def relay_app(upstream_port: int) -> Any:
+    pool = ConnectionPool(upstream_port, max_idle=512)
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        body = await _body(receive)
+        response = await pool.request(scope["method"], scope["path"], body=body,
+                                      headers=[(b"content-type", b"application/json")])
+        try:
+            await send({"type": "http.response.start", "status": response.status,
+                        "headers": [(b"content-type", response.header(b"content-type"))]})
+            async for part in response:
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            response.aclose_now()
+    return app
+
+
+async def main(args: argparse.Namespace) -> None:
+    config = hypercorn.config.Config()  # as routerd.ops.daemon sets it
+    config.bind = [f"127.0.0.1:{args.port}"]
+    config.keep_alive_timeout = 10.0
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    app = front_app(args.interval) if args.app == "front" else relay_app(args.upstream_port)
+    await http_server.serve(app, config, shutdown_trigger=trio.sleep_forever)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--app", choices=("front", "relay"), required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--interval", type=float, default=0.01, help="seconds between two events of a stream")
+    parser.add_argument("--upstream-port", type=int, default=0, help="the stand-in's port (--app relay)")
+    trio.run(main, parser.parse_args())
