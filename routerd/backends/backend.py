@@ -149,6 +149,7 @@ class Backend:
         self._drain_timeout = math.inf
         self._expect_exit = False
         self._activity = trio.Event()
+        self._idle_deadline: trio.CancelScope | None = None  # the idle timer's, while it runs
         self._output_seen = trio.Event()
         self._last_output = trio.current_time()
         self._output_done = trio.Event()
@@ -439,15 +440,17 @@ class Backend:
         self._output_seen = trio.Event()
 
     async def _idle_timer(self) -> None:
-        while True:
-            left = self.idle_ttl_left()
-            if left is not None and left <= 0:
-                self.request_stop("idle", cause="idle")
-                return
-            with trio.move_on_after(math.inf if left is None else left):
-                await self._activity.wait()
+        """Stop the backend once idle for its TTL. Requests move the deadline (``_touch``)
+        rather than wake this task: two wake-ups per request cost more than the check."""
+        with trio.CancelScope() as self._idle_deadline:
+            self._touch()
+            await trio.sleep_forever()
+        self.request_stop("idle", cause="idle")
 
     def _touch(self) -> None:
         self._activity.set()
         self._activity = trio.Event()
+        if self._idle_deadline is not None:
+            left = self.idle_ttl_left()
+            self._idle_deadline.deadline = math.inf if left is None else trio.current_time() + left
         self._on_change()
