@@ -9,6 +9,7 @@ import sys
 import tempfile
 
 import trio
+import trio.testing
 
 from routerctl.cli import main as routerctl
 from routerd.ops.control import authorize
@@ -144,6 +145,22 @@ async def test_broken_reload_keeps_the_running_config(start_routerd, tmp_path, m
     error = (await rpc(r.daemon.socket_path, call("reload")))[0]["error"]
     assert "models.a.path: expected a string" in error["message"] and "models.a.nope: unknown key" in error["message"]
     assert (await r.http.post("/v1/completions", json={"model": "a", "prompt": "x"})).status_code == 200
+
+
+async def test_a_rescan_queued_behind_a_reload_keeps_what_the_reload_changed(start_routerd, tmp_path, model_file):
+    data = make_config(tmp_path, {"a": {"path": model_file("a")}})
+    r = await start_routerd(data)
+    data["models"]["b"] = {"path": model_file("b")}
+    data.setdefault("scheduler", {})["max_queue"] = 7
+    r.write_config(data)
+    async with trio.open_nursery() as nursery:
+        async with r.daemon._catalog_lock:  # a rebuild in progress: the reload, then the rescan, wait their turn
+            nursery.start_soon(r.daemon.reload)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(r.daemon.rescan)
+            await trio.testing.wait_all_tasks_blocked()
+    assert r.daemon.config.scheduler.max_queue == 7  # the rescan did not bring back the old settings
+    assert "b" in r.daemon.supervisor.catalog
 
 
 async def test_routerctl_commands_and_exit_codes(start_routerd, tmp_path, model_file, capsys):

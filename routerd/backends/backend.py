@@ -445,6 +445,7 @@ class Backend:
         with trio.CancelScope() as self._idle_deadline:
             self._touch()
             await trio.sleep_forever()
+        self._idle_deadline = None
         self.request_stop("idle", cause="idle")
 
     def _touch(self) -> None:

@@ -14,7 +14,7 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import attrs
@@ -108,7 +108,7 @@ class Daemon:
             self.bus.buffer = new.metrics.event_buffer
             remotes = self.supervisor.remotes.apply(new.remotes, keys)
             self._remote_keys = keys
-            result = attrs.evolve(await self._apply(new, trigger="reload"), remotes=remotes)
+            result = attrs.evolve(await self._apply(lambda _running: new, trigger="reload"), remotes=remotes)
         except RouterdError as exc:
             self.bus.publish("config.reload", ok=False, error=exc.message)
             raise
@@ -119,14 +119,16 @@ class Daemon:
 
     async def rescan(self, trigger: str = "operator") -> ReloadResult:
         """Re-discover models: the config's [models], imported ones, folders and the HF cache."""
+        def with_fresh_models(running: Config) -> Config:  # only [models] is taken from the file
+            return attrs.evolve(running, models=config_mod.load(running.source).models)
+
+        if trigger == "operator":
+            self.supervisor.remotes.rediscover()  # their lists follow as each answers
         try:
-            fresh = config_mod.load(self.config.source)
+            return await self._apply(with_fresh_models, trigger=trigger)
         except RouterdError as exc:
             self.bus.publish("catalog.rescan", trigger=trigger, ok=False, error=exc.message)
             raise
-        if trigger == "operator":
-            self.supervisor.remotes.rediscover()  # their lists follow as each answers
-        return await self._apply(attrs.evolve(self.config, models=fresh.models), trigger=trigger)
 
     async def import_models(self, path: str) -> list[str]:
         """Import the models under ``path`` as manual entries (persisted); their names."""
@@ -136,7 +138,7 @@ class Daemon:
         fresh = {f.path: attrs.evolve(f, source="import") for f in found}
         kept = [f for f in self.imports.load() if f.path not in fresh]
         self.imports.save(kept + list(fresh.values()))
-        await self._apply(self.config, trigger="import")
+        await self._apply(trigger="import")
         return [entry.name for entry in self.supervisor.catalog if entry.path in fresh]
 
     async def pull(self, ref: str, filename: str | None, progress: hub.Progress) -> dict[str, object]:
@@ -151,7 +153,7 @@ class Daemon:
         plan = await trio.to_thread.run_sync(partial(
             hub.pull, repo_id, tag, filename, cache_dir=self.hub_cache, endpoint=self.environ.get("HF_ENDPOINT"),
             token=self.environ.get("HF_TOKEN"), progress=progress))
-        await self._apply(self.config, trigger="pull")
+        await self._apply(trigger="pull")
         return {"model": f"{repo_id}:{plan.tag}", "files": list(plan.files), "cache": self.hub_cache}
 
     def discover(self, config: Config, remote_models: Mapping[str, tuple[str, ...]]) -> Catalog:
@@ -166,11 +168,12 @@ class Daemon:
         return Catalog.from_config(config, imported=self.imports.load(), discovered=found, problems=problems,
                                    remote_models=remote_models)
 
-    async def _apply(self, new: Config | None, *, trigger: str) -> ReloadResult:
-        """Rebuild the catalog under ``new`` (None: the running config, as it is once this
-        rescan's turn comes, so a reload applied meanwhile is not undone)."""
+    async def _apply(self, update: Callable[[Config], Config] | None = None, *, trigger: str) -> ReloadResult:
+        """Rebuild the catalog under ``update(running config)`` (no update: the running config).
+        The config is read once this call's turn comes, so a reload applied meanwhile is built
+        on, never undone by a rescan that began before it."""
         async with self._catalog_lock:  # one rescan at a time; the newest file system wins
-            new = self.config if new is None else new
+            new = self.config if update is None else update(self.config)
             new_catalog = await trio.to_thread.run_sync(self.discover, new, self.supervisor.remotes.models())
             old_catalog = self.supervisor.catalog
             outcome = self.supervisor.apply(new, new_catalog)
@@ -191,7 +194,7 @@ class Daemon:
         """Rebuild the catalog whenever a remote's model list changes (discovery, reload)."""
         while True:
             await self.supervisor.remotes.wait_models_changed()
-            result = await self._apply(None, trigger="remote")
+            result = await self._apply(trigger="remote")
             if result.added or result.removed:
                 log.info("remote models: added %s, removed %s", result.added, result.removed)
 
@@ -221,7 +224,7 @@ class Daemon:
             # they join it when it does): a dead remote never holds routerd's start for long.
             await remotes.first_checks(timeout=max([r.connect_timeout for r in config.remotes.values()], default=0))
             remotes.take_models_changed()  # the first catalog has what they said so far
-            await self._apply(config, trigger="startup")  # discovery, before serving: discovered models are servable at READY
+            await self._apply(lambda _running: config, trigger="startup")  # discovery, before serving: discovered models are servable at READY
             root.start_soon(self._follow_remotes)
             http_config = hypercorn.config.Config()
             http_config.bind = [f"{config.server.host}:{config.server.port}"]
