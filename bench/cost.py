@@ -55,6 +55,12 @@ def _stream_body(model: str, events: int) -> bytes:
                        "max_tokens": events, "stream": True}).encode()
 
 
+def _times(value: float, base: float, what: str) -> str:
+    """``value`` as a multiple of ``base`` ("0.44x router mode"); a base of zero (a target that
+    answered nothing in a short smoke run) says so instead of dividing by it."""
+    return f"{value / base:.2f}x {what}" if base > 0 else f"no ratio: {what} measured zero"
+
+
 async def _with_cpu(pid: int | None, generate: Callable[[], T]) -> tuple[T, float | None]:
     """Run the blocking load generator ``generate`` in a thread; its result, and the CPU seconds
     process ``pid`` used meanwhile (None without a pid)."""
@@ -100,7 +106,7 @@ async def cheap_requests(row: Row, targets: Sequence[Any], quick: bool) -> None:
                 if cpus[t.name]:
                     text += f", its CPU {statistics.median(cpus[t.name]) * 1000:.2f} ms/req"
                 if t is targets[2]:
-                    text += f", **{rate / router_rate:.2f}x router mode**"
+                    text += f", **{_times(rate, router_rate, 'router mode')}**"
                 if errors[t.name]:
                     text += f", {errors[t.name]} errors"
                 cells[t.name] = text
@@ -189,7 +195,8 @@ async def design_floor(row: Row, work: Path, quick: bool) -> None:
     seconds, events, rounds = (1, 50, 1) if quick else (4, 200, 5)
     standin_port, front_port, relay_port = free_port(), free_port(), free_port()
     floors = [[sys.executable, str(STANDIN), "--port", str(standin_port), "--standin-interval", str(EVENT_INTERVAL)],
-              [sys.executable, str(FLOOR), "--app", "front", "--port", str(front_port), "--interval", str(EVENT_INTERVAL)],
+              [sys.executable, str(FLOOR), "--app", "front", "--port", str(front_port),
+               "--interval", str(EVENT_INTERVAL)],
               [sys.executable, str(FLOOR), "--app", "relay", "--port", str(relay_port), "--upstream-port",
                str(standin_port)]]
     procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for argv in floors]
@@ -221,12 +228,13 @@ async def design_floor(row: Row, work: Path, quick: bool) -> None:
     event = {name: statistics.median(values) for name, values in per_event.items()}
     floor = "; ".join(f"{name}: {request[name] * 1000:.2f} ms/req, {event[name] * 1000:.3f} ms/event"
                       for name in ("front alone", "bare relay"))
-    relay_r, relay_e = request["bare relay"], event["bare relay"]
     row("12. the design's floor: routerd's HTTP front with a do-nothing app, and a bare relay on it (stand-in; "
         f"CPU per /tokenize at c=16 and per event of 64 paced streams, median of {rounds})",
         {"direct": floor,
-         "routerd": f"{request['routerd'] * 1000:.2f} ms/req ({request['routerd'] / relay_r:.2f}x the bare relay), "
-                    f"{event['routerd'] * 1000:.3f} ms/event ({event['routerd'] / relay_e:.2f}x the bare relay)"})
+         "routerd": f"{request['routerd'] * 1000:.2f} ms/req "
+                    f"({_times(request['routerd'], request['bare relay'], 'the bare relay')}), "
+                    f"{event['routerd'] * 1000:.3f} ms/event "
+                    f"({_times(event['routerd'], event['bare relay'], 'the bare relay')})"})
 
 
 async def scale(work: Path, quick: bool) -> list[str]:

@@ -45,7 +45,8 @@ def encode_request(method: str, target: str, headers: Iterable[tuple[bytes, byte
     head is checked once for line breaks where none belong (ValueError).
     """
     request_line = b"%s %s HTTP/1.1" % (method.encode("ascii"), target.encode("ascii"))
-    if not target or not _TOKEN.fullmatch(request_line[:len(method)]) or _BAD_TARGET.search(request_line, len(method) + 1, len(request_line) - 9):
+    target_bytes = (len(method) + 1, len(request_line) - len(b" HTTP/1.1"))
+    if not target or not _TOKEN.fullmatch(request_line[:len(method)]) or _BAD_TARGET.search(request_line, *target_bytes):
         raise ValueError(f"not a valid request line: {request_line[:80]!r}")
     lines = [request_line, *(name + b": " + value for name, value in headers)]
     head = b"\r\n".join(lines)
