@@ -130,8 +130,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(text)
         elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": ARGS.alias or ARGS.model}]})
-        else:
-            self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
+        else:  # with the target as it arrived, for tests of what routerd forwards
+            self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"},
+                             "fake_target": self.path})
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)

@@ -190,6 +190,13 @@ async def test_upstream_passthrough_routes(start_routerd, tmp_path, model_file):
     assert len(slots.json()) == 4
 
 
+async def test_a_passthrough_path_reaches_the_backend_escaped_as_the_client_sent_it(start_routerd, tmp_path,
+                                                                                   model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
+    answer = await r.http.get("/upstream/a/no%20such/caf%C3%A9?q=%C3%A9&x=a%2Fb")
+    assert answer.status_code == 404 and answer.json()["fake_target"] == "/no%20such/caf%C3%A9?q=%C3%A9&x=a%2Fb"
+
+
 async def test_proxied_endpoints(start_routerd, tmp_path, model_file):
     r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
     tokens = await r.http.post("/tokenize", json={"model": "a", "content": "hi"})

@@ -40,11 +40,12 @@ class ProtocolError(Exception):
 def encode_request(method: str, target: str, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     """A request's head: request line and header lines, ending in the blank line.
 
-    The names and values come from checked places (the client's request as the front parsed
-    it, routerd's config), but a CR or LF in any of them would split the request: the whole
-    head is checked once for line breaks where none belong (ValueError).
+    ``target`` is sent byte for byte as latin-1 (how ASGI gives a raw query string). The names
+    and values come from checked places (the client's request as the front parsed it, routerd's
+    config), but a CR or LF in any of them would split the request: the whole head is checked
+    once for line breaks where none belong (ValueError).
     """
-    request_line = b"%s %s HTTP/1.1" % (method.encode("ascii"), target.encode("ascii"))
+    request_line = b"%s %s HTTP/1.1" % (method.encode("ascii"), target.encode("latin-1"))
     target_bytes = (len(method) + 1, len(request_line) - len(b" HTTP/1.1"))
     if not target or not _TOKEN.fullmatch(request_line[:len(method)]) or _BAD_TARGET.search(request_line, *target_bytes):
         raise ValueError(f"not a valid request line: {request_line[:80]!r}")

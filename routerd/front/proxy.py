@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
@@ -270,7 +271,8 @@ class ProxyApp:
             rest = path[len("/upstream/"):] if path.startswith("/upstream/") else path[1:]
             names = [name for name, _ in self.supervisor.catalog.names_and_aliases()]
             model, target = split_model_path(rest, names)
-            target = "/" + target
+            # The path arrives decoded (%20 is a space): escape it again for the request line.
+            target = "/" + urllib.parse.quote(target, safe="/:@!$&'()*+,;=")
         if scope["query_string"]:
             target += "?" + scope["query_string"].decode("latin-1")
         headers = scope["headers"]
