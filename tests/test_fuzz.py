@@ -37,7 +37,11 @@ class Target:
         self.proc, self.url, self.socket_path, self.scratch = proc, url, socket_path, scratch
         host, port = url.removeprefix("http://").rsplit(":", 1)
         self.address = (host, int(port))
-        self.http = httpx.Client(base_url=url, timeout=30, trust_env=False)
+        # A new connection per request: the daemon closes idle ones after header_timeout (0.1 s
+        # here), and a request sent on a kept one just as it closes is a race every HTTP server
+        # has, not a finding.
+        self.http = httpx.Client(base_url=url, timeout=30, trust_env=False,
+                                 limits=httpx.Limits(max_keepalive_connections=0))
 
     def raw_http(self, data: bytes) -> bytes:
         """Send raw bytes; the status line of the answer (b"" if the server just closed)."""
