@@ -120,11 +120,15 @@ class _Server(TCPServer):
     async def _idle_timeout(self) -> None:
         """Close the connection once idle for ``keep_alive_timeout`` s, or idle after shutdown
         began. hypercorn starts this once, as the connection opens."""
-        with trio.CancelScope() as self._idle_timer:
-            self._set_idle(self._idle)
-            await self.context.terminated.wait()
-            while not self._idle:  # shutting down: the request in progress is answered first
-                await self._became_idle.wait()
+        while True:
+            with trio.CancelScope() as self._idle_timer:
+                self._set_idle(self._idle)
+                await self.context.terminated.wait()
+                while not self._idle:  # shutting down: the request in progress is answered first
+                    await self._became_idle.wait()
+            if self._idle:
+                break
+            # The deadline passed as a request began (before this task ran): it is served.
         with trio.CancelScope(shield=True):
             await self._initiate_server_close()
 
