@@ -55,6 +55,11 @@ def _stream_body(model: str, events: int) -> bytes:
                        "max_tokens": events, "stream": True}).encode()
 
 
+def _standin_argv(port: int) -> list[str]:
+    """The stand-in backend on ``port``, run directly (not by routerd), pacing its streams."""
+    return [sys.executable, str(STANDIN), "--port", str(port), "--standin-interval", str(EVENT_INTERVAL)]
+
+
 def _times(value: float, base: float, what: str) -> str:
     """``value`` as a multiple of ``base`` ("0.44x router mode"); a base of zero (a target that
     answered nothing in a short smoke run) says so instead of dividing by it."""
@@ -159,8 +164,7 @@ async def paced_events(row: Row, work: Path, quick: bool) -> None:
     """Row 11: 64 paced streams read directly from the stand-in and through routerd."""
     events, rounds = (50, 1) if quick else (300, 3)
     direct_port = free_port()
-    direct = subprocess.Popen([sys.executable, str(STANDIN), "--port", str(direct_port), "--standin-interval",
-                               str(EVENT_INTERVAL)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    direct = subprocess.Popen(_standin_argv(direct_port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     routerd = StandinRouterd(work / "paced", 1)
     try:
         await wait_http(f"http://127.0.0.1:{direct_port}")
@@ -194,7 +198,7 @@ async def design_floor(row: Row, work: Path, quick: bool) -> None:
     HTTP front alone and of a bare relay on it, interleaved with routerd, all on the stand-in."""
     seconds, events, rounds = (1, 50, 1) if quick else (4, 200, 5)
     standin_port, front_port, relay_port = free_port(), free_port(), free_port()
-    floors = [[sys.executable, str(STANDIN), "--port", str(standin_port), "--standin-interval", str(EVENT_INTERVAL)],
+    floors = [_standin_argv(standin_port),
               [sys.executable, str(FLOOR), "--app", "front", "--port", str(front_port),
                "--interval", str(EVENT_INTERVAL)],
               [sys.executable, str(FLOOR), "--app", "relay", "--port", str(relay_port), "--upstream-port",

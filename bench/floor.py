@@ -47,19 +47,22 @@ async def _body(receive: Any) -> bytes:
             return b"".join(parts)
 
 
-async def _lifespan(receive: Any, send: Any) -> None:
-    while True:
-        message = await receive()
-        await send({"type": message["type"] + ".complete"})
-        if message["type"] == "lifespan.shutdown":
+def _with_lifespan(app: Any) -> Any:
+    """``app`` for HTTP, with the lifespan protocol acknowledged around it (hypercorn waits for it)."""
+    async def wrapped(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
             return
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    return wrapped
 
 
 def front_app(interval: float) -> Any:
     async def app(scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
         body = await _body(receive)
         if scope["path"] == "/v1/chat/completions":
             events = json.loads(body or b"{}").get("max_tokens", 10)
@@ -82,9 +85,6 @@ def relay_app(upstream_port: int) -> Any:
     pool = ConnectionPool(upstream_port, max_idle=512)
 
     async def app(scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
         body = await _body(receive)
         response = await pool.request(scope["method"], scope["path"], body=body,
                                       headers=[(b"content-type", b"application/json")])
@@ -106,7 +106,7 @@ async def main(args: argparse.Namespace) -> None:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     app = front_app(args.interval) if args.app == "front" else relay_app(args.upstream_port)
-    await http_server.serve(app, config, shutdown_trigger=trio.sleep_forever)
+    await http_server.serve(_with_lifespan(app), config, shutdown_trigger=trio.sleep_forever)
 
 
 if __name__ == "__main__":

@@ -293,16 +293,16 @@ class ProxyApp:
         if entry is not None:
             client.routing_headers.append((MODEL_HEADER, entry.name.encode()))
         with self.gate.admit(caller):  # 429 over the key's rate or concurrency
-            queued = takes_a_slot(method, path)
-            await self._queue_and_relay(client, receive, model, priority if queued else None, stream, method, target,
-                                        headers, body, session)
+            await self._queue_and_relay(client, receive, model, priority, takes_a_slot(method, path), stream, method,
+                                        target, headers, body, session)
 
-    async def _queue_and_relay(self, client: Exchange, receive: Receive, model: str, priority: int | None,
+    async def _queue_and_relay(self, client: Exchange, receive: Receive, model: str, priority: int, queued: bool,
                                stream: bool, method: str, target: str, headers: list[tuple[bytes, bytes]],
                                body: bytes, session: str | None) -> None:
-        """``priority`` None: the request takes no slot, and skips the queue."""
+        """Relay the request; one that takes a slot (``queued``) waits its turn in the model's
+        queue, one that does not skips it (then it has no ticket)."""
         # 429 here, before anything is sent
-        ticket = self.supervisor.enqueue(model, priority) if priority is not None else None
+        ticket = self.supervisor.enqueue(model, priority) if queued else None
         async with trio.open_nursery() as nursery:  # lives as long as the request
             nursery.start_soon(cancel_on_disconnect, receive, nursery.cancel_scope, client)
             try:
