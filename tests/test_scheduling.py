@@ -264,6 +264,7 @@ async def test_preload_starts_models_after_ready_in_order(start_routerd, tmp_pat
             await r.supervisor.wait_changed()
     await trio.sleep(0.3)
     # b first, then the rest in catalog order, skipping what would need an eviction
+    assert spawned == ["b", "a"]
     assert [n for n in ("a", "b", "c") if r.supervisor.running(n)] == ["a", "b"]
 
 

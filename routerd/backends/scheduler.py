@@ -49,6 +49,22 @@ def effective_priority(ticket: Ticket, now: float, aging: float) -> float:
     return ticket.priority - (now - ticket.enqueued) // aging
 
 
+def preload_order(wanted: Sequence[str], catalog: Sequence[str]) -> list[str]:
+    """The models ``scheduler.preload = wanted`` starts, in the order it starts them (pure).
+
+    Names are taken in the order written; ``"*"`` stands, at its place, for every model of
+    ``catalog`` (in catalog order) not named elsewhere in the list. So ``["b", "*"]`` starts b,
+    then the rest of the catalog. A name listed twice starts once, at its first place.
+    """
+    named = {name for name in wanted if name != "*"}
+    order: list[str] = []
+    for name in wanted:
+        for chosen in ([n for n in catalog if n not in named] if name == "*" else [name]):
+            if chosen not in order:
+                order.append(chosen)
+    return order
+
+
 def pick_next(tickets: Sequence[Ticket], now: float, aging: float) -> Ticket | None:
     """Who gets the next free slot: best effective priority, then first come (pure)."""
     return min(tickets, key=lambda t: (effective_priority(t, now, aging), t.seq), default=None)

@@ -508,14 +508,15 @@ class Supervisor:
             self._nursery.start_soon(self._preload, list(self.config.scheduler.preload), name="preload")
 
     async def _preload(self, names: list[str]) -> None:
-        wanted = [entry.name for entry in self.catalog] if "*" in names else names
-        for name in wanted:
+        wanted: list[str] = []
+        for name in names:  # aliases become catalog names, so "*" does not start them twice
             try:
-                entry = self.catalog.resolve(name)
+                wanted.append(name if name == "*" else self.catalog.resolve(name).name)
             except RouterdError as exc:
                 log.warning("preload: %s", exc.message)
-                continue
-            if entry.remote or self._replicas(entry.name):
+        for name in scheduler.preload_order(wanted, [entry.name for entry in self.catalog]):
+            entry = self.catalog.get(name)
+            if entry is None or entry.remote or self._replicas(entry.name):
                 continue
             plan, _, _ = self._best_plan(entry, spec_for(entry, self.config, self.binary), self.residents())
             if not isinstance(plan, admission.Admit) or plan.evict:  # never evict to preload
