@@ -14,6 +14,7 @@ subscribe. Event types and their fields are listed in docs/events.md.
 from __future__ import annotations
 
 import collections
+import enum
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,12 +24,38 @@ from typing import Any
 import attrs
 import trio
 
-#: The type of the one event per finished request: sent only to subscribers that ask for it.
-REQUEST = "request"
-#: Each line a running llama-server prints: published only while someone follows that model.
-LOG = "model.log"
-#: The last event a dropped subscriber receives.
-DROPPED = "dropped"
+
+class EventType(enum.StrEnum):
+    """Every kind of event, defined once: publishers, the metrics, the request log, routerctl and
+    the page (which reads them from ``GET /ui/event-types``) all name them from here, so a typo is
+    a type error rather than a metric that silently never moves. Fields: docs/events.md."""
+
+    MODEL_LOADING = "model.loading"
+    #: Loading progress read from the llama-server's output.
+    MODEL_PROGRESS = "model.progress"
+    MODEL_READY = "model.ready"
+    MODEL_STOPPING = "model.stopping"
+    MODEL_STOPPED = "model.stopped"
+    MODEL_FAILED = "model.failed"
+    MODEL_EVICTED = "model.evicted"
+    MODEL_CRASH_LOOP = "model.crash_loop"
+    #: Each line a running llama-server prints: published only while someone follows that model.
+    MODEL_LOG = "model.log"
+    QUEUE_HIGH = "queue.high"
+    QUEUE_NORMAL = "queue.normal"
+    REMOTE_REACHABLE = "remote.reachable"
+    REMOTE_UNREACHABLE = "remote.unreachable"
+    CATALOG_RESCAN = "catalog.rescan"
+    CONFIG_RELOAD = "config.reload"
+    #: The one event per finished request: sent only to subscribers that ask for it.
+    REQUEST = "request"
+    #: The last event a dropped subscriber receives.
+    DROPPED = "dropped"
+
+
+REQUEST = EventType.REQUEST
+LOG = EventType.MODEL_LOG
+DROPPED = EventType.DROPPED
 #: Seconds a dropped subscriber has to read what it had buffered before it is cut off.
 DROP_GRACE = 5.0
 #: Finished requests kept for a new subscriber's first look (the status page's request log).
@@ -42,7 +69,7 @@ class Event:
 
     seq: int
     time: float
-    type: str
+    type: EventType
     model: str | None
     data: dict[str, Any]
 
@@ -114,7 +141,7 @@ class Bus:
         """Call ``listener`` with every event, as it is published (it must not block or raise)."""
         self._listeners.append(listener)
 
-    def publish(self, type_: str, model: str | None = None, **data: Any) -> Event:
+    def publish(self, type_: EventType, model: str | None = None, **data: Any) -> Event:
         event = Event(next(self._seq), time.time(), type_, model, data)
         if type_ == REQUEST:
             self._recent_requests.append(event)
