@@ -99,9 +99,20 @@ def test_admission_plan_properties(residents, need, group, max_loaded):
     if need > budget["ram"]:
         assert isinstance(plan, admission.Refuse)
         return
-    if not isinstance(plan, admission.Admit):
+    assert not isinstance(plan, admission.Refuse)
+    # Busy models outside a swapped group can only be waited for: Wait exactly when the
+    # newcomer does not fit beside them alone, naming them and what is missing.
+    swapped = {r.name for r in admission.group_conflicts(newcomer, residents)}
+    must_stay = [r for r in residents if r.busy and r.name not in swapped]
+    short_anyway = admission.shortfall(newcomer, must_stay, budget, max_loaded)
+    if isinstance(plan, admission.Wait):
+        assert short_anyway
+        assert plan.shortfall == short_anyway
+        assert plan.busy == tuple(r.name for r in must_stay)
         return
+    assert not short_anyway
     by_name = {r.name: r for r in residents}
+    assert set(plan.group_swap) == swapped
     staying = [r for r in residents if r.name not in plan.evict]
     # never over budget (a newcomer needing nothing adds nothing), never over the count cap
     if need:
@@ -110,14 +121,20 @@ def test_admission_plan_properties(residents, need, group, max_loaded):
     # never evicts a busy model for room (only group rules may stop busy models)
     room_evictions = [by_name[n] for n in plan.evict if n not in plan.group_swap]
     assert not any(r.busy for r in room_evictions)
-    # LRU: every idle model left standing that could have helped is newer than every evicted one
-    if room_evictions:
-        newest_evicted = max(r.last_used for r in room_evictions)
-        # minimal: without the last evicted model it would not fit
-        last = max(room_evictions, key=lambda r: r.last_used)
-        with_last = staying + [last]
-        assert admission.shortfall(newcomer, with_last, budget, max_loaded)
-        assert newest_evicted == last.last_used
+    if not room_evictions:
+        return
+    # LRU: every idle model left standing that holds memory is at least as recent as every
+    # model evicted for room; one evicted while holding none went for the count cap, so every
+    # idle model left standing is at least as recent as it.
+    idle_staying = [r for r in staying if not r.busy]
+    newest_evicted = max(r.last_used for r in room_evictions)
+    assert all(r.last_used >= newest_evicted for r in idle_staying if r.usage["ram"])
+    for evicted in room_evictions:
+        if not evicted.usage["ram"]:
+            assert all(r.last_used >= evicted.last_used for r in idle_staying)
+    # minimal: without the most recent evicted model it would not fit
+    last = max(room_evictions, key=lambda r: r.last_used)
+    assert admission.shortfall(newcomer, staying + [last], budget, max_loaded)
 
 
 def test_admission_waits_when_only_busy_models_hold_the_room():
