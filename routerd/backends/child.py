@@ -1,20 +1,32 @@
 """One child process whose life is tied to routerd's.
 
-Owns spawning (in routerd's main thread, own process group, the environment it is given, stdout and
-stderr merged into one pipe), waiting for exit without a thread (pidfd), and stopping the whole
-process group: SIGTERM, then SIGKILL after a grace period.
+Owns spawning (in routerd's main thread, own process group, exactly the environment it is given,
+stdout and stderr merged into one pipe), waiting for exit without a thread (pidfd), and stopping
+the whole process group: SIGTERM, then SIGKILL after a grace period. This module knows nothing
+about llama-server.
+
+No Python runs between fork and exec (``preexec_fn`` can deadlock in a process with threads).
+The death signal is armed after exec instead, by a short chain that execs in place, so the pid
+routerd holds is the program's own from the first instant:
+
+    setpriv --pdeathsig KILL -- /bin/sh -c GUARD routerd-child PARENT_PID PROGRAM ARGS...
+
+util-linux's ``setpriv`` sets ``PR_SET_PDEATHSIG``; the shell guard then checks that routerd is
+still the parent (had routerd died before the signal was armed, the child was already handed to
+init and would never get it) and execs the program.
 
 Why not ``trio.run_process``: trio spawns from a worker thread, and ``PR_SET_PDEATHSIG`` fires
 when the *thread* that forked exits, which killed children after 10 s (see the field notes).
 Spawning from the main thread with the death signal set makes the kernel kill the child when
-routerd dies, even by ``kill -9``. This module knows nothing about llama-server.
+routerd dies, even by ``kill -9``, and never earlier.
 """
 
 from __future__ import annotations
 
-import ctypes
+import errno
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -23,14 +35,46 @@ from types import TracebackType
 
 import trio
 
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
+#: The shell that runs the guard (POSIX sh; Debian's is dash).
+GUARD_SHELL = "/bin/sh"
+#: Runs after the death signal is armed: exits unless the parent is still the routerd that
+#: spawned it ($1), drops the PWD variable the shell would add (or restores the given one),
+#: and execs the program in place.
+_GUARD_WITHOUT_PWD = '[ "$PPID" = "$1" ] || exit 1; unset PWD; shift; exec "$@"'
+_GUARD_WITH_PWD = '[ "$PPID" = "$1" ] || exit 1; export PWD="$2"; shift 2; exec "$@"'
 
-def _die_with(parent_pid: int) -> None:
-    # Runs in the child between fork and exec; only async-signal-safe work here.
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # routerd died before the death signal was armed
-        os._exit(1)
+
+def _setpriv() -> str:
+    found = shutil.which("setpriv") or ("/usr/bin/setpriv" if os.access("/usr/bin/setpriv", os.X_OK) else None)
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, "setpriv (util-linux) not found: routerd needs it to tie "
+                                "children's lives to its own")
+    return found
+
+
+def resolve_program(program: str, env: Mapping[str, str]) -> str:
+    """The file exec would run for ``program`` under ``env``'s PATH, as ``subprocess`` resolves it;
+    raises the OSError that exec would have (so a missing binary fails the spawn, not the child)."""
+    if os.sep in program:
+        candidates = [program]
+    else:
+        candidates = [os.path.join(directory, program) for directory in os.get_exec_path(dict(env))]
+    for candidate in candidates:
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    if any(os.path.exists(candidate) for candidate in candidates):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+
+
+def death_bound_argv(argv: Sequence[str], *, parent_pid: int, env: Mapping[str, str], setpriv: str) -> list[str]:
+    """``argv`` prefixed so that it runs with SIGKILL as its parent-death signal, and not at all
+    if ``parent_pid`` is no longer its parent once the signal is armed (pure)."""
+    if "PWD" in env:
+        guard = [_GUARD_WITH_PWD, "routerd-child", str(parent_pid), env["PWD"]]
+    else:
+        guard = [_GUARD_WITHOUT_PWD, "routerd-child", str(parent_pid)]
+    return [setpriv, "--pdeathsig", "KILL", "--", GUARD_SHELL, "-c", *guard, *argv]
 
 
 class Child:
@@ -121,13 +165,14 @@ def spawn(argv: Sequence[str], *, env: Mapping[str, str], stop_grace: float) -> 
     environment (the caller decides what a child may see). Must run in the main thread."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("spawn() must run in the main thread: PR_SET_PDEATHSIG follows the forking thread")
+    program = resolve_program(argv[0], env)
+    bound = death_bound_argv([program, *argv[1:]], parent_pid=os.getpid(), env=env, setpriv=_setpriv())
     read_fd, write_fd = os.pipe()
     _enlarge_pipe(read_fd)
     try:
         popen = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
+            bound, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
             env=dict(env), start_new_session=True, close_fds=True,
-            preexec_fn=lambda parent=os.getpid(): _die_with(parent),  # noqa: PLW0108
         )
     except BaseException:
         os.close(read_fd)
