@@ -228,13 +228,14 @@ async def test_an_unreadable_remote_key_stops_startup(start_routerd, tmp_path):
 
 
 async def test_a_dead_remote_s_models_go_unreachable_fail_fast_and_come_back(start_routerd, tmp_path, model_file):
-    a, b, port = await remote_pair(start_routerd, tmp_path, model_file)
+    # A connect timeout far above the bound below: an answer that waited for any timeout fails.
+    a, b, port = await remote_pair(start_routerd, tmp_path, model_file, remote={"connect_timeout": 60.0})
     assert (await chat(a, "b/m1")).status_code == 200
     b.daemon.request_shutdown()
     await eventually(lambda: _state(a, "b/m1", "unreachable"))
     began = time.monotonic()
     response = await chat(a, "b/m1")
-    assert response.status_code == 503 and time.monotonic() - began < 5  # no hang
+    assert response.status_code == 503 and time.monotonic() - began < 1  # answered at once, no hang
     assert response.json()["error"]["code"] == "remote_unreachable"
     assert "retry-after" in response.headers
     # B comes back on the same port: A finds it on its own, and its models serve again.
@@ -395,8 +396,11 @@ async def test_warm_selector_uses_the_loaded_target_and_never_swaps(start_router
         response = await chat(r, "coder")
         assert response.status_code == 200 and response.headers["x-routerd-model"] == "small"
     assert spawned == []  # big was never started
-    logged = [e.data for e in r.daemon.bus.recent_requests()]
-    assert all(d["selector"] == "coder" for d in logged[-5:])
+    async def all_five_logged() -> bool:  # a request's record is published after its response
+        return len(r.daemon.bus.recent_requests()) >= 5
+    await eventually(all_five_logged)
+    logged = [e.data for e in r.daemon.bus.recent_requests()][-5:]
+    assert len(logged) == 5 and all(d["selector"] == "coder" for d in logged)
     r.supervisor.unload("small")
     await eventually(lambda: _state(r, "small", "unloaded"))
     response = await chat(r, "coder")  # nothing warm: the first target that fits
