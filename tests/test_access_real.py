@@ -19,9 +19,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.conftest import needs_real_llama
 from tests.test_real_llama import MESSAGES, real_config
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, needs_real_llama]
 
 
 def sdk(r, key: str, **kwargs) -> openai.OpenAI:

@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs_real_llama
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, needs_real_llama]
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="the bench drives cheap requests with wrk: apt-get install wrk")

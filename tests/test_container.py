@@ -18,10 +18,10 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs_real_llama
 from tests.test_real_llama import MODELS
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, needs_real_llama]
 RUNTIME = shutil.which("podman") or shutil.which("docker")
 IMAGE = "localhost/routerd:test"
 BASE = "localhost/debian:bookworm"

@@ -14,11 +14,11 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs_real_llama
 from tests.test_observability import scrape, value
 from tests.test_real_llama import real_config
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, needs_real_llama]
 DASHBOARD = ROOT / "packaging" / "grafana" / "routerd.json"
 PROMETHEUS = shutil.which("prometheus")
 #: What Grafana puts in for the dashboard's variables when every model is selected.

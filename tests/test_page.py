@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 import trio
 
+from tests.conftest import needs_real_llama
 from tests.test_real_llama import real_config
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, needs_real_llama]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 needs_browser = pytest.mark.skipif(

@@ -22,7 +22,7 @@ from routerd.backends.endpoints import Candidate, SessionMap, choose, replicas_t
 from routerd.backends.remote import listed_models
 from routerd.errors import ConfigError
 from routerd.models.catalog import Catalog
-from tests.conftest import make_config, record_spawns
+from tests.conftest import DEMO_MODELS, make_config, needs_demo_models, record_spawns
 
 # -- balancing -------------------------------------------------------------------------------
 
@@ -485,13 +485,13 @@ def test_the_endpoint_protocol_is_what_both_kinds_provide():
     assert {"accepting", "slots", "acquire", "release", "distrust", "failure_reason"} <= set(dir(Remote))
 
 
+@needs_demo_models
 async def test_replicas_spread_over_gpus(start_routerd, tmp_path):
-    from demo import demo_model_paths
-    from tests.conftest import ROOT, FakeGpus
+    from tests.conftest import FakeGpus
     from tests.test_serving import _cuda_visible_devices
 
     # The fake server never reads the file; routerd reads its GGUF header to estimate it on a GPU.
-    smollm2 = str(demo_model_paths(ROOT / "demo")["smollm2-135m"])
+    smollm2 = str(DEMO_MODELS["smollm2-135m"])
     gpus = FakeGpus((0, "fake A", 8 << 30, 8 << 30), (1, "fake B", 8 << 30, 8 << 30))
     r = await start_routerd(make_config(tmp_path, {"m": {"path": smollm2, "replicas": 2}},
                                         memory={"gpu_reserve": "0"}), gpus=gpus)

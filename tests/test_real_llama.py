@@ -18,11 +18,11 @@ import pytest
 import tomli_w
 import trio
 
-from demo import demo_model_paths
-from tests.conftest import ROOT, make_config, pids_alive, record_spawns, spawn_routerd
+from tests.conftest import (DEMO_MODELS, ROOT, make_config, needs_real_llama, pids_alive, record_spawns,
+                            spawn_routerd)
 
-pytestmark = pytest.mark.real
-MODELS = demo_model_paths(ROOT / "demo")
+pytestmark = [pytest.mark.real, needs_real_llama]
+MODELS = DEMO_MODELS
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 

@@ -123,6 +123,7 @@ def installed_tree(tmp_path_factory) -> tuple[Path, Path]:
     return deb, tree
 
 
+@pytest.mark.real  # runs the llama-server the package ships
 def test_deb_holds_the_unit_config_and_working_console_scripts(installed_tree):
     deb, tree = installed_tree
     listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout

@@ -7,8 +7,7 @@ import httpx
 import pytest
 import trio
 
-from demo import demo_model_paths
-from tests.conftest import ROOT, FakeGpus, make_config, pids_alive, record_spawns
+from tests.conftest import DEMO_MODELS, FakeGpus, make_config, needs_demo_models, pids_alive, record_spawns
 
 CHAT = "/v1/chat/completions"
 
@@ -295,9 +294,10 @@ def _cuda_visible_devices(pid: int) -> str | None:
     return value.decode() if value is not None else None
 
 
+@needs_demo_models
 async def test_each_model_goes_to_a_gpu_with_room_before_anything_is_evicted(start_routerd, tmp_path):
     # the fake server never reads the file; routerd reads its GGUF header to estimate (~0.5 GiB on a GPU)
-    smollm2 = str(demo_model_paths(ROOT / "demo")["smollm2-135m"])
+    smollm2 = str(DEMO_MODELS["smollm2-135m"])
     models = {name: {"path": smollm2} for name in ("a", "b", "c")}
     gpus = FakeGpus((0, "fake A", 768 << 20, 768 << 20), (1, "fake B", 768 << 20, 768 << 20))
     r = await start_routerd(make_config(tmp_path, models, memory={"gpu_reserve": "0"}), gpus=gpus)
