@@ -5,8 +5,12 @@ an optional ``auth.keys_file``), whether a request must carry one, which models 
 and each key's request rate and concurrency. Keys are required as soon as one exists, and
 always when routerd listens beyond loopback (unless ``auth.allow_unauthenticated``).
 
+Owns too the check every HTTP request passes before any handler (``check_request``: the header
+count limit and the key, except on the open paths), where a request's ``Caller`` is kept for its
+handlers (``caller_of``), and the ASGI types at the front's boundary (hypercorn's TypedDicts).
+
 It must not know routes or models beyond names: the proxy and the views ask it about a
-request's headers and a model's names, and render what it raises (401, 403, 404, 429).
+request's headers and a model's names, and render what it raises (401, 403, 404, 429, 431).
 """
 
 from __future__ import annotations
@@ -23,11 +27,21 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, WWWScope
 
 from routerd.config import AuthConfig
+from routerd.errors import (
+    BadRequest,
+    ConfigError,
+    Forbidden,
+    HeadersTooLarge,
+    NotFound,
+    RouterdError,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
 from routerd.front import keys as keys_mod
-from routerd.errors import (BadRequest, ConfigError, Forbidden, NotFound, TooManyRequests, Unauthorized,
-                            Unavailable)
 from routerd.front.keys import ApiKey, KeyFile
 
 if TYPE_CHECKING:
@@ -36,6 +50,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("routerd.access")
 #: The external keys file is looked at (one stat) at most this often, when requests come.
 KEYS_FILE_CHECK_INTERVAL = 1.0
+#: The ASGI types of one HTTP request, as hypercorn (and so Quart) hands them over.
+Scope = HTTPScope
+Receive = ASGIReceiveCallable
+Send = ASGISendCallable
+#: Where a request's Caller is kept, in its scope's per-request ``state`` (ASGI copies it for
+#: every request), for the handlers after the gate.
+CALLER = "routerd.caller"
+#: Paths open to anyone, key or not: load balancers and container runtimes probe them.
+OPEN_PATHS = frozenset({"/health", "/ui"})
+#: Open too: the status page's files (it asks for a key itself; its data needs one).
+OPEN_PREFIXES = ("/ui/",)
 _NO_KEY = ("this routerd requires an API key: send 'Authorization: Bearer KEY' (or 'x-api-key: KEY'); "
            "an operator makes one with `routerctl keys add NAME`")
 
@@ -85,6 +110,41 @@ class Caller:
 
 
 ANONYMOUS = Caller()
+
+
+def caller_of(scope: WWWScope) -> Caller:
+    """Who sent the request ``scope`` describes (``ANONYMOUS`` where the gate asked no key)."""
+    caller: Caller = scope["state"].get(CALLER, ANONYMOUS)
+    return caller
+
+
+def is_open(path: str, *, metrics_open: bool) -> bool:
+    """Whether ``path`` is served without a key, whatever the method (pure)."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or (metrics_open and path == "/metrics")
+
+
+def check_request(gate: Gate, scope: Scope, *, max_headers: int, metrics_open: bool) -> None:
+    """The check every request passes before a handler runs: at most ``max_headers`` header
+    fields (431), and a valid key (401) unless the path is open; the caller is kept in the
+    scope for ``caller_of``. Raises what the client is told."""
+    headers = scope["headers"]
+    count = len(headers) if isinstance(headers, list) else sum(1 for _ in headers)
+    if count > max_headers:
+        raise HeadersTooLarge(f"the request has {count} header fields; the limit is {max_headers} "
+                              "(server.max_headers)")
+    if is_open(scope["path"], metrics_open=metrics_open):
+        return
+    try:
+        scope["state"][CALLER] = gate.authenticate(headers)
+    except RouterdError as exc:
+        log.info("refused %s %s from %s: %s", scope["method"], scope["path"], peer(scope), exc.code)
+        raise
+
+
+def peer(scope: Scope) -> str:
+    """The client's address as ``host:port``, for logs and request records."""
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "?"
 
 
 class TokenBucket:

@@ -1,17 +1,17 @@
-"""The HTTP front: the proxy's hot path in front of a quart-trio app for everything else.
+"""The views, ``/metrics`` and ``/events``: what the HTTP front answers itself.
 
-``create_app`` returns the ASGI app hypercorn serves. Proxied requests go to ``proxy.ProxyApp``;
-this module owns the rest: the read-only views (``/v1/models``, ``/health``, ``/memory``), the
-two long or hot observability endpoints on raw ASGI (``/metrics``, ``/events``), and the OpenAI
-error shape for routing errors (404, 405, 413). It holds no state of its own: everything comes
-from the supervisor and the metrics passed to ``create_app``.
+Owns the read-only views (``/v1/models``, ``/health``, ``/memory``) on a quart-trio app, the two
+long or hot observability endpoints on raw ASGI (``/metrics``, ``/events``), and the OpenAI error
+shape for routing errors (404, 405, 413). Which requests reach these is the route table's
+decision (``routes.py``, which also builds the whole app); 404 versus 405 is asked of it too.
+It holds no state of its own: everything comes from the supervisor and the metrics given.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
@@ -20,21 +20,20 @@ import cattrs
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from routerd import __version__, events
 from routerd.backends.supervisor import Supervisor
 from routerd.errors import NotFound, PayloadTooLarge, RouterdError
-from routerd.front import admin, proxy
-from routerd.front.access import Gate
+from routerd.front.access import Caller, Gate, Receive, Scope, Send, caller_of
+from routerd.front.exchange import cancel_on_disconnect
 
 log = logging.getLogger("routerd.api")
 _converter = cattrs.Converter()
 
 #: Longest a rendered /v1/models body is reused while nothing changed (seconds).
 MODELS_VIEW_MAX_AGE = 1.0
-#: The views this app serves at fixed paths (GET).
-VIEW_PATHS = frozenset({"/health", "/v1/models", "/memory", "/metrics", "/events"})
 #: Seconds of silence after which an /events stream gets a comment (proxies drop idle connections).
 EVENTS_KEEPALIVE = 15.0
 #: Distinct key scopes whose /v1/models body is kept.
@@ -42,7 +41,7 @@ MODELS_VIEWS_KEPT = 64
 
 
 def error_response(error: RouterdError) -> Response:
-    return Response(json.dumps(error.openai_body()), status=error.status, headers=error.http_headers(),
+    return Response(json.dumps(error.openai_body()), status=error.status, headers=Headers(error.http_headers()),
                     content_type="application/json")
 
 
@@ -54,25 +53,15 @@ class MetricsSource(Protocol):
     async def render(self, *, backends: bool, timeout: float) -> bytes: ...
 
 
-def create_app(supervisor: Supervisor, gate: Gate, metrics: MetricsSource,
-               rescan: Callable[[], Awaitable[Any]]) -> proxy.ProxyApp:
-    """The whole HTTP front as one ASGI app; ``gate`` has checked each request's key before
-    any view runs, and the views show a caller only what its key's scope covers. ``rescan`` is
-    the daemon's (for the page's rescan button)."""
-    views = _views_app(supervisor, gate)
-    admin.register(views, supervisor, gate, rescan)
-    observability = _Observability(supervisor, gate, metrics)
+def create_app(supervisor: Supervisor, gate: Gate, metrics: MetricsSource, rescan: Any) -> Any:
+    """The whole HTTP front: ``routes.create_app`` (kept under this name for the daemon; the
+    last argument goes to ``admin.register``)."""
+    from routerd.front import routes  # routes imports this module; the app is built there
 
-    async def fallback(scope: proxy.Scope, receive: proxy.Receive, send: proxy.Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] in ("/metrics", "/events"):
-            await observability(scope, receive, send)
-        else:
-            await views(scope, receive, send)
-
-    return proxy.ProxyApp(supervisor, gate, fallback=fallback)
+    return routes.create_app(supervisor, gate, metrics, rescan)
 
 
-class _Observability:
+class Observability:
     """``GET /metrics`` (Prometheus text) and ``GET /events`` (server-sent events), on raw ASGI:
     a scrape is frequent and an event stream is long, and neither needs a framework."""
 
@@ -81,8 +70,8 @@ class _Observability:
         self.gate = gate
         self.metrics = metrics
 
-    async def __call__(self, scope: proxy.Scope, receive: proxy.Receive, send: proxy.Send) -> None:
-        caller = proxy.caller_of(scope)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        caller = caller_of(scope)
         try:
             if scope["path"] == "/metrics":
                 self.gate.require_admin(caller, "GET /metrics")  # every model's name and load
@@ -101,13 +90,13 @@ class _Observability:
             await _send_whole(send, exc.status, "application/json", json.dumps(exc.openai_body()).encode(),
                               exc.http_headers())
 
-    async def _events(self, receive: proxy.Receive, send: proxy.Send, caller: Any, with_requests: bool,
+    async def _events(self, receive: Receive, send: Send, caller: Caller, with_requests: bool,
                       logs: str | None) -> None:
         bus = self.supervisor.bus
         visible = events.visible_to(caller.allows, caller.is_admin)
         with bus.subscribe(requests=with_requests, logs=logs, visible=visible) as subscription:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(proxy.cancel_on_disconnect, receive, nursery.cancel_scope)
+                nursery.start_soon(cancel_on_disconnect, receive, nursery.cancel_scope)
                 with subscription.scope:  # cut once dropped and its grace is over
                     await send({"type": "http.response.start", "status": 200, "headers": [
                         (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
@@ -131,12 +120,12 @@ class _Observability:
                 nursery.cancel_scope.cancel()
 
 
-async def _send_event(send: proxy.Send, event_id: str, data: dict[str, Any]) -> None:
+async def _send_event(send: Send, event_id: str, data: dict[str, Any]) -> None:
     body = b"id: " + event_id.encode() + b"\ndata: " + json.dumps(data, default=str).encode() + b"\n\n"
     await send({"type": "http.response.body", "body": body, "more_body": True})
 
 
-async def _send_whole(send: proxy.Send, status: int, content_type: str, body: bytes,
+async def _send_whole(send: Send, status: int, content_type: str, body: bytes,
                       headers: list[tuple[str, str]] | None = None) -> None:
     head = [(b"content-type", content_type.encode()), (b"content-length", b"%d" % len(body))]
     head += [(k.lower().encode(), v.encode()) for k, v in headers or []]
@@ -144,7 +133,9 @@ async def _send_whole(send: proxy.Send, status: int, content_type: str, body: by
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _views_app(supervisor: Supervisor, gate: Gate) -> QuartTrio:
+def views_app(supervisor: Supervisor, gate: Gate, *, is_wrong_method: Callable[[str, str], bool]) -> QuartTrio:
+    """The Quart app of the views (admin adds its routes to it); ``is_wrong_method(method,
+    path)`` is the route table's word on 405 versus 404."""
     app = QuartTrio("routerd")
     app.config["MAX_CONTENT_LENGTH"] = supervisor.config.server.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
@@ -160,7 +151,7 @@ def _views_app(supervisor: Supervisor, gate: Gate) -> QuartTrio:
         # Clients and UIs poll this; with many models rendering it is the cost. Reuse the last
         # body while nothing changed (version) and it is under a second old (measured memory and
         # TTLs move without events). One body per key scope: a key sees only its models.
-        caller = proxy.caller_of(request.scope)
+        caller = caller_of(request.scope)
         view = caller.key.models if caller.key else ()
         now = trio.current_time()
         cached = models_view.get(view)
@@ -189,20 +180,20 @@ def _views_app(supervisor: Supervisor, gate: Gate) -> QuartTrio:
 
     @app.get("/v1/models/<path:model>")
     async def show_model(model: str) -> Response:
-        gate.check_model(proxy.caller_of(request.scope), model, supervisor.catalog.get(model))
+        gate.check_model(caller_of(request.scope), model, supervisor.catalog.get(model))
         entry = supervisor.catalog.resolve(model)
         return _json({"id": model, "object": "model", **_converter.unstructure(supervisor.model_status(entry))})
 
     @app.get("/memory")
     async def memory() -> Response:
         # Every model's name and footprint: not for a key scoped to some of them.
-        gate.require_admin(proxy.caller_of(request.scope), "GET /memory")
+        gate.require_admin(caller_of(request.scope), "GET /memory")
         return _json(supervisor.memory_view())
 
     @app.route("/<path:rest>", methods=["GET"])
     async def unrouted(rest: str) -> Response:
-        # Reached only by what the proxy did not take (see proxy.is_proxied).
-        if request.path in proxy.PROXIED_POST:
+        # Reached by a GET or HEAD the route table gives no other handler.
+        if is_wrong_method(request.method, request.path):
             raise MethodNotAllowed(["POST"])
         raise NotFound(f"no route GET /{rest}", code="route_not_found")
 
@@ -219,7 +210,7 @@ def _views_app(supervisor: Supervisor, gate: Gate) -> QuartTrio:
                 "(server.max_body_bytes)"))
         if code == 404:
             return error_response(NotFound(f"no route {request.method} {request.path}", code="route_not_found"))
-        if code == 405 and not _route_exists(request.path):  # only the GET catch-all matched
+        if code == 405 and not is_wrong_method(request.method, request.path):  # only the GET catch-all matched
             return error_response(NotFound(f"no route {request.method} {request.path}", code="route_not_found"))
         if code == 405:
             err = RouterdError(f"method {request.method} not allowed on {request.path}", code="method_not_allowed")
@@ -236,12 +227,6 @@ def _views_app(supervisor: Supervisor, gate: Gate) -> QuartTrio:
         return error_response(RouterdError(f"internal error: {type(error).__name__}"))
 
     return app
-
-
-def _route_exists(path: str) -> bool:
-    """Whether some method is served at ``path`` (a wrong method there is 405, not 404)."""
-    return (path in proxy.PROXIED_POST or path in VIEW_PATHS or path.startswith(("/v1/models/", "/admin/"))
-            or proxy.is_proxied("GET", path))
 
 
 def _json(data: Any) -> Response:

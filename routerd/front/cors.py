@@ -8,10 +8,9 @@ request that follows must carry its key like any other. It must not decide who m
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+from hypercorn.typing import ASGISendCallable, ASGISendEvent
 
 #: What a page may send: JSON bodies, keys both ways, routerd's own request headers.
 ALLOWED_HEADERS = b"authorization, content-type, x-api-key, x-request-priority, anthropic-version"
@@ -35,19 +34,19 @@ def response_headers(origin: bytes) -> list[tuple[bytes, bytes]]:
     return [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
 
 
-def with_headers(send: Send, origin: bytes) -> Send:
+def with_headers(send: ASGISendCallable, origin: bytes) -> ASGISendCallable:
     """``send`` with the CORS headers added to the response's start."""
     extra = response_headers(origin)
 
-    async def sending(message: MutableMapping[str, Any]) -> None:
+    async def sending(message: ASGISendEvent) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", []), *extra]}
+            message = {**message, "headers": [*message["headers"], *extra]}
         await send(message)
 
     return sending
 
 
-async def answer_preflight(send: Send, origin: bytes) -> None:
+async def answer_preflight(send: ASGISendCallable, origin: bytes) -> None:
     """204 to a preflight: with the permissions for an allowed origin, bare for any other (the
     browser then blocks the page's request)."""
     headers = [(b"content-length", b"0")]

@@ -3,21 +3,21 @@
 Owns sending the answer's start and body to the client (so that an error is told the right way:
 a JSON error before anything was sent, an SSE event once a stream has started, nothing after the
 end) and the facts the request's record is made of (status, time to first byte, queue wait,
-bytes, tokens from the answer's usage). It must not choose backends or read from them: the proxy
-hands it what to send.
+bytes, tokens from the answer's usage), and noticing that the client hung up
+(``cancel_on_disconnect``). It must not choose backends or read from them: the proxy hands it
+what to send.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
 from routerd.errors import RouterdError
 from routerd.front import usage
-
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 def sse_error(error: RouterdError) -> bytes:
@@ -29,7 +29,7 @@ class Exchange:
     """The client's side of one exchange: what has been sent decides how an error is told, and
     what the request's record (metrics, the request log) says."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: ASGISendCallable) -> None:
         self._send = send
         self.started = False
         self.event_stream = False
@@ -102,3 +102,13 @@ class Exchange:
             await self.body(sse_error(error), more=False)
         else:
             await self.body(b"", more=False)
+
+
+async def cancel_on_disconnect(receive: ASGIReceiveCallable, scope: trio.CancelScope,
+                               client: Exchange | None = None) -> None:
+    """Cancel ``scope`` when the client hangs up (noting it on ``client``, if given)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if client is not None:
+        client.cancelled = not client.finished
+    scope.cancel()

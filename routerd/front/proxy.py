@@ -1,60 +1,39 @@
-"""The proxied requests, from the client's connection to a backend's and back: a lean ASGI app.
+"""The proxied requests, from the client's connection to a backend's and back: a lean ASGI handler.
 
-Owns the hot path: which requests are proxied (``is_proxied``), reading the body, its ``model``
-(a selector's resolved to a target) and its session, queueing for an endpoint through the
-supervisor (with SSE keep-alive comments for a stream that waits), sending the request upstream
-(under the model's name there, for a remote), relaying the answer chunk by chunk, and rendering
-failures as OpenAI errors (in-band once a stream has started). A client that hangs up cancels
-the relay, which closes the upstream socket (llama-server then stops generating) and releases
-the endpoint. Every other request falls through to the Quart app (``api.py``).
+Owns the hot path: reading the body, its ``model`` (a selector's resolved to a target) and its
+session, queueing for an endpoint through the supervisor (with SSE keep-alive comments for a
+stream that waits), sending the request upstream (under the model's name there, for a remote),
+relaying the answer chunk by chunk, and rendering failures as OpenAI errors (in-band once a
+stream has started). A client that hangs up cancels the relay, which closes the upstream socket
+(llama-server then stops generating) and releases the endpoint.
 
-It must not choose an endpoint or decide about memory: the supervisor does. It runs on raw ASGI
-because a framework's request and response objects cost more than the rest of the relay.
+Which requests come here is the route table's decision (``routes.route``), and only the route
+table calls it. It must not choose an endpoint or decide about memory: the supervisor does. It
+runs on raw ASGI because a framework's request and response objects cost more than the rest of
+the relay.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from collections.abc import Iterable
 
-import attrs
 import trio
 
-from routerd import client_json, events
+from routerd import events
 from routerd.backends import scheduler
 from routerd.backends.endpoints import SESSION_HEADER, Endpoint, Lease
-from routerd.front import cors, feedback
-from routerd.front.access import ANONYMOUS, Caller, Gate
-from routerd.front.exchange import Exchange
-from routerd.errors import (BadRequest, HeadersTooLarge, PayloadTooLarge, RequestTimeout, RouterdError,
-                            UpstreamFailed)
 from routerd.backends.supervisor import Supervisor
 from routerd.backends.upstream import NotDelivered, Response, UpstreamError, first_header
+from routerd.errors import PayloadTooLarge, RequestTimeout, RouterdError, UpstreamFailed
+from routerd.front import feedback
+from routerd.front.access import Gate, Receive, Scope, Send, caller_of, check_request, peer
+from routerd.front.exchange import Exchange, cancel_on_disconnect
+from routerd.front.requested import Requested, forward_headers, read_request, renamed, split_model_path
 
 log = logging.getLogger("routerd.proxy")
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-#: POST routes proxied to the backend named by the body's "model".
-PROXIED_POST = frozenset({
-    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/rerank", "/v1/reranking",
-    "/reranking", "/completion", "/completions", "/infill", "/tokenize", "/detokenize", "/apply-template",
-    "/embedding", "/embeddings", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
-    "/chat/completions"})
-#: POST routes llama-server answers on its HTTP threads, without a slot: they skip the queue
-#: (a /tokenize never waits behind a long generation).
-SLOT_FREE_POST = frozenset({"/tokenize", "/detokenize", "/apply-template", "/v1/messages/count_tokens"})
-#: GET endpoints of a backend reachable as /{model}/{endpoint} (the seed's convention).
-SHORT_UPSTREAM_GET = frozenset({"health", "props", "slots", "metrics"})
-#: GET paths under this prefix belong to the model views, whatever their last segment.
-_VIEW_PREFIX = "/v1/models/"
 
 #: Seconds between two looks at what a request waits for, when its client gets loading feedback.
 FEEDBACK_INTERVAL = 1.0
@@ -63,193 +42,63 @@ MAX_DELIVERY_ATTEMPTS = 3
 #: Response headers naming the model that served (a selector's choice) and its endpoint.
 MODEL_HEADER = b"x-routerd-model"
 ENDPOINT_HEADER = b"x-routerd-endpoint"
-
-#: Never passed on: hop-by-hop headers, and credentials (a backend has its own key, and a
-#: client's key is for routerd alone).
-_NOT_FORWARDED = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-                            b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
-                            b"authorization", b"x-api-key", b"cookie", b"set-cookie"})
-#: CORS is routerd's decision (server.cors_origins), never a backend's: llama-server allows every
-#: origin by default. A remote routerd's routing headers are its own: ours say what we chose.
-_DROPPED_PREFIXES = (b"access-control-", b"x-routerd-")
 _EVENT_STREAM_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                          (b"x-accel-buffering", b"no")]
+#: Names tests imported from here before the route table and ``requested`` existed; kept
+#: importable until they import those modules (the pure helpers above are re-exported as is).
+_MOVED_TO_ROUTES = frozenset({"PROXIED_POST", "SLOT_FREE_POST", "SHORT_UPSTREAM_GET", "is_proxied"})
+__all__ = ["ProxyApp", "Requested", "forward_headers", "read_request", "renamed", "split_model_path",
+           "cancel_on_disconnect", "caller_of"]
 
 
-def is_proxied(method: str, path: str) -> bool:
-    """Whether a request goes to a backend (pure): the proxied POST routes, GET /upstream/...,
-    and GET /{model}/{health,props,slots,metrics}."""
-    if method == "POST":
-        return path in PROXIED_POST
-    if method != "GET":
-        return False
-    if path.startswith("/upstream/"):
-        return True
-    model, _, endpoint = path[1:].rpartition("/")
-    return bool(model) and endpoint in SHORT_UPSTREAM_GET and not path.startswith(_VIEW_PREFIX)
-
-
-def takes_a_slot(method: str, path: str) -> bool:
-    """Whether a proxied request occupies one of the backend's slots (and so waits its turn in
-    the model's queue) or is answered beside them: the reads (GET) and the tokenizer routes (pure)."""
-    return method == "POST" and path not in SLOT_FREE_POST
-
-
-def forward_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Headers to pass on, either way: without hop-by-hop ones, credentials and CORS (pure;
-    names are lower-case bytes)."""
-    return [(k, v) for k, v in headers
-            if (name := k.lower()) not in _NOT_FORWARDED and not name.startswith(_DROPPED_PREFIXES)]
-
-
-@attrs.frozen
-class Requested:
-    """What a proxied request's JSON body asks for."""
-
-    model: str
-    stream: bool = False
-    #: The body's ``user`` (a session key when there is no X-Session-Id header).
-    user: str | None = None
-
-
-def read_request(body: bytes) -> Requested:
-    """The ``model`` field of a JSON request body (400 when missing or malformed), whether it
-    asks for a stream, and its ``user``."""
-    payload = _json_object(body)
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("the request has no 'model' field: name the model to use (GET /v1/models lists them)",
-                         code="missing_model")
-    user = payload.get("user")
-    return Requested(model, payload.get("stream") is True, user if isinstance(user, str) and user else None)
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        payload = client_json.loads(body)
-    except client_json.InvalidJson as exc:
-        raise BadRequest(f"request body is {exc}", code="invalid_json") from None
-    if not isinstance(payload, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid_json")
-    return payload
-
-
-def renamed(body: bytes, model: str) -> bytes:
-    """``body`` asking for ``model`` instead (for a remote that knows the model by another name)."""
-    payload = _json_object(body)
-    payload["model"] = model
-    return json.dumps(payload).encode()
-
-
-def split_model_path(rest: str, names: Iterable[str]) -> tuple[str, str]:
-    """Split ``{model}/{path}`` (pure): the longest known model name or alias that prefixes it
-    wins, so names with ``/`` and ``:`` (``org/repo:Q4_K_M``) are unambiguous; otherwise the
-    first segment."""
-    best = max((name for name in names if rest.startswith(name + "/")), key=len, default="")
-    if not best:
-        best = rest.split("/", 1)[0]
-    return best, rest[len(best) + 1:]
-
-
-def route_label(method: str, path: str) -> str:
-    """The route a proxied request is counted under (pure): a fixed set, never client text."""
-    if method == "POST":
-        return path if path in PROXIED_POST else "other"
-    if path.startswith("/upstream/"):
-        return "/upstream"
-    endpoint = path.rpartition("/")[2]
-    return "/{model}/" + endpoint if endpoint in SHORT_UPSTREAM_GET else "other"
-
-
-#: Where a request's Caller is kept in its ASGI scope, for the views.
-CALLER = "routerd.caller"
-#: Paths open to anyone, key or not: load balancers and container runtimes probe them.
-OPEN_PATHS = frozenset({"/health", "/ui"})
-#: Open too: the status page's files (it asks for a key itself; its data needs one).
-OPEN_PREFIXES = ("/ui/",)
-
-
-def caller_of(scope: Scope) -> Caller:
-    return scope.get(CALLER, ANONYMOUS)
+def __getattr__(name: str) -> object:
+    if name in _MOVED_TO_ROUTES:
+        from routerd.front import routes  # only when asked: routes imports this module
+        return getattr(routes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ProxyApp:
-    """ASGI: proxied requests are relayed here; everything else goes to ``fallback``. Every
-    request passes the access gate and CORS here first, whichever serves it."""
+    """Relays the requests the route table gives it (``serve``) and records each one."""
 
-    def __init__(self, supervisor: Supervisor, gate: Gate, fallback: ASGIApp) -> None:
+    def __init__(self, supervisor: Supervisor, gate: Gate) -> None:
         self.supervisor = supervisor
         self.gate = gate
-        self.fallback = fallback
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.fallback(scope, receive, send)
-            return
-        server = self.supervisor.config.server
-        if server.cors_origins:
-            allowed = cors.allowed_origin(first_header(scope["headers"], b"origin"), server.cors_origins)
-            if scope["method"] == "OPTIONS" and first_header(scope["headers"], b"access-control-request-method"):
-                await cors.answer_preflight(send, allowed)
-                return
-            if allowed:
-                send = cors.with_headers(send, allowed)
+    async def serve(self, scope: Scope, receive: Receive, send: Send, label: str, queued: bool) -> None:
+        """Relay one request (CORS already applied to ``send``): the access check, then the
+        relay; ``label`` is the route it is counted under, ``queued`` whether it takes a slot."""
         client = Exchange(send)
-        if is_proxied(scope["method"], scope["path"]):
-            try:
-                await self._proxied(scope, receive, client)
-            finally:  # cancelled too (hypercorn cancels a handler whose client left): it finished
-                self._finished(scope, client)
-            return
-        if not await self._gate(scope, client):
-            return
-        await self.fallback(scope, receive, send)
-
-    async def _gate(self, scope: Scope, client: Exchange) -> bool:
-        """Header limits and the key check, for every request; False once refused."""
-        limit = self.supervisor.config.server.max_headers
-        if len(scope["headers"]) > limit:
-            await client.fail(HeadersTooLarge(f"the request has {len(scope['headers'])} header fields; the limit "
-                                              f"is {limit} (server.max_headers)"))
-            return False
-        path = scope["path"]
-        open_metrics = path == "/metrics" and self.supervisor.config.metrics.open
-        if path not in OPEN_PATHS and not open_metrics and not path.startswith(OPEN_PREFIXES):
-            try:
-                scope[CALLER] = self.gate.authenticate(scope["headers"])
-            except RouterdError as exc:
-                log.info("refused %s %s from %s: %s", scope["method"], scope["path"], _peer(scope), exc.code)
-                await client.fail(exc)
-                return False
-        return True
-
-    async def _proxied(self, scope: Scope, receive: Receive, client: Exchange) -> None:
-        if not await self._gate(scope, client):
-            return
         try:
-            await self._handle(scope, receive, client)
-        except RouterdError as exc:
-            await client.fail(exc)
-        except Exception:
-            log.exception("unhandled error on %s %s from %s", scope["method"], scope["path"], _peer(scope))
-            await client.fail(RouterdError("internal error while relaying the request"))
+            config = self.supervisor.config
+            try:
+                check_request(self.gate, scope, max_headers=config.server.max_headers,
+                              metrics_open=config.metrics.open)
+                await self._handle(scope, receive, client, queued)
+            except RouterdError as exc:
+                await client.fail(exc)
+            except Exception:
+                log.exception("unhandled error on %s %s from %s", scope["method"], scope["path"], peer(scope))
+                await client.fail(RouterdError("internal error while relaying the request"))
+        finally:  # cancelled too (hypercorn cancels a handler whose client left): it finished
+            self._finished(scope, client, label)
 
-    def _finished(self, scope: Scope, client: Exchange) -> None:
+    def _finished(self, scope: Scope, client: Exchange, label: str) -> None:
         """Publish the request's record (metrics and the request log listen)."""
         now = time.monotonic()
         status = client.status if client.status is not None else 499  # nothing sent: the client left
         tokens = client.tokens()
         self.supervisor.bus.publish(
             events.REQUEST, client.model,
-            route=route_label(scope["method"], scope["path"]), method=scope["method"], status=status,
+            route=label, method=scope["method"], status=status,
             duration=now - client.began, ttfb=None if client.first_byte is None else client.first_byte - client.began,
             queue_wait=client.queue_wait, prompt_tokens=tokens[0] if tokens else None,
             completion_tokens=tokens[1] if tokens else None, bytes_in=client.bytes_in, bytes_out=client.bytes_out,
-            client=_peer(scope), key=caller.key.name if (caller := caller_of(scope)).key else None,
+            client=peer(scope), key=caller.key.name if (caller := caller_of(scope)).key else None,
             cancelled=client.cancelled or not client.finished, stream=client.event_stream,
             error=client.error, selector=client.selector, endpoint=client.endpoint)
 
-    async def _handle(self, scope: Scope, receive: Receive, client: Exchange) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, client: Exchange, queued: bool) -> None:
         method, path = scope["method"], scope["path"]
         server = self.supervisor.config.server
         user = None
@@ -293,11 +142,11 @@ class ProxyApp:
         if entry is not None:
             client.routing_headers.append((MODEL_HEADER, entry.name.encode()))
         with self.gate.admit(caller):  # 429 over the key's rate or concurrency
-            await self._queue_and_relay(client, receive, model, priority, takes_a_slot(method, path), stream, method,
+            await self._queue_and_relay(client, receive, model, priority, queued, stream, method,
                                         target, headers, body, session)
 
     async def _queue_and_relay(self, client: Exchange, receive: Receive, model: str, priority: int, queued: bool,
-                               stream: bool, method: str, target: str, headers: list[tuple[bytes, bytes]],
+                               stream: bool, method: str, target: str, headers: Iterable[tuple[bytes, bytes]],
                                body: bytes, session: str | None) -> None:
         """Relay the request; one that takes a slot (``queued``) waits its turn in the model's
         queue, one that does not skips it (then it has no ticket)."""
@@ -315,7 +164,7 @@ class ProxyApp:
             nursery.cancel_scope.cancel()
 
     async def _relay(self, client: Exchange, model: str, ticket: scheduler.Ticket | None, stream: bool, method: str,
-                     target: str, headers: list[tuple[bytes, bytes]], body: bytes, session: str | None) -> None:
+                     target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes, session: str | None) -> None:
         upstream, endpoint = await self._deliver(client, model, ticket, stream, method, target, headers, body,
                                                  session)
         upstream.on_end = endpoint.release  # the slot is free once the backend is done, not the client
@@ -325,7 +174,7 @@ class ProxyApp:
             upstream.aclose_now()  # unfinished (client gone): closing tells llama-server to stop
 
     async def _deliver(self, client: Exchange, model: str, ticket: scheduler.Ticket | None, stream: bool, method: str,
-                       target: str, headers: list[tuple[bytes, bytes]], body: bytes, session: str | None,
+                       target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes, session: str | None,
                        ) -> tuple[Response, Endpoint]:
         """Send the request to an endpoint once its turn comes; the response and its endpoint.
 
@@ -481,7 +330,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None
     size = 0
     while True:
         message = await receive()
-        if message["type"] == "http.disconnect":
+        if message["type"] != "http.request":  # the only other event of an HTTP request: http.disconnect
             return None
         chunk = message.get("body", b"")
         size += len(chunk)
@@ -490,18 +339,3 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None
         parts.append(chunk)
         if not message.get("more_body", False):
             return b"".join(parts)
-
-
-def _peer(scope: Scope) -> str:
-    client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else "?"
-
-
-async def cancel_on_disconnect(receive: Receive, scope: trio.CancelScope,
-                               client: Exchange | None = None) -> None:
-    """Cancel ``scope`` when the client hangs up (noting it on ``client``, if given)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    if client is not None:
-        client.cancelled = not client.finished
-    scope.cancel()
