@@ -11,8 +11,10 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -449,7 +451,19 @@ def _natural(text: str) -> int:
     return value
 
 
+def _let_ctrl_c_stop_us() -> None:
+    """Ctrl-C (SIGINT) ends a command, following ones included, with status 130.
+
+    A shell without job control starts a background command (``routerctl logs -f &`` in a
+    script, a CI job run with ``&``) with SIGINT ignored, and Python then leaves it ignored: a
+    following ``logs -f`` or ``events`` could never be stopped by it. A handler someone else
+    installed (routerctl's main() called inside another program) is left alone."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _let_ctrl_c_stop_us()
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 
+import pytest
 import trio
 import trio.testing
 
@@ -187,3 +189,27 @@ async def test_routerctl_commands_and_exit_codes(start_routerd, tmp_path, model_
     code, _, err = await ctl("--socket", str(tmp_path / "none.sock"), "status")
     assert code == 3 and "none.sock" in err and "routerd serve" in err
     assert subprocess.run([sys.executable, "-m", "routerctl", "frobnicate"], capture_output=True).returncode == 2
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored by the shell that started it"])
+async def test_ctrl_c_stops_routerctl_logs_follow(start_routerd, tmp_path, model_file, sigint):
+    """`routerctl logs -f` ends with 130 on SIGINT, also when started with SIGINT ignored (what a
+    shell without job control does to `cmd &`, as when CI itself runs in the background): it
+    hung there, waiting on the socket with the signal thrown away."""
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
+    await r.supervisor.load("a")
+    ignore = 'trap "" INT; ' if sigint != "default" else ""
+    follower = await trio.lowlevel.open_process(
+        ["/bin/sh", "-c", ignore + 'exec "$@"', "sh", sys.executable, "-m", "routerctl",
+         "--socket", r.daemon.socket_path, "logs", "a", "-n", "1", "-f"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        with trio.fail_after(20):
+            followed = b""
+            while b"\n" not in followed:  # following: the last line was shown, it waits for more
+                followed += await follower.stdout.receive_some()
+            follower.send_signal(signal.SIGINT)
+            assert await follower.wait() == 130
+        assert b"Traceback" not in await follower.stderr.receive_some()
+    finally:
+        follower.kill()
