@@ -136,7 +136,7 @@ async def _send_whole(send: Send, status: int, content_type: str, body: bytes,
 def views_app(supervisor: Supervisor, gate: Gate, *, is_wrong_method: Callable[[str, str], bool]) -> QuartTrio:
     """The Quart app of the views (admin adds its routes to it); ``is_wrong_method(method,
     path)`` is the route table's word on 405 versus 404."""
-    app = QuartTrio("routerd")
+    app = QuartTrio("routerd", static_folder=None)  # no /static/ rule: the page is /ui/ (admin)
     app.config["MAX_CONTENT_LENGTH"] = supervisor.config.server.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
 

@@ -1,0 +1,196 @@
+"""The route table: where every method and path goes, that Quart's URL rules agree with it, and
+the access check every request passes (routerd/front/routes.py, routerd/front/access.py)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import Rule
+
+from routerd.config import AuthConfig
+from routerd.errors import HeadersTooLarge, Unauthorized
+from routerd.front import access, routes
+from routerd.front.routes import Surface
+
+ROOT = Path(__file__).resolve().parent.parent
+P, U, V, E, M = Surface.PROXY, Surface.PASSTHROUGH, Surface.VIEWS, Surface.EVENTS, Surface.METRICS
+A, UI, OPT, W, NF = Surface.ADMIN, Surface.PAGE, Surface.METHODS, Surface.WRONG_METHOD, Surface.NOT_FOUND
+
+#: (method, path, surface): every kind of route, its edges, and what is not one.
+TABLE = [
+    # the hot path: POST routes whose body names the model
+    ("POST", "/v1/chat/completions", P), ("POST", "/chat/completions", P), ("POST", "/v1/completions", P),
+    ("POST", "/v1/embeddings", P), ("POST", "/tokenize", P), ("POST", "/v1/messages/count_tokens", P),
+    ("POST", "/v1/responses", P), ("POST", "/infill", P),
+    # passthrough to a backend (GET only)
+    ("GET", "/upstream/org/repo:Q4_K_M/props", U), ("GET", "/upstream/m/anything/at/all", U),
+    ("GET", "/smollm2/health", U), ("GET", "/org/repo/slots", U), ("GET", "/m/props", U), ("GET", "/m/metrics", U),
+    ("GET", "/ui/health", U), ("GET", "/admin/models/m/health", U),
+    ("HEAD", "/smollm2/health", NF), ("HEAD", "/upstream/m/props", NF), ("GET", "/smollm2/other", NF),
+    # the views (GET and HEAD)
+    ("GET", "/health", V), ("HEAD", "/health", V), ("GET", "/v1/models", V), ("GET", "/memory", V),
+    ("GET", "/v1/models/org/repo:Q4_K_M", V), ("GET", "/v1/models/org/repo/health", V), ("HEAD", "/v1/models/m", V),
+    ("GET", "/v1/models/", NF), ("GET", "/health/", NF),
+    # observability (GET only: HEAD is not found)
+    ("GET", "/metrics", M), ("GET", "/events", E), ("HEAD", "/metrics", NF), ("HEAD", "/events", NF),
+    # admin
+    ("GET", "/admin/whoami", A), ("HEAD", "/admin/whoami", A), ("GET", "/admin/models/org/repo/logs", A),
+    ("POST", "/admin/models/org/repo:Q4/load", A), ("POST", "/admin/models/m/unload", A),
+    ("POST", "/admin/models/m/logs", A), ("POST", "/admin/rescan", A),
+    ("GET", "/admin/models/m/load", NF), ("GET", "/admin/nothing", NF), ("GET", "/admin/rescan", NF),
+    ("GET", "/admin/models//logs", NF), ("POST", "/admin/models/m", W), ("POST", "/admin/whoami", W),
+    ("PUT", "/admin/nothing", W),
+    # the page
+    ("GET", "/ui", UI), ("GET", "/ui/", UI), ("GET", "/ui/app.js", UI), ("HEAD", "/ui/index.html", UI),
+    ("GET", "/ui/nope", UI), ("GET", "/ui/a/b", NF), ("POST", "/ui", NF), ("PUT", "/ui/app.js", NF),
+    # wrong methods on known paths: 405
+    ("GET", "/v1/chat/completions", W), ("HEAD", "/tokenize", W), ("PUT", "/v1/chat/completions", W),
+    ("DELETE", "/v1/chat/completions", W), ("POST", "/v1/models", W), ("POST", "/health", W),
+    ("POST", "/metrics", W), ("PATCH", "/events", W), ("POST", "/v1/models/m", W), ("POST", "/upstream/m/props", W),
+    ("POST", "/smollm2/health", W),
+    # not found
+    ("GET", "/", NF), ("POST", "/", NF), ("GET", "/v2/whatever", NF), ("POST", "/v1/chat/completion", NF),
+    ("PUT", "/v2/whatever", NF), ("GET", "/static/app.js", NF), ("DELETE", "/", NF),
+    # OPTIONS without a CORS preflight: Quart's automatic answer everywhere a rule matches
+    ("OPTIONS", "/v1/chat/completions", OPT), ("OPTIONS", "/health", OPT), ("OPTIONS", "/", NF),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "surface"), TABLE)
+def test_every_method_and_path_goes_to_one_surface(method, path, surface):
+    assert routes.route(method, path).surface is surface
+    assert routes.is_proxied(method, path) is (surface in (P, U))
+    assert routes.is_wrong_method(method, path) is (surface is W)
+
+
+@pytest.mark.parametrize(("method", "path", "label", "queued"), [
+    ("POST", "/v1/chat/completions", "/v1/chat/completions", True), ("POST", "/v1/embeddings", "/v1/embeddings", True),
+    ("POST", "/tokenize", "/tokenize", False), ("POST", "/detokenize", "/detokenize", False),
+    ("POST", "/apply-template", "/apply-template", False),
+    ("POST", "/v1/messages/count_tokens", "/v1/messages/count_tokens", False),
+    ("GET", "/upstream/org/repo/props", "/upstream", False), ("GET", "/org/repo:Q4/slots", "/{model}/slots", False),
+    ("GET", "/my model/health", "/{model}/health", False),
+])
+def test_a_proxied_route_says_how_it_is_counted_and_whether_it_waits_for_a_slot(method, path, label, queued):
+    found = routes.route(method, path)
+    assert (found.label, found.queued) == (label, queued)  # the metrics label is never the client's text
+
+
+def test_routing_allocates_nothing_per_request():
+    """The hot path gets the same Route value every time (made once, at import)."""
+    for method, path in [("POST", "/v1/chat/completions"), ("GET", "/m/props"), ("GET", "/nope")]:
+        assert routes.route(method, path) is routes.route(method, path)
+
+
+# -- the table and Quart's URL rules agree ---------------------------------------------------
+#: The surface each of the Quart app's endpoints (view functions) serves.
+ENDPOINT_SURFACES = {
+    "health": V, "list_models": V, "show_model": V, "memory": V, "unrouted": NF,
+    "ui_root": UI, "ui_file": UI, "whoami": A, "logs": A, "act": A, "rescan_models": A,
+}
+_QUART_SERVED = {V, A, UI}
+
+
+@pytest.fixture(scope="module")
+def views() -> Any:
+    stub = SimpleNamespace(config=SimpleNamespace(server=SimpleNamespace(max_body_bytes=1000)))
+    return routes.create_app(stub, SimpleNamespace(), SimpleNamespace(), SimpleNamespace()).views  # type: ignore[arg-type]
+
+
+def _sample_path(rule: Rule) -> str:
+    """A concrete path the rule matches: a model name with a slash and a colon for <path:...>."""
+    path = re.sub(r"<path:[^>]+>", "org/repo:Q4_K_M", rule.rule)
+    return re.sub(r"<[^>]+>", "load", path)
+
+
+def test_every_quart_rule_is_claimed_by_the_table_for_the_same_surface(views):
+    rules = list(views.url_map.iter_rules())
+    assert {rule.endpoint for rule in rules} == set(ENDPOINT_SURFACES), "a rule was added: give it a surface"
+    for rule in rules:
+        path = _sample_path(rule)
+        for method in rule.methods:
+            found = routes.route(method, path).surface
+            if method == "OPTIONS":
+                assert found is OPT, (method, rule.rule)
+            elif rule.endpoint == "unrouted":  # the catch-all: whatever the table gives no handler to
+                assert found in (NF, W), (method, rule.rule)
+            else:
+                assert found is ENDPOINT_SURFACES[rule.endpoint], (method, rule.rule, found)
+
+
+@pytest.mark.parametrize(("method", "path", "surface"), [case for case in TABLE if case[0] != "OPTIONS"])
+def test_quart_serves_exactly_what_the_table_gives_it(views, method, path, surface):
+    """The other way round: a path the table gives the views, admin or the page is matched by
+    that surface's Quart rule, and one it calls 404 or 405 reaches no rule but the catch-all.
+    (What it gives the proxy or /metrics and /events never reaches Quart: GET /ui/health is a
+    model named "ui", as it always was.)"""
+    adapter = views.url_map.bind("localhost")
+    try:
+        endpoint, _ = adapter.match(path, method)
+    except (NotFound, MethodNotAllowed):
+        endpoint = None
+    if surface in _QUART_SERVED:
+        assert endpoint is not None and ENDPOINT_SURFACES[endpoint] is surface
+    elif surface in (NF, W):
+        assert endpoint in (None, "unrouted")
+
+
+def test_nothing_imports_the_proxy_but_the_route_table():
+    importers = set()
+    for source in [*(ROOT / "routerd").rglob("*.py"), *(ROOT / "bench").glob("*.py")]:
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            if isinstance(node, ast.ImportFrom) and node.module == "routerd.front" and \
+                    any(alias.name == "proxy" for alias in node.names) or \
+                    isinstance(node, ast.ImportFrom) and node.module == "routerd.front.proxy" or \
+                    isinstance(node, ast.Import) and any(alias.name == "routerd.front.proxy" for alias in node.names):
+                importers.add(str(source.relative_to(ROOT)))
+    if "routerd/front/admin.py" in importers:  # its owner is switching it to access.caller_of
+        pytest.xfail("routerd/front/admin.py still imports the proxy for caller_of")
+    assert importers == {"routerd/front/routes.py"}
+
+
+# -- the access check every request passes ------------------------------------------------------
+def _scope(path: str, headers: list[tuple[bytes, bytes]] | None = None) -> Any:
+    return {"type": "http", "method": "GET", "path": path, "headers": headers or [], "state": {},
+            "client": ("127.0.0.1", 5000)}
+
+
+@pytest.fixture
+def keyed_gate(tmp_path):
+    gate = access.Gate(AuthConfig(), listening_on="127.0.0.1", state_dir=str(tmp_path))
+    key, _ = gate.add("ann")
+    return gate, key
+
+
+def test_the_check_keeps_the_caller_for_the_handlers_and_refuses_a_missing_key(keyed_gate):
+    gate, key = keyed_gate
+    scope = _scope("/v1/models", [(b"authorization", b"Bearer " + key.encode())])
+    access.check_request(gate, scope, max_headers=10, metrics_open=False)
+    assert access.caller_of(scope).name == "ann"
+    with pytest.raises(Unauthorized):
+        access.check_request(gate, _scope("/v1/models"), max_headers=10, metrics_open=False)
+
+
+@pytest.mark.parametrize(("path", "metrics_open"), [("/health", False), ("/ui", False), ("/ui/app.js", False),
+                                                    ("/metrics", True)])
+def test_open_paths_need_no_key_and_their_caller_is_anonymous(keyed_gate, path, metrics_open):
+    gate, _ = keyed_gate
+    scope = _scope(path)
+    access.check_request(gate, scope, max_headers=10, metrics_open=metrics_open)
+    assert access.caller_of(scope) is access.ANONYMOUS
+    if path == "/metrics":
+        with pytest.raises(Unauthorized):  # open only when metrics.open says so
+            access.check_request(gate, _scope(path), max_headers=10, metrics_open=False)
+
+
+def test_too_many_header_fields_are_refused_before_the_key_is_looked_at(keyed_gate):
+    gate, _ = keyed_gate
+    with pytest.raises(HeadersTooLarge) as refused:
+        access.check_request(gate, _scope("/health", [(b"x-h", b"1")] * 11), max_headers=10, metrics_open=False)
+    assert refused.value.status == 431 and "server.max_headers" in refused.value.message
