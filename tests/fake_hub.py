@@ -21,7 +21,8 @@ class FakeHub:
         self.repos: dict[str, dict[str, bytes]] = {}
         self.gated: dict[str, str] = {}  # repo -> the token it wants
         self.cuts: dict[str, int] = {}  # "repo/file" -> how many more GETs are cut half-way
-        self.ranges: list[str] = []  # Range headers seen on downloads
+        #: Every download (GET of a file) as ("repo/file", the byte it started from: 0, or a Range's).
+        self.downloads: list[tuple[str, int]] = []
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -87,8 +88,9 @@ class FakeHub:
             def _file(self, repo: str, name: str, data: bytes, head: bool) -> None:
                 start = 0
                 if not head and self.headers.get("Range"):
-                    hub.ranges.append(self.headers["Range"])
                     start = int(re.match(r"bytes=(\d+)-", self.headers["Range"]).group(1))
+                if not head:
+                    hub.downloads.append((f"{repo}/{name}", start))
                 self.send_response(206 if start else 200)
                 self.send_header("X-Repo-Commit", COMMIT)
                 self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')

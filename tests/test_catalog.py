@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import gguf
+import huggingface_hub.constants
 import numpy as np
 import pytest
 
@@ -193,7 +194,10 @@ def fake_hub(tmp_path):
     hub_server.close()
 
 
-async def test_pull_downloads_into_the_hub_cache_and_the_model_is_served_at_once(start_routerd, tmp_path, fake_hub):
+async def test_pull_downloads_into_the_hub_cache_and_the_model_is_served_at_once(start_routerd, tmp_path, fake_hub,
+                                                                                 monkeypatch):
+    # huggingface_hub writes whole chunks (10 MiB): a 1-MiB chunk lets a 3-MiB file show its resume.
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 1 << 20)
     big = os.urandom(3 << 20)
     fake_hub.repos["org/tiny"]["tiny-Q4_K_M.gguf"] = write_gguf(tmp_path / "src" / "tiny.gguf").read_bytes() + big
     fake_hub.cuts["org/tiny/tiny-Q4_K_M.gguf"] = 99  # every download breaks half-way: the pull fails
@@ -202,9 +206,15 @@ async def test_pull_downloads_into_the_hub_cache_and_the_model_is_served_at_once
     interrupted = (await rpc(sock, call("pull", {"model": "org/tiny"})))[0]["error"]
     assert "was interrupted" in interrupted["message"] and "pull again" in interrupted["message"]
     assert "org/tiny:Q4_K_M" not in r.supervisor.catalog  # no half file is served
+    assert not list((tmp_path / "hf-cache").rglob("*.incomplete"))  # nor kept: the next pull starts again
+    failed_pull = len(fake_hub.downloads)
     fake_hub.cuts["org/tiny/tiny-Q4_K_M.gguf"] = 2  # two breaks: huggingface_hub retries within the pull
     result = (await rpc(sock, call("pull", {"model": "org/tiny"})))[0]["result"]
     assert result["model"] == "org/tiny:Q4_K_M" and result["files"] == ["tiny-Q4_K_M.gguf", "mmproj-tiny-f16.gguf"]
+    # What the README says: the pull that failed is not resumed (this one starts at byte 0), and
+    # within a pull each broken transfer resumes (a Range) from the last whole chunk written.
+    starts = [start for key, start in fake_hub.downloads[failed_pull:] if key == "org/tiny/tiny-Q4_K_M.gguf"]
+    assert len(starts) == 3 and starts[0] == 0 and 0 < starts[1] < starts[2], starts
     entry = r.supervisor.catalog.resolve("org/tiny:Q4_K_M")
     assert open(entry.path, "rb").read() == fake_hub.repos["org/tiny"]["tiny-Q4_K_M.gguf"]
     assert [os.path.basename(p) for p in entry.mmproj] == ["mmproj-tiny-f16.gguf"]

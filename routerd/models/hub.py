@@ -4,7 +4,11 @@ Owns choosing the files of a pull with llama.cpp's rules (a tag matched as ``TAG
 case-insensitively; no tag: Q4_K_M, then Q8_0; every part of a split model; the repo's
 projector if it has one) and turning hub failures into clear errors. Downloads run in the daemon,
 so they survive the client going away and land in the cache the daemon serves from; huggingface_hub
-resumes partial files and honours HF_TOKEN. It must not touch the catalog; the daemon rescans after.
+honours HF_TOKEN. An interrupted transfer: huggingface_hub (2.x) retries it within the pull,
+resuming from the last whole chunk it wrote; a pull that fails leaves no partial file (each
+download has its own temporary file, deleted on failure), so pulling again starts the file from
+its first byte (tests/test_catalog.py checks both). It must not touch the catalog; the daemon
+rescans after.
 """
 
 from __future__ import annotations
