@@ -1,8 +1,10 @@
-"""Per-model request queues and the failure history of each model.
+"""Per-model request queues, the failure history of each model, and the preload order.
 
 Owns who goes next when a backend's slots are busy or it is still loading (priority, FIFO within
-a priority, aging so a low request is never starved, the queue limit), and when a model that
-keeps failing may start again (exponential backoff, the crash-loop breaker). The policy parts
+a priority, aging so a low request is never starved, the queue limit), every model's queue
+(``Queues``: joining, leaving, depth, the oldest wait and the ``queue.high``/``queue.normal``
+watermark events), when a model that keeps failing may start again (exponential backoff, the
+crash-loop breaker), and in which order ``scheduler.preload`` starts models. The policy parts
 are pure functions over plain data; ``ModelQueue`` adds the waiting. It must not start, stop or
 choose backends: the supervisor asks it and acts.
 """
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
+from routerd import events
 from routerd.errors import BadRequest, TooManyRequests
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
@@ -143,6 +146,78 @@ class ModelQueue:
         finally:
             if self._waiting.get(ticket) is event:
                 del self._waiting[ticket]
+
+
+class Queues:
+    """Every model's queue, made on first use, with the limits of the config in force."""
+
+    def __init__(self, *, limit: int, aging: float, bus: events.Bus) -> None:
+        self.limit = limit
+        self.aging = aging
+        self._bus = bus
+        self._by_model: dict[str, ModelQueue] = {}
+        #: Models whose queue is past its high mark (an event said so; one more when it drains).
+        self._high: set[str] = set()
+
+    def configure(self, *, limit: int, aging: float) -> None:
+        """A new config: its limits apply to every queue, the ones already waiting included."""
+        self.limit, self.aging = limit, aging
+        for queue in self._by_model.values():
+            queue.limit, queue.aging = limit, aging
+
+    def queue(self, name: str) -> ModelQueue:
+        queue = self._by_model.get(name)
+        if queue is None:
+            queue = self._by_model[name] = ModelQueue(name, limit=self.limit, aging=self.aging)
+        return queue
+
+    def enter(self, name: str, priority: int, max_wait: float) -> Ticket:
+        """Join ``name``'s queue (TooManyRequests at once when it is full)."""
+        ticket = self.queue(name).enter(priority, max_wait)
+        self._watch_depth(name)
+        return ticket
+
+    def leave(self, ticket: Ticket) -> None:
+        """Leave the ticket's queue (its model may have left the catalog since)."""
+        queue = self._by_model.get(ticket.model)
+        if queue is not None:
+            queue.leave(ticket)
+            self._watch_depth(ticket.model)
+
+    def rejoin(self, ticket: Ticket) -> None:
+        """Put a ticket that left back in its place (see ``ModelQueue.rejoin``)."""
+        self.queue(ticket.model).rejoin(ticket)
+
+    def depth(self, name: str) -> int:
+        queue = self._by_model.get(name)
+        return len(queue.tickets) if queue else 0
+
+    def oldest_wait(self, name: str) -> float:
+        """Seconds the longest-waiting request for ``name`` has waited (0 when none)."""
+        queue = self._by_model.get(name)
+        if not queue or not queue.tickets:
+            return 0.0
+        return trio.current_time() - min(t.enqueued for t in queue.tickets)
+
+    def ahead_of(self, name: str, ticket: Ticket) -> int:
+        queue = self._by_model.get(name)
+        return queue.ahead_of(ticket) if queue else 0
+
+    def wake_all(self) -> None:
+        """Something every queue may care about changed: each one's next ticket looks again."""
+        for queue in self._by_model.values():
+            queue.wake()
+
+    def _watch_depth(self, name: str) -> None:
+        """``queue.high`` once a queue reaches half its limit, ``queue.normal`` once it is back
+        under a quarter (the gap keeps a queue hovering at the mark from flooding consumers)."""
+        depth, limit = self.depth(name), self.limit
+        if name not in self._high and limit and depth >= max(1, limit // 2):
+            self._high.add(name)
+            self._bus.publish(events.EventType.QUEUE_HIGH, name, depth=depth, max_queue=limit)
+        elif name in self._high and depth <= limit // 4:
+            self._high.discard(name)
+            self._bus.publish(events.EventType.QUEUE_NORMAL, name, depth=depth, max_queue=limit)
 
 
 @attrs.define
