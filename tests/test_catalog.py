@@ -4,7 +4,6 @@ gguf package), names, pairing, collisions, auto/manual states across rescans, pe
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import gguf

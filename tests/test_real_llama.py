@@ -15,10 +15,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import tomli_w
 import trio
 
-from tests.conftest import (DEMO_MODELS, ROOT, make_config, needs_real_llama, pids_alive, record_spawns,
+from tests.conftest import (DEMO_MODELS, make_config, needs_real_llama, pids_alive, record_spawns,
                             spawn_routerd)
 
 pytestmark = [pytest.mark.real, needs_real_llama]
