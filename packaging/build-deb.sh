@@ -23,7 +23,7 @@ Package: routerd
 Version: $VERSION
 Architecture: $ARCH
 Maintainer: routerd developers <routerd@localhost>
-Depends: python3 (>= $PY_MINOR), python3 (<< ${PY_MINOR%.*}.$(( ${PY_MINOR#*.} + 1 ))), systemd
+Depends: python3 (>= $PY_MINOR), python3 (<< ${PY_MINOR%.*}.$(( ${PY_MINOR#*.} + 1 ))), systemd, util-linux
 Section: net
 Priority: optional
 Installed-Size: $(du -sk "$STAGE" | cut -f1)

@@ -203,7 +203,9 @@ async def test_pull_downloads_into_the_hub_cache_and_the_model_is_served_at_once
     r = await start_routerd(make_config(tmp_path, {}), env={"HF_ENDPOINT": fake_hub.url})
     sock = r.daemon.socket_path
     interrupted = (await rpc(sock, call("pull", {"model": "org/tiny"})))[0]["error"]
-    assert "was interrupted" in interrupted["message"] and "pull again" in interrupted["message"]
+    # It says what the next pull does (start over: nothing partial is kept), not that it resumes.
+    assert "was interrupted" in interrupted["message"] and "resume" not in interrupted["message"]
+    assert "pulling again downloads that file from its start" in interrupted["message"]
     assert "org/tiny:Q4_K_M" not in r.supervisor.catalog  # no half file is served
     assert not list((tmp_path / "hf-cache").rglob("*.incomplete"))  # nor kept: the next pull starts again
     failed_pull = len(fake_hub.downloads)

@@ -151,6 +151,16 @@ def test_deb_holds_the_unit_config_and_working_console_scripts(installed_tree):
     assert servers and subprocess.run([str(servers[0]), "--version"], capture_output=True).returncode == 0
 
 
+def test_deb_depends_on_the_programs_routerd_starts_its_backends_through(installed_tree):
+    """Every backend is started as ``setpriv --pdeathsig KILL -- /bin/sh -c GUARD ...``
+    (routerd/backends/child.py): the package must pull in util-linux (setpriv) as well as python3."""
+    deb, _ = installed_tree
+    depends = subprocess.run(["dpkg-deb", "-f", str(deb), "Depends"], capture_output=True, text=True,
+                             check=True).stdout
+    names = {part.split("(")[0].strip() for part in depends.split(",")}
+    assert {"python3", "systemd", "util-linux"} <= names, depends
+
+
 def test_unit_passes_systemd_analyze_verify_as_installed(installed_tree, tmp_path):
     _need("systemd-analyze")
     _, tree = installed_tree

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make localhost/debian:bookworm, the image's base, from Debian's own packages when no registry
-# is reachable: debootstrap a minimal bookworm (python3, libgomp1) and import it. Once per machine.
+# is reachable: debootstrap a minimal bookworm (python3, libgomp1; util-linux, whose setpriv starts
+# the backends, is Essential and named too) and import it. Once per machine.
 #   packaging/container/base.sh [podman|docker]
 set -euo pipefail
 RUNTIME=${1:-$(command -v podman || command -v docker)}
@@ -16,7 +17,7 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 ROOTFS=$(mktemp -d)
 trap 'rm -rf "$ROOTFS"' EXIT
 echo "base.sh: debootstrap bookworm from $MIRROR (about 30 s)"
-debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libgomp1 bookworm "$ROOTFS" "$MIRROR" >/dev/null
+debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libgomp1,util-linux bookworm "$ROOTFS" "$MIRROR" >/dev/null
 rm -rf "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/var/cache/apt/archives/*.deb
 tar -C "$ROOTFS" -c . | "$RUNTIME" import - "$BASE" >/dev/null
 echo "base.sh: made $BASE"

@@ -101,7 +101,8 @@ def pull(repo_id: str, tag: str | None, filename: str | None, *, cache_dir: str,
                           code="hub_unreachable", retry_after=30) from None
     except (httpx.TransportError, _hub_http.TransportError) as exc:
         raise Unavailable(f"the download of {repo_id} was interrupted ({type(exc).__name__}: {exc}); "
-                          "pull again to resume it", code="hub_interrupted", retry_after=5) from None
+                          "the partial file is not kept: pulling again downloads that file from its start",
+                          code="hub_interrupted", retry_after=5) from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else 0
         if status in (401, 403):
