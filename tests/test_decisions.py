@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from routerd import config as config_mod, llama_args, paths
+from routerd import config as config_mod
+from routerd import llama_args, paths
 from routerd.backends import admission, memory
 from routerd.errors import BadRequest, ConfigError
 from routerd.front import proxy
@@ -41,7 +43,8 @@ def test_defaults_without_a_file():
 def test_check_config_exits_1_listing_every_error(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[server]\nport = -1\n[models.m]\npath = "x"\nbogus = 1\n')
-    result = subprocess.run([sys.executable, "-m", "routerd", "check-config", str(path)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "routerd", "check-config", str(path)],
+                            capture_output=True, text=True)
     assert result.returncode == 1
     assert "models.m.bogus: unknown key" in result.stderr
 
@@ -49,7 +52,8 @@ def test_check_config_exits_1_listing_every_error(tmp_path):
 def test_check_config_prints_the_resolved_config(tmp_path):
     path = tmp_path / "ok.toml"
     path.write_text('[models.m]\npath = "m.gguf"\n')
-    result = subprocess.run([sys.executable, "-m", "routerd", "check-config", str(path)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "routerd", "check-config", str(path)],
+                            capture_output=True, text=True)
     assert result.returncode == 0
     assert f'"path": "{tmp_path}/m.gguf"' in result.stdout  # relative paths resolve beside the config
 
@@ -72,7 +76,8 @@ def test_missing_llama_server_error_names_all_four_places(tmp_path, monkeypatch)
 # -- argv -----------------------------------------------------------------------------------
 def test_model_args_override_defaults_across_spellings():
     flags = llama_args.merge_args(["-c", "4096", "--threads", "4", "--mlock"], ["--ctx-size", "8192", "-ngl", "99"])
-    assert [f.argv() for f in flags] == [["--ctx-size", "8192"], ["--threads", "4"], ["--mlock"], ["--n-gpu-layers", "99"]]
+    assert [f.argv() for f in flags] == [["--ctx-size", "8192"], ["--threads", "4"], ["--mlock"],
+                                         ["--n-gpu-layers", "99"]]
 
 
 def test_build_argv_appends_routerd_managed_flags():

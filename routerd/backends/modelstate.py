@@ -19,7 +19,8 @@ import trio
 from routerd.backends import scheduler
 from routerd.backends.backend import Backend, State
 from routerd.config import SchedulerConfig
-from routerd.errors import RouterdError
+from routerd.errors import RouterdError, Unavailable
+from routerd.models.catalog import ModelEntry
 
 
 @attrs.define
@@ -64,6 +65,13 @@ class ModelState:
         """Those not asked to stop."""
         return [b for b in self.sorted_replicas() if live(b)]
 
+    def next_key(self) -> str:
+        """The key of its next replica: its name, else the lowest free ``name#N``."""
+        if self.name not in self.replicas:
+            return self.name
+        return next(key for i in range(2, len(self.replicas) + 3)
+                    if (key := f"{self.name}#{i}") not in self.replicas)
+
     def record_failure(self, backend: Backend, now: float) -> None:
         self.last_failure = backend
         history = self.failures = self.failures or scheduler.FailureHistory()
@@ -72,6 +80,16 @@ class ModelState:
     def crash_looping(self, now: float, policy: SchedulerConfig) -> bool:
         return self.failures is not None and self.failures.broken(now, policy.crash_loop_failures,
                                                                   policy.crash_loop_window)
+
+    def refuse_if_crash_looping(self, now: float, policy: SchedulerConfig) -> None:
+        """Raise a 503 naming the last failure while it is in a crash loop."""
+        history = self.failures
+        if history is not None and self.crash_looping(now, policy):
+            raise Unavailable(
+                f"model {self.name!r} is failed: {history.recent(now, policy.crash_loop_window)} "
+                f"failures within {policy.crash_loop_window:g} s, the last: {history.last_error}. "
+                f"Fix the cause, then `routerctl reset {self.name}`",
+                code="model_failed", data={"exit_code": history.exit_code, "log_tail": history.log_tail})
 
     def forget_failures(self) -> bool:
         """Forget its failures (the crash-loop breaker and backoff); True if there were any."""
@@ -147,3 +165,11 @@ def replica_index(key: str) -> int:
     """1 for a model's first replica (keyed by its name), N for ``name#N``."""
     _, sep, number = key.rpartition("#")
     return int(number) if sep and number.isdigit() else 1
+
+
+def idle_ttl(entry: ModelEntry, key: str, scale_down_idle: float) -> float:
+    """A replica's idle TTL: those an "auto" model added go after ``scale_down_idle``; the rest
+    follow the model."""
+    if replica_index(key) <= entry.replicas:
+        return entry.idle_ttl
+    return scale_down_idle if entry.idle_ttl <= 0 else min(entry.idle_ttl, scale_down_idle)

@@ -3,15 +3,16 @@
 A model's pool is its local replicas and the remotes that serve it. This module owns taking a
 slot there for a request (when its queue ticket's turn comes, or at once for requests that take
 no slot), the sticky-session map, loading a model's first replica in the background while
-remotes serve it, starting more replicas when ``placement.scaling`` says so, and the snapshot a
-virtual model's strategy chooses from (``select``). The choices themselves are pure functions in
-``endpoints`` and ``selectors``. It reaches the supervisor only through ``PoolOwner``, and must
-not start or stop a backend itself: the first replica comes from ``ready_backend`` or
-``load_quietly``, extra ones from ``Placement.add_replicas``.
+remotes serve it, preloading models at boot, starting more replicas when ``placement.scaling``
+says so, and the snapshot a virtual model's strategy chooses from (``select``). The choices
+themselves are pure functions in ``endpoints`` and ``selectors``. It reaches the supervisor
+only through ``PoolOwner``, and must not start or stop a backend itself: the first replica
+comes from ``ready_backend`` or ``load_quietly``, extra ones from ``Placement.add_replicas``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -24,8 +25,10 @@ from routerd.backends.endpoints import Endpoint, Lease
 from routerd.backends.modelstate import ModelStates
 from routerd.backends.remote import Remote, Remotes
 from routerd.config import Config
-from routerd.errors import Unavailable
+from routerd.errors import RouterdError, Unavailable
 from routerd.models.catalog import Catalog, ModelEntry
+
+log = logging.getLogger("routerd.supervisor")
 
 #: An endpoint of a pool, with the model's name there when it differs from the catalog's.
 Member = tuple[Endpoint, str | None]
@@ -191,6 +194,25 @@ class Pools:
             raise Unavailable(f"none of selector {selector!r}'s targets ({', '.join(config.targets)}) is in the "
                               "catalog: check the names (`routerctl models`)", code="selector_empty")
         return selectors.choose_target(config.strategy, targets, config.per_target)
+
+    async def preload(self, names: list[str]) -> None:
+        """Load ``scheduler.preload``'s models one by one (see ``scheduler.preload_order``),
+        skipping any that runs already or would need an eviction."""
+        owner = self._owner
+        wanted: list[str] = []
+        for name in names:  # aliases become catalog names, so "*" does not start them twice
+            try:
+                wanted.append(name if name == "*" else owner.catalog.resolve(name).name)
+            except RouterdError as exc:
+                log.warning("preload: %s", exc.message)
+        for name in scheduler.preload_order(wanted, [entry.name for entry in owner.catalog]):
+            entry = owner.catalog.get(name)
+            if entry is None or entry.remote or owner.models.replicas(entry.name):
+                continue
+            if not owner.placement.fits_now(entry):  # never evict to preload
+                log.warning("preload: skipping %s: it does not fit beside the models already loaded", entry.name)
+                continue
+            await owner.load_quietly(entry.name)
 
     def _load_in_background(self, entry: ModelEntry) -> None:
         """Start ``entry``'s first replica without waiting for it (a failure is logged, and not

@@ -251,4 +251,4 @@ class FailureHistory:
         """Earliest time the model may start again: base * 2^(consecutive failures - 1) after the last."""
         if not self.consecutive:
             return -float("inf")
-        return self.times[-1] + min(ceiling, base * 2 ** (self.consecutive - 1))
+        return self.times[-1] + min(ceiling, base * 2.0 ** (self.consecutive - 1))

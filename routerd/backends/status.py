@@ -10,6 +10,7 @@ model's record by looking at it.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Protocol
 
 import attrs
@@ -203,6 +204,7 @@ def memory_view(seen: Observed) -> dict[str, object]:
         replicas = seen.models.replicas(entry.name)
         backend = replicas[0] if replicas else None
         report = seen.memory.model_report(entry, spec, backend)
+        placed: Mapping[str, int]
         if backend is not None:
             fits_now = fits_after = True
             placed = seen.memory.usage(backend)

@@ -27,7 +27,7 @@ from routerd.backends import admission, scheduler, status
 from routerd.backends.backend import Backend, BackendSpec, HealthPolicy, State
 from routerd.backends.endpoints import Lease
 from routerd.backends.memory import MemoryManager
-from routerd.backends.modelstate import ModelStates, live, replica_index
+from routerd.backends.modelstate import ModelStates, idle_ttl, live, replica_index
 from routerd.backends.placement import IMPLIED_FLAGS, Placement, spec_for
 from routerd.backends.pools import Pools
 from routerd.backends.remote import Remotes
@@ -42,6 +42,8 @@ log = logging.getLogger("routerd.supervisor")
 
 
 class Supervisor:
+    """Every backend's life, and the one door requests and operators go through to them."""
+
     def __init__(self, config: Config, catalog: Catalog, binary: str, *, memory: MemoryManager,
                  env: Mapping[str, str] | None = None, bus: events.Bus | None = None) -> None:
         self.config = config
@@ -144,16 +146,6 @@ class Supervisor:
         state = self.models.get(name)
         return state is not None and state.crash_looping(trio.current_time(), self.config.scheduler)
 
-    def _refuse_if_crash_looping(self, name: str) -> None:
-        history = self.models[name].failures
-        if history is not None and self.crash_looping(name):
-            policy = self.config.scheduler
-            raise Unavailable(
-                f"model {name!r} is failed: {history.recent(trio.current_time(), policy.crash_loop_window)} "
-                f"failures within {policy.crash_loop_window:g} s, the last: {history.last_error}. "
-                f"Fix the cause, then `routerctl reset {name}`",
-                code="model_failed", data={"exit_code": history.exit_code, "log_tail": history.log_tail})
-
     def reset(self, name: str) -> bool:
         """Forget ``name``'s failures (the crash-loop breaker and backoff); True if there were any."""
         had = self.models[self.catalog.resolve(name).name].forget_failures()
@@ -174,11 +166,12 @@ class Supervisor:
         while True:
             if self._closing:
                 raise Unavailable("routerd is shutting down", code="shutting_down")
-            self._refuse_if_crash_looping(entry.name)
+            state.refuse_if_crash_looping(trio.current_time(), self.config.scheduler)
             replicas = state.sorted_replicas()
             running = [b for b in replicas if live(b)]
             ready = [b for b in running if b.state is State.READY and not b.suspect]
-            backend = (ready or running or replicas or [None])[0]
+            found = ready or running or replicas
+            backend = found[0] if found else None
             if backend is None:
                 if state.failures is not None:  # restart backoff
                     policy = self.config.scheduler
@@ -220,23 +213,7 @@ class Supervisor:
         """Start ``scheduler.preload`` in the background, in order, within the memory budget."""
         assert self._nursery is not None, "Supervisor.run() is not running"
         if self.config.scheduler.preload:
-            self.start_soon(self._preload, list(self.config.scheduler.preload), name="preload")
-
-    async def _preload(self, names: list[str]) -> None:
-        wanted: list[str] = []
-        for name in names:  # aliases become catalog names, so "*" does not start them twice
-            try:
-                wanted.append(name if name == "*" else self.catalog.resolve(name).name)
-            except RouterdError as exc:
-                log.warning("preload: %s", exc.message)
-        for name in scheduler.preload_order(wanted, [entry.name for entry in self.catalog]):
-            entry = self.catalog.get(name)
-            if entry is None or entry.remote or self.models.replicas(entry.name):
-                continue
-            if not self.placement.fits_now(entry):  # never evict to preload
-                log.warning("preload: skipping %s: it does not fit beside the models already loaded", entry.name)
-                continue
-            await self.load_quietly(entry.name)
+            self.start_soon(self.pools.preload, list(self.config.scheduler.preload), name="preload")
 
     async def load_quietly(self, name: str) -> bool:
         """Load ``name``; a failure is logged, not raised. Whether it loaded."""
@@ -273,7 +250,7 @@ class Supervisor:
             env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpu.removeprefix("gpu")}
         policy = self.config.scheduler
         key = key or entry.name
-        backend = Backend(spec, idle_ttl=self._idle_ttl(entry, key),
+        backend = Backend(spec, idle_ttl=idle_ttl(entry, key, policy.scale_down_idle),
                           upstream_read_timeout=self.config.server.upstream_read_timeout,
                           env=env, on_change=self.notify_change, bus=self.bus, key=key,
                           health=HealthPolicy(policy.health_interval, policy.health_timeout, policy.health_failures))
@@ -286,18 +263,7 @@ class Supervisor:
         return backend
 
     def next_key(self, name: str) -> str:
-        """The key of ``name``'s next replica: its name, else the lowest free ``name#N``."""
-        taken = self.models[name].replicas
-        if name not in taken:
-            return name
-        return next(f"{name}#{i}" for i in range(2, len(taken) + 3) if f"{name}#{i}" not in taken)
-
-    def _idle_ttl(self, entry: ModelEntry, key: str) -> float:
-        """Replicas an "auto" model added go after ``scale_down_idle``; the rest follow the model."""
-        if replica_index(key) <= entry.replicas:
-            return entry.idle_ttl
-        scale_down = self.config.scheduler.scale_down_idle
-        return scale_down if entry.idle_ttl <= 0 else min(entry.idle_ttl, scale_down)
+        return self.models[name].next_key()
 
     async def _run_backend(self, backend: Backend) -> None:
         try:
@@ -354,7 +320,7 @@ class Supervisor:
                 backend.request_stop("fewer replicas configured", cause="reload")
                 outcome["stopped"].append(key)
             else:
-                backend.set_idle_ttl(self._idle_ttl(entry, key))
+                backend.set_idle_ttl(idle_ttl(entry, key, config.scheduler.scale_down_idle))
                 outcome["kept"].append(key)
         for state in self.models:
             old, new = old_catalog.get(state.name), catalog.get(state.name)
