@@ -156,20 +156,45 @@ async def test_unfinished_headers_are_dropped_after_the_header_timeout(start_rou
         assert await raw_exchange(r.url, b"GET /health HTTP/1.1\r\nhost: x\r\n", wait=10) == b""
 
 
-async def test_a_kept_alive_connection_serves_again_and_closes_once_idle_for_the_header_timeout(
-        start_routerd, tmp_path, model_file):
-    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}, server={"header_timeout": 0.5}))
-    host, port = r.url.removeprefix("http://").rsplit(":", 1)
-    async with await trio.open_tcp_stream(host, int(port)) as stream:
-        for _ in range(3):  # each within the timeout of the last: the same connection serves
-            await trio.sleep(0.3)
-            await stream.send_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+async def test_a_kept_alive_connection_serves_again_and_closes_once_idle_for_the_header_timeout(autojump_clock):
+    """The front's keep-alive timer, in-process on trio's MockClock: each request that comes
+    within ``header_timeout`` of the last answer is served on the same connection, and the
+    connection is closed exactly ``header_timeout`` after its last answer (the wiring of
+    ``server.header_timeout`` through a real daemon is test_unfinished_headers_... above)."""
+    import hypercorn.utils
+
+    from routerd.config import ServerConfig
+    from routerd.front import http_server
+
+    config = http_server.hypercorn_config(ServerConfig(header_timeout=0.5))
+    assert config.keep_alive_timeout == 0.5
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"6")]})
+        await send({"type": "http.response.body", "body": b'"ok"\r\n'})
+
+    wrapped = hypercorn.utils.wrap_app(app, config.wsgi_max_body_size, "asgi")
+    ours, theirs = trio.socket.socketpair()
+    client = trio.SocketStream(theirs)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(http_server._connection, wrapped, config, http_server.WorkerContext(None), {},
+                           lambda: None, 60.0, trio.SocketStream(ours))
+        for gap in (0.3, 0.49, 0.0, 0.45):  # each within the timeout of the last answer
+            await trio.sleep(gap)
+            await client.send_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
             answer = b""
             while b'"ok"' not in answer:
-                answer += await stream.receive_some(65536)
+                chunk = await client.receive_some(65536)
+                assert chunk, "the connection was closed within the keep-alive timeout"
+                answer += chunk
             assert answer.startswith(b"HTTP/1.1 200")
-        with trio.fail_after(5):  # then idle: closed after 0.5 s
-            assert await stream.receive_some(65536) == b""
+            answered = trio.current_time()
+        with trio.fail_after(5):  # then idle: closed once 0.5 s have passed, not before
+            assert await client.receive_some(65536) == b""
+        assert trio.current_time() - answered == pytest.approx(0.5, abs=1e-6)
+    await client.aclose()
 
 
 async def test_a_request_that_outlasts_the_header_timeout_is_answered_whole(start_routerd, tmp_path, model_file):
