@@ -5,6 +5,7 @@ for waiting streams, preload."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 
 import httpx
@@ -88,7 +89,39 @@ async def test_priority_order_with_fifo_within_a_priority(start_routerd, tmp_pat
     assert done == ["busy", "high", "normal-1", "normal-2", "low"]
 
 
+async def test_a_queue_ages_its_waiters_on_trio_s_clock(autojump_clock):
+    """ModelQueue in-process on MockClock: a low request is lifted one level per ``aging``
+    seconds waited, so after two steps it is served before a high one that came later (a tie
+    on level goes to the first come), and not a moment before."""
+    queue = scheduler.ModelQueue("a", limit=10, aging=0.25)
+    low = queue.enter(scheduler.parse_priority("low"), 60.0)
+    await trio.sleep(0.49)  # one step: low counts as normal now, still behind high
+    early_high = queue.enter(scheduler.parse_priority("high"), 60.0)
+    assert queue.is_next(early_high) and queue.ahead_of(low) == 1
+    queue.leave(early_high)
+    await trio.sleep(0.01)  # 0.5 s waited: two steps, as high as high, and it came first
+    late_high = queue.enter(scheduler.parse_priority("high"), 60.0)
+    assert queue.is_next(low) and queue.ahead_of(late_high) == 1 and queue.ahead_of(low) == 0
+    # Its turn is given to the waiter woken for it: a freed slot wakes the aged low request.
+    woken: list[str] = []
+
+    async def wait_turn(label: str, ticket: scheduler.Ticket) -> None:
+        await queue.changed(ticket)
+        woken.append(label)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_turn, "high", late_high)
+        nursery.start_soon(wait_turn, "low", low)
+        await trio.testing.wait_all_tasks_blocked()
+        queue.wake()
+        await trio.testing.wait_all_tasks_blocked()
+        assert woken == ["low"]
+        nursery.cancel_scope.cancel()
+
+
 async def test_aging_lifts_a_waiting_low_request_above_newer_high_ones(start_routerd, tmp_path, model_file):
+    """Through the daemon: ``scheduler.aging`` reaches the queue, and the proxy serves in the
+    queue's order (the aging itself is timed on MockClock above)."""
     r = await start_routerd(make_config(tmp_path, {"a": one_slot(model_file)}, scheduler={"aging": 0.2}))
     done: list[str] = []
 
@@ -101,7 +134,10 @@ async def test_aging_lifts_a_waiting_low_request_above_newer_high_ones(start_rou
         await wait_in_flight(r, "a")
         nursery.start_soon(request, "old-low", "low")
         await wait_queued(r, "a", 1)
-        await trio.sleep(0.7)  # three aging steps: low is now above high
+        queue = r.supervisor.queues.queue("a")
+        assert queue.aging == 0.2
+        (low,) = queue.tickets
+        await trio.sleep_until(low.enqueued + 3 * queue.aging)  # three aging steps: low is now above high
         nursery.start_soon(request, "new-high", "high")
         await wait_queued(r, "a", 2)
     assert done == ["busy", "old-low", "new-high"]
@@ -265,7 +301,8 @@ async def test_a_stream_waiting_for_its_model_gets_keepalive_comments(start_rout
     assert error["code"] == "backend_start_failed" and error["exit_code"] == 1
 
 
-async def test_preload_starts_models_after_ready_in_order(start_routerd, tmp_path, model_file):
+async def test_preload_starts_models_after_ready_in_order(start_routerd, tmp_path, model_file, caplog):
+    caplog.set_level(logging.WARNING, logger="routerd")
     models = {name: {"path": model_file(name), "args": ["--fake-load-seconds", "0.5"]} for name in ("a", "b", "c")}
     r = await start_routerd(make_config(tmp_path, models, backend={"max_loaded_models": 2},
                                         scheduler={"preload": ["b", "*"]}))
@@ -275,7 +312,9 @@ async def test_preload_starts_models_after_ready_in_order(start_routerd, tmp_pat
     with trio.fail_after(10):
         while r.supervisor.counts()["ready"] < 2 or r.supervisor.counts()["starting"]:
             await r.supervisor.wait_changed()
-    await trio.sleep(0.3)
+    with trio.fail_after(10):  # the preload's last decision: c is not started (no eviction to preload)
+        while not any("preload: skipping c" in rec.getMessage() for rec in caplog.records):
+            await trio.sleep(0.02)
     # b first, then the rest in catalog order, skipping what would need an eviction
     assert spawned == ["b", "a"]
     assert [n for n in ("a", "b", "c") if r.supervisor.running(n)] == ["a", "b"]
