@@ -104,12 +104,16 @@ async def test_a_server_dying_mid_body_is_an_upstream_error(server_for):
         await response.read()
 
 
-async def test_a_silent_server_times_out_instead_of_hanging(server_for):
+async def test_a_silent_server_times_out_instead_of_hanging(server_for, autojump_clock):
+    """On MockClock (the server is in-process, over loopback): the error comes read_timeout after
+    the request was sent, not earlier and not at some other bound."""
     async def silent(stream, conn, request):
         await trio.sleep_forever()
     pool = ConnectionPool((await server_for(silent)).port, max_idle=2, read_timeout=0.2)
+    began = trio.current_time()
     with trio.fail_after(5), pytest.raises(UpstreamError, match="upstream_read_timeout"):
         await pool.request("POST", "/v1/completions")
+    assert trio.current_time() - began == pytest.approx(0.2, abs=1e-6)
 
 
 async def test_nothing_listening_is_an_upstream_error():
@@ -120,12 +124,12 @@ async def test_nothing_listening_is_an_upstream_error():
         await ConnectionPool(port, max_idle=1).request("GET", "/health")
 
 
-async def test_an_abandoned_response_closes_its_connection_and_ends_once(server_for):
+async def test_an_abandoned_response_closes_its_connection_and_ends_once(server_for, autojump_clock):
     async def streams(stream, conn, request):
         await stream.send_all(conn.send(h11.Response(status_code=200, headers=[("transfer-encoding", "chunked")])))
         for i in range(100):
             await stream.send_all(conn.send(h11.Data(data=b"data: %d\n\n" % i)))
-            await trio.sleep(0.01)
+            await trio.sleep(0.01)  # MockClock: paced without waiting
         await stream.send_all(conn.send(h11.EndOfMessage()))
         return True
     server = await server_for(streams)
