@@ -255,6 +255,14 @@ async def _closed(port: int) -> bool:
     return False
 
 
+async def _no_open_connection_served_on(port: int) -> bool:
+    """Whether no TCP connection accepted on ``port`` (127.0.0.1) is still established on the
+    server's side (Linux's /proc/net/tcp: local address, remote address, state 01 = ESTABLISHED)."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return not any(int(row[1].split(":")[1], 16) == port and row[3] == "01" for row in rows)
+
+
 async def _state(r: Any, model: str, state: str) -> bool:
     return listing(await r.http.get("/v1/models")).get(model, {}).get("state") == state
 
@@ -266,7 +274,7 @@ async def test_a_request_that_cannot_reach_a_remote_is_sent_to_another_endpoint(
         a_models={"m1": {"path": model_file("local-m1"), "args": ["--fake-load-seconds", "2"], "remotes": ["b"]}})
     b.daemon.request_shutdown()
     await eventually(lambda: _closed(port))
-    await trio.sleep(1.5)  # its open connections are closed after hypercorn's 1 s grace
+    await eventually(lambda: _no_open_connection_served_on(port))  # B ends its open ones within 1 s of grace
     response = await chat(a, "m1")  # B looks reachable: tried first, not delivered, then the local one
     assert response.status_code == 200, response.text
     assert response.headers["x-routerd-endpoint"] == "m1"
@@ -441,7 +449,11 @@ async def test_reload_adds_and_removes_remotes_and_replicas_without_dropping_req
     async with trio.open_nursery() as nursery:
         nursery.start_soon(one, "m")
         nursery.start_soon(one, "b/m1")
-        await trio.sleep(0.5)  # both in flight (2 s each)
+
+        async def both_in_flight() -> bool:  # each takes 2 s; reloading while both run is the point
+            local, far = a.supervisor.running("m"), b.supervisor.running("m1")
+            return bool(local and local.in_flight and far and far.in_flight)
+        await eventually(both_in_flight)
         a.write_config(data)  # b is gone, m gets a second replica
         result = await a.daemon.reload()
         assert result.remotes["removed"] == ["b"] and "b/m1" in result.removed
