@@ -92,7 +92,9 @@ def test_notify_ready_status_watchdog_reload_and_stop(tmp_path, model_file):
                        check=True, capture_output=True)
         assert "RELOADING" in notify.next() and notify.next()["READY"] == "1"
 
-        time.sleep(1.0)  # let the watchdog pings accumulate
+        deadline = time.monotonic() + 10  # routerd is another process: wait for the pings checked below
+        while len(notify.watchdog_times) < 9 and time.monotonic() < deadline:
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         assert notify.until(lambda m: "STOPPING" in m)["STOPPING"] == "1"
         assert proc.wait(timeout=30) == 0
