@@ -255,10 +255,19 @@ def test_random_json_rpc(target: Target, data: st.DataObject) -> None:
 
 def test_the_fuzzed_daemon_still_serves_and_reports_nothing_internal(target: Target) -> None:
     """After all of the above: a real completion goes through, and routerd's log names no bug."""
+    log_path = target.scratch.parent / "routerd.log"
+    answered = " POST /v1/chat/completions 200 "  # its request-log line, written once the answer is out
+
+    def logged() -> int:
+        return log_path.read_text().count(answered)
+    before = logged()
     response = target.http.post("/v1/chat/completions", json={"model": "a", "messages": [], "max_tokens": 2})
     assert response.status_code == 200
-    time.sleep(0.1)  # routerd is another process: let its last log lines reach the file
-    log = (target.scratch.parent / "routerd.log").read_text()
+    deadline = time.monotonic() + 10  # routerd is another process: wait for this request's log line
+    while logged() == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    log = log_path.read_text()
+    assert log.count(answered) == before + 1, "the completion was never logged"
     assert bug_reports(log) == []
 
 
