@@ -291,9 +291,11 @@ async def test_one_request_log_line_per_request_with_its_key(start_routerd, tmp_
     def logged() -> list[logging.LogRecord]:
         return [rec for rec in caplog.records if rec.name == "routerd.requests"]
     await wait_for(lambda: len(logged()) >= 2)  # written once the answer is out
-    await trio.sleep(0.2)
-    records = logged()
-    assert len(records) == 2
+    # One line per request, not more: a third request's line is the barrier (no fixed sleep).
+    assert (await r.http.post("/tokenize", json={"model": "a", "content": "x"}, headers=headers)).status_code == 200
+    await wait_for(lambda: any(getattr(rec, requestlog.FIELDS)["route"] == "/tokenize" for rec in logged()))
+    records = [rec for rec in logged() if getattr(rec, requestlog.FIELDS)["route"] != "/tokenize"]
+    assert len(records) == 2 and len(logged()) == 3
     ok, missing = (getattr(rec, requestlog.FIELDS) for rec in records)
     assert ok["model"] == "a" and ok["status"] == 200 and ok["key"] == "alice" and not ok["cancelled"]
     assert (ok["prompt_tokens"], ok["completion_tokens"]) == (2, 3)
