@@ -14,7 +14,7 @@ from routerd import config as config_mod
 from routerd import llama_args, paths
 from routerd.backends import admission, memory
 from routerd.errors import BadRequest, ConfigError
-from routerd.front import proxy
+from routerd.front import requested, routes
 from routerd.models.gguf_meta import GGUFMeta
 from tests.conftest import FakeGpus
 
@@ -239,23 +239,23 @@ def test_the_shipped_example_config_is_valid():
     ("POST", "/v1/models", False), ("DELETE", "/v1/chat/completions", False), ("GET", "/smollm2/other", False),
 ])
 def test_proxy_takes_the_model_routes_and_leaves_the_views(method, path, proxied):
-    assert proxy.is_proxied(method, path) is proxied
+    assert routes.is_proxied(method, path) is proxied
 
 
 def test_a_model_path_splits_at_the_longest_known_name():
     names = ["org/repo", "org/repo:Q4_K_M", "small"]
-    assert proxy.split_model_path("org/repo:Q4_K_M/props", names) == ("org/repo:Q4_K_M", "props")
-    assert proxy.split_model_path("org/repo/slots", names) == ("org/repo", "slots")
-    assert proxy.split_model_path("unknown/props", names) == ("unknown", "props")
+    assert requested.split_model_path("org/repo:Q4_K_M/props", names) == ("org/repo:Q4_K_M", "props")
+    assert requested.split_model_path("org/repo/slots", names) == ("org/repo", "slots")
+    assert requested.split_model_path("unknown/props", names) == ("unknown", "props")
 
 
 def test_the_model_stream_flag_and_user_come_from_the_body_and_bad_bodies_are_400():
-    assert proxy.read_request(b'{"model": "m", "stream": true}') == proxy.Requested("m", True)
-    assert proxy.read_request(b'{"model": "m", "stream": "yes"}') == proxy.Requested("m", False)
-    assert proxy.read_request(b'{"model": "m", "user": "ann"}') == proxy.Requested("m", False, "ann")
-    assert proxy.read_request(b'{"model": "m", "user": 7}').user is None
+    assert requested.read_request(b'{"model": "m", "stream": true}') == requested.Requested("m", True)
+    assert requested.read_request(b'{"model": "m", "stream": "yes"}') == requested.Requested("m", False)
+    assert requested.read_request(b'{"model": "m", "user": "ann"}') == requested.Requested("m", False, "ann")
+    assert requested.read_request(b'{"model": "m", "user": 7}').user is None
     for body, code in [(b"{", "invalid_json"), (b"[]", "invalid_json"), (b'{"model": ""}', "missing_model"),
                        (b'{"prompt": "x"}', "missing_model"), (b"\xff", "invalid_json")]:
         with pytest.raises(BadRequest) as caught:
-            proxy.read_request(body)
+            requested.read_request(body)
         assert caught.value.code == code
