@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from tests.conftest import DEMO_MODELS, FakeGpus, make_config, needs_demo_models, pids_alive, record_spawns
 
@@ -53,14 +54,32 @@ async def test_stream_is_relayed_chunk_by_chunk(start_routerd, tmp_path, model_f
     assert len(gaps) == 4 and min(gaps) > 0.1  # not buffered: chunks arrive as tokens are made
 
 
-async def test_stream_longer_than_60_seconds_is_relayed_whole(start_routerd, tmp_path, model_file):
-    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.5"]}}))
+@pytest.fixture
+def fast_forward_clock() -> trio.testing.MockClock:
+    """trio's clock for the whole test (pytest-trio uses a Clock fixture as the run's clock):
+    real time at first; a test may set ``rate`` to make trio's time (every timeout routerd,
+    hypercorn and the HTTP client keep) pass faster than the backend's real one."""
+    return trio.testing.MockClock(rate=1.0)
+
+
+async def test_stream_longer_than_60_seconds_is_relayed_whole(start_routerd, tmp_path, model_file, fast_forward_clock):
+    """No timeout on routerd's side cuts a long stream (quart-trio's RESPONSE_TIMEOUT was 60 s;
+    the write, body and header timeouts default to 60 s or less). Every one of them runs on
+    trio's clock, so the stream lasts over 60 s of it, while the fake backend, another process
+    on real time, makes its 100 tokens in about 3 s (it took 62 s of real time before)."""
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.03"]}},
+                                        scheduler={"health_interval": 3600.0}))  # no checks during the fast-forward
+    assert (await r.http.post(CHAT, json=chat("a", max_tokens=1))).status_code == 200  # loaded at real speed
     tokens = 0
-    async with r.http.stream("POST", CHAT, json=chat("a", stream=True, max_tokens=125)) as response:
+    fast_forward_clock.rate = 30.0
+    began = trio.current_time()
+    async with r.http.stream("POST", CHAT, json=chat("a", stream=True, max_tokens=100)) as response:
         async for line in response.aiter_lines():
             if line.startswith("data: {") and "timings" not in line:
                 tokens += 1
-    assert tokens == 125
+    lasted = trio.current_time() - began
+    fast_forward_clock.rate = 1.0
+    assert tokens == 100 and lasted > 60, (tokens, lasted)
 
 
 async def test_client_disconnect_cancels_upstream_and_frees_the_slot(start_routerd, tmp_path, model_file):
