@@ -3,20 +3,18 @@
 Owns ``/ui/`` (the page: static files shipped in this package, no build step, no CDN),
 ``/admin/whoami`` (what the page may offer), a model's recent llama-server lines
 (``/admin/models/{model}/logs``; ``/events?logs=MODEL`` follows them) and the actions:
-load, unload, reset and rescan. Each action goes through the same supervisor and daemon calls
-as routerctl, needs an admin *key* (never an anonymous visitor, even where keys are not
-required) and is logged with the key's name. It must not decide anything itself.
+load, unload, reset and rescan. Each action is the operation routerctl runs
+(``front/operations.py``) and answers the same fields; it needs an admin *key* (never an
+anonymous visitor, even where keys are not required) and is logged with the key's name. It must
+not decide anything itself.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
 
-import attrs
 from quart import Response, request
 from quart_trio import QuartTrio
 
@@ -24,6 +22,7 @@ from routerd.backends.supervisor import Supervisor
 from routerd.errors import BadRequest, NotFound
 from routerd.front import proxy
 from routerd.front.access import Caller, Gate
+from routerd.front.operations import Operations, json_default
 
 log = logging.getLogger("routerd.admin")
 #: The page's files, by name, with their content types.
@@ -34,8 +33,9 @@ CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'se
                            "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-def register(app: QuartTrio, supervisor: Supervisor, gate: Gate, rescan: Callable[[], Awaitable[Any]]) -> None:
-    """Add the page and the admin routes to the views app."""
+def register(app: QuartTrio, supervisor: Supervisor, gate: Gate, operations: Operations) -> None:
+    """Add the page and the admin routes to the views app. ``supervisor`` and ``gate`` are the
+    ones ``operations`` works on (``api.create_app`` passes all three)."""
 
     @app.get("/ui")
     async def ui_root() -> Response:
@@ -63,12 +63,7 @@ def register(app: QuartTrio, supervisor: Supervisor, gate: Gate, rescan: Callabl
     async def logs(model: str) -> Response:
         caller = proxy.caller_of(request.scope)
         gate.check_model(caller, model, supervisor.catalog.get(model))
-        entry = supervisor.catalog.resolve(model)
-        lines = _int_arg("lines", 100, 0, MAX_LOG_LINES)
-        backend = supervisor.backend(entry.name)
-        tail = backend.log.tail(lines) if backend else []
-        return _json({"model": entry.name, "lines": [line.text for line in tail],
-                      "running": backend is not None and not backend.gone})
+        return _json(await operations.logs(model, _int_arg("lines", 100, 0, MAX_LOG_LINES)))
 
     @app.post("/admin/models/<path:model>/<action>")
     async def act(model: str, action: str) -> Response:
@@ -76,26 +71,18 @@ def register(app: QuartTrio, supervisor: Supervisor, gate: Gate, rescan: Callabl
         entry = supervisor.catalog.resolve(model)
         log.info("admin: %s %s by key %r", action, entry.name, caller.name)
         if action == "load":
-            backend = await supervisor.load(entry.name)
-            return _json({"model": entry.name, "state": backend.state.value,
-                          "load_seconds": (backend.ready_at or 0) - backend.started_at})
+            return _json(await operations.load(entry.name))
         if action == "unload":
-            stopping = supervisor.unload(entry.name)
-            if stopping is not None:
-                await stopping.wait_gone()
-            return _json({"model": entry.name, "state": supervisor.state_of(entry.name),
-                          "was_running": stopping is not None})
+            return _json(await operations.unload(entry.name))
         if action == "reset":
-            had = supervisor.reset(entry.name)
-            return _json({"model": entry.name, "had_failures": had, "state": supervisor.state_of(entry.name)})
+            return _json(operations.reset(entry.name))
         raise NotFound(f"no action {action!r}: load, unload or reset", code="route_not_found")
 
     @app.post("/admin/rescan")
     async def rescan_models() -> Response:
         caller = _admin(gate, "POST /admin/rescan")
         log.info("admin: rescan by key %r", caller.name)
-        result = await rescan()
-        return Response(json.dumps(result, default=_plain), content_type="application/json")
+        return _json(await operations.rescan())
 
 
 def _admin(gate: Gate, action: str) -> Caller:
@@ -113,11 +100,5 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     return int(raw)
 
 
-def _json(data: Any) -> Response:
-    return Response(json.dumps(data), content_type="application/json")
-
-
-def _plain(value: Any) -> Any:
-    if attrs.has(type(value)):
-        return attrs.asdict(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+def _json(result: object) -> Response:
+    return Response(json.dumps(result, default=json_default), content_type="application/json")

@@ -1,6 +1,7 @@
 """Serving the HTTP front: listening sockets, one contained task per connection, shutdown.
 
-Owns the accept loop in front of hypercorn's HTTP/1.1 and HTTP/2 protocol code. hypercorn's own
+Owns hypercorn's settings (``hypercorn_config``, from ``[server]``) and the accept loop in front
+of hypercorn's HTTP/1.1 and HTTP/2 protocol code. hypercorn's own
 ``serve`` runs each connection in a task that lets any exception other than OSError escape (its
 issue #203: a protocol state it did not expect), and under trio that ends every connection and
 the daemon around them. Here each connection's task contains its failures: the connection is
@@ -23,14 +24,31 @@ from typing import Any
 
 import hypercorn.config
 import trio
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
+from routerd.config import ServerConfig
+
 log = logging.getLogger("routerd.http")
+
+
+def hypercorn_config(server: ServerConfig) -> hypercorn.config.Config:
+    """hypercorn's settings for serving ``server`` (pure)."""
+    config = hypercorn.config.Config()
+    config.bind = [f"{server.host}:{server.port}"]
+    config.graceful_timeout = 1.0  # requests have drained before it applies
+    # A connection must finish its headers within header_timeout of opening (hypercorn's
+    # keep-alive timer runs until a request's headers are in), so slow clients hold little.
+    config.keep_alive_timeout = server.header_timeout
+    config.h11_max_incomplete_size = server.max_header_bytes
+    config.h2_max_header_list_size = server.max_header_bytes
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
 
 
 async def serve(app: Any, config: hypercorn.config.Config, *, shutdown_trigger: Callable[[], Awaitable[object]],

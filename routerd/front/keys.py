@@ -36,15 +36,10 @@ PRIORITY_LEVELS = ("high", "normal", "low")
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.@")
 
 
-@attrs.frozen
-class ApiKey:
-    """One key: who holds it and what they may do; never the key itself."""
+@attrs.frozen(kw_only=True)
+class KeySettings:
+    """What a key may do: the fields an operator chooses (``routerctl keys add``, a keys file)."""
 
-    name: str
-    #: ``sha256:`` and the hex digest of the whole key.
-    hash: str
-    #: Its first characters, to tell keys apart (``rk-AbC12x``).
-    prefix: str = ""
     #: Glob patterns of model names and aliases it may use (``qwen*``, ``org/*``).
     models: tuple[str, ...] = ("*",)
     #: The best priority its requests get (``high``: no cap).
@@ -57,6 +52,17 @@ class ApiKey:
     expires: str = ""
     #: May do the admin actions over HTTP (see access.require_admin).
     admin: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class ApiKey(KeySettings):
+    """One key: who holds it and what they may do; never the key itself."""
+
+    name: str
+    #: ``sha256:`` and the hex digest of the whole key.
+    hash: str
+    #: Its first characters, to tell keys apart (``rk-AbC12x``).
+    prefix: str = ""
     created: str = ""
     last_used: str = ""
 
@@ -84,15 +90,15 @@ def expiry(text: str) -> dt.datetime:
         day = dt.date.fromisoformat(text)
     except ValueError:
         moment = dt.datetime.fromisoformat(text)
-        return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
-    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.timezone.utc)
+        return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
 
 
 def make(name: str, *, models: Sequence[str] = ("*",), priority_max: str = "high", rpm: int = 0,
          concurrent: int = 0, expires: str = "", admin: bool = False,
          now: dt.datetime | None = None) -> tuple[str, ApiKey]:
     """A new key and its record (pure but for the random key). BadRequest for a bad field."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     record = ApiKey(name=name, hash="", models=tuple(models) or ("*",), priority_max=priority_max, rpm=rpm,
                     concurrent=concurrent, expires=expires, admin=admin,
                     created=now.isoformat(timespec="seconds"))
@@ -173,6 +179,7 @@ class KeyFile:
         for record in keys:
             fields = _converter.unstructure(record)
             del fields["name"]
+            fields = {"hash": fields.pop("hash"), "prefix": fields.pop("prefix"), **fields}  # as people read it
             fields["models"] = list(record.models)
             data["keys"][record.name] = {k: v for k, v in fields.items() if v not in ("", 0, False)}
         statefile.write_toml(self.path, data, mode=0o600,

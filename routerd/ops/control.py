@@ -2,14 +2,17 @@
 
 Owns the socket (path, mode 0660 set through the umask, stale-file replacement, refusing to
 start beside a live routerd), peer-credential checks, framing, batches, notifications, and the
-method table. Methods call the supervisor and the daemon; none holds logic of its own beyond
-shaping params and results. See docs/control-protocol.md.
+method table. Methods are the operations of ``front/operations.py`` (the admin HTTP API runs the
+same ones and answers the same fields); none holds logic of its own beyond shaping params and
+turning progress into notifications. Authorization is here (peer credentials), never in the
+operations. See docs/control-protocol.md.
 """
 
 from __future__ import annotations
 
 import errno
 import grp
+import inspect
 import json
 import logging
 import math
@@ -17,25 +20,19 @@ import os
 import pwd
 import socket
 import struct
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from typing import Any, Protocol
 
 import attrs
-import cattrs
 import trio
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
-from routerd import __version__, client_json
+from routerd import client_json
 from routerd.config import CONVERTER, ControlConfig, flatten_errors
 from routerd.errors import ConfigError, NotWritable, RouterdError, StartupError
-from routerd.front.access import Gate
-
-if TYPE_CHECKING:
-    from routerd.backends.backend import Backend
-    from routerd.backends.logring import LogLine
-    from routerd.ops.metrics import Metrics
-    from routerd.backends.supervisor import Supervisor
+from routerd.front.keys import KeySettings
+from routerd.front.operations import LogsResult, Operations, json_default
 
 log = logging.getLogger("routerd.control")
 #: Longest request line (bytes); a longer one is an error and ends the connection.
@@ -98,15 +95,9 @@ class LogsParams:
     follow: bool = False
 
 
-@attrs.frozen
-class KeyAddParams:
+@attrs.frozen(kw_only=True)
+class KeyAddParams(KeySettings):
     name: str
-    models: list[str] = attrs.field(factory=lambda: ["*"])
-    priority_max: str = "high"
-    rpm: int = 0
-    concurrent: int = 0
-    expires: str = ""
-    admin: bool = False
 
 
 @attrs.frozen
@@ -118,9 +109,6 @@ class NameParams:
 class EventsParams:
     #: Also one event per finished request.
     requests: bool = False
-
-
-_converter = cattrs.Converter()
 
 
 class RpcError(Exception):
@@ -193,7 +181,7 @@ class Connection:
         return f"pid {self.pid} uid {self.uid}"
 
     async def send(self, message: dict[str, Any] | list[dict[str, Any]]) -> None:
-        await self.stream.send_all(json.dumps(message, default=_json_default).encode() + b"\n")
+        await self.stream.send_all(json.dumps(message, default=json_default).encode() + b"\n")
 
     async def notify(self, method: str, params: dict[str, Any]) -> None:
         await self.send({"jsonrpc": "2.0", "method": method, "params": params})
@@ -237,70 +225,51 @@ class Connection:
                 yield line
 
 
-def _json_default(value: Any) -> Any:
-    if attrs.has(type(value)):
-        return _converter.unstructure(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+#: A method: its params and the client's connection in, its result (or a coroutine of it) out.
+Method = Callable[[Any, Connection], Any]
 
 
-Method = Callable[[Any, Connection], Awaitable[Any]]
+class CallCounter(Protocol):
+    """Where each call is counted (``routerd.ops.metrics.Metrics``)."""
 
-
-class Operations(Protocol):
-    """What the control plane asks of the running daemon (``routerd.daemon.Daemon``), named here
-    so that this module does not import the daemon that imports it."""
-
-    supervisor: Supervisor
-    gate: Gate
-    metrics: Metrics
-    started: float
-    http_urls: list[str]
-
-    @property
-    def config(self) -> Any: ...
-
-    def status_line(self) -> str: ...
-
-    async def reload(self) -> Any: ...
-
-    async def rescan(self) -> Any: ...
-
-    async def import_models(self, path: str) -> list[str]: ...
-
-    async def pull(self, ref: str, filename: str | None, progress: Callable[[str, int, int | None], None],
-                   ) -> dict[str, object]: ...
+    def control_call(self, method: str, outcome: str) -> None: ...
 
 
 class ControlServer:
-    def __init__(self, daemon: Operations, path: str, settings: ControlConfig = ControlConfig()) -> None:
-        self.daemon = daemon
+    def __init__(self, operations: Operations, path: str, settings: ControlConfig | None = None, *,
+                 counter: CallCounter | None = None) -> None:
+        self.operations = operations
+        self.counter = counter
         self.path = path
-        self.settings = settings
+        self.settings = settings or ControlConfig()
         self._connections: set[Connection] = set()
         self._scope = trio.CancelScope()
+        ops = operations
+        # Each method: its params' type, and the operation it runs (a coroutine, or an answer).
         self._methods: dict[str, tuple[type, Method]] = {
-            "ping": (NoParams, self._ping),
-            "version": (NoParams, self._version),
-            "status": (StatusParams, self._status),
-            "models": (NoParams, self._models),
-            "load": (LoadParams, self._load),
-            "unload": (UnloadParams, self._unload),
-            "reload": (NoParams, self._reload),
-            "rescan": (NoParams, self._rescan),
+            "ping": (NoParams, lambda p, conn: "pong"),
+            "version": (NoParams, lambda p, conn: ops.version()),
+            "status": (StatusParams, lambda p, conn: ops.overview() if p.model is None else ops.model(p.model)),
+            "models": (NoParams, lambda p, conn: ops.models()),
+            "load": (LoadParams, lambda p, conn: ops.load(p.model, wait=p.wait,
+                                                           progress=partial(conn.notify, "progress"))),
+            "unload": (UnloadParams, lambda p, conn: ops.unload(p.model, force=p.force)),
+            "reload": (NoParams, lambda p, conn: ops.reload()),
+            "rescan": (NoParams, lambda p, conn: ops.rescan()),
             "logs": (LogsParams, self._logs),
-            "memory": (NoParams, self._memory),
-            "reset": (ModelParams, self._reset),
-            "import": (PathParams, self._import),
-            "pull": (PullParams, self._pull),
-            "keys.add": (KeyAddParams, self._keys_add),
-            "keys.list": (NoParams, self._keys_list),
-            "keys.revoke": (NameParams, self._keys_revoke),
+            "memory": (NoParams, lambda p, conn: ops.memory()),
+            "reset": (ModelParams, lambda p, conn: ops.reset(p.model)),
+            "import": (PathParams, lambda p, conn: ops.import_models(p.path)),
+            "pull": (PullParams, lambda p, conn: ops.pull(p.model, p.file, partial(conn.notify, "progress"))),
+            "keys.add": (KeyAddParams, lambda p, conn: ops.add_key(p.name, p)),  # logged (never the key) by call()
+            "keys.list": (NoParams, lambda p, conn: ops.list_keys()),
+            "keys.revoke": (NameParams, lambda p, conn: ops.revoke_key(p.name)),
             "events": (EventsParams, self._events),
         }
 
     # -- socket ---------------------------------------------------------------------------
     async def _refuse_if_live(self) -> None:
-        if not os.path.exists(self.path):
+        if not await trio.Path(self.path).exists():
             return
         probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -435,10 +404,11 @@ class ControlServer:
         return await self.handle_one(message, conn)
 
     async def handle_one(self, message: Any, conn: Connection) -> dict[str, Any] | None:
-        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or not isinstance(message.get("method"), str):
+        if (not isinstance(message, dict) or message.get("jsonrpc") != "2.0"
+                or not isinstance(message.get("method"), str)):
             request_id = message.get("id") if isinstance(message, dict) else None
-            return _error(request_id if _valid_id(request_id) else None,
-                          RpcError(INVALID_REQUEST, "invalid request: need an object with jsonrpc \"2.0\" and a method"))
+            return _error(request_id if _valid_id(request_id) else None, RpcError(
+                INVALID_REQUEST, "invalid request: need an object with jsonrpc \"2.0\" and a method"))
         request_id = message.get("id")
         is_notification = "id" not in message
         if not _valid_id(request_id):
@@ -451,7 +421,7 @@ class ControlServer:
 
     async def call(self, method: str, raw_params: Any, conn: Connection) -> Any:
         if method not in self._methods:
-            self.daemon.metrics.control_call("unknown", "error")  # a label: never the client's text
+            self._count("unknown", "error")  # a label: never the client's text
             shown = method if len(method) <= 64 else method[:64] + "..."
             raise RpcError(METHOD_NOT_FOUND, f"method not found: {shown!r}; known: {', '.join(sorted(self._methods))}")
         params_type, handler = self._methods[method]
@@ -460,7 +430,9 @@ class ControlServer:
             params = _structure_params(raw_params, params_type)
             if method in STATE_CHANGING:
                 log.info("control: %s %s by uid %d (pid %d)", method, _brief(raw_params), conn.uid, conn.pid)
-            result = await handler(params, conn)
+            result = handler(params, conn)
+            if inspect.isawaitable(result):
+                result = await result
             outcome = "ok"
             return result
         except RpcError:
@@ -475,117 +447,32 @@ class ControlServer:
             log.exception("control method %s from %s failed", method, conn)
             raise RpcError(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}") from None
         finally:
-            self.daemon.metrics.control_call(method, outcome)
+            self._count(method, outcome)
+
+    def _count(self, method: str, outcome: str) -> None:
+        if self.counter is not None:
+            self.counter.control_call(method, outcome)
 
     # -- methods --------------------------------------------------------------------------
-    async def _ping(self, params: NoParams, conn: Connection) -> str:
-        return "pong"
-
-    async def _version(self, params: NoParams, conn: Connection) -> dict[str, Any]:
-        return {"version": __version__, "llama_server": self.daemon.supervisor.binary}
-
-    async def _status(self, params: StatusParams, conn: Connection) -> dict[str, Any]:
-        supervisor = self.daemon.supervisor
-        if params.model is not None:
-            return {"model": supervisor.model_status(supervisor.catalog.resolve(params.model))}
-        return {"version": __version__, "pid": os.getpid(), "uptime": time.time() - self.daemon.started,
-                "config": self.daemon.config.source, "listen": self.daemon.http_urls, "socket": self.path,
-                "summary": self.daemon.status_line(), "models": supervisor.status(),
-                "remotes": supervisor.remotes_status(), "selectors": supervisor.selectors_status()}
-
-    async def _models(self, params: NoParams, conn: Connection) -> dict[str, Any]:
-        return {"models": self.daemon.supervisor.status()}
-
-    async def _load(self, params: LoadParams, conn: Connection) -> dict[str, Any]:
-        supervisor = self.daemon.supervisor
-        entry = supervisor.catalog.resolve(params.model)
-        if not params.wait:
-            supervisor.load_soon(entry.name)
-            return {"model": entry.name, "state": "starting"}
-        sent = _Progress(entry.name, conn)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sent.follow, supervisor)
-            backend = await supervisor.load(entry.name)
-            nursery.cancel_scope.cancel()
-        await sent.catch_up(backend)  # lines printed between the last wake-up and ready
-        return {"model": entry.name, "state": backend.state.value, "pid": backend.pid, "port": backend.port,
-                "load_seconds": (backend.ready_at or 0) - backend.started_at}
-
-    async def _unload(self, params: UnloadParams, conn: Connection) -> dict[str, Any]:
-        supervisor = self.daemon.supervisor
-        entry = supervisor.catalog.resolve(params.model)
-        backend = supervisor.unload(entry.name, force=params.force)
-        if backend is None:
-            return {"model": entry.name, "state": "unloaded", "was_running": False}
-        await backend.wait_gone()
-        return {"model": entry.name, "state": "unloaded", "was_running": True, "exit_code": backend.exit_code}
-
-    async def _reload(self, params: NoParams, conn: Connection) -> Any:
-        return await self.daemon.reload()
-
-    async def _rescan(self, params: NoParams, conn: Connection) -> Any:
-        return await self.daemon.rescan()
-
-    async def _import(self, params: PathParams, conn: Connection) -> dict[str, Any]:
-        return {"path": params.path, "added": await self.daemon.import_models(params.path)}
-
-    async def _logs(self, params: LogsParams, conn: Connection) -> dict[str, Any]:
-        supervisor = self.daemon.supervisor
-        entry = supervisor.catalog.resolve(params.model)
-        backend = supervisor.backend(entry.name)
-        if backend is None:
-            return {"model": entry.name, "lines": [], "running": False}
-        last = backend.log.last_seq
-        lines = backend.log.tail(params.lines)
+    async def _logs(self, params: LogsParams, conn: Connection) -> LogsResult:
         if not params.follow:
-            return {"model": entry.name, "lines": [line.text for line in lines], "running": not backend.gone}
-        for line in lines:
-            await conn.notify("log", {"model": entry.name, "line": line.text})
+            return await self.operations.logs(params.model, params.lines)
+
+        async def send(line: str) -> None:
+            await conn.notify("log", {"model": model, "line": line})
+
+        model = self.operations.supervisor.catalog.resolve(params.model).name
+        result = LogsResult(model=model, lines=[], running=False)  # what a follow ends with
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_hangup, conn, nursery.cancel_scope)
-            async for line in backend.log.follow(last):
-                await conn.notify("log", {"model": entry.name, "line": line.text})
+            result = await self.operations.logs(model, params.lines, follow=send)
             nursery.cancel_scope.cancel()
-        return {"model": entry.name, "lines": [], "running": False}
-
-    async def _pull(self, params: PullParams, conn: Connection) -> dict[str, Any]:
-        def progress(name: str, done: int, total: int | None) -> None:  # called from the download thread
-            message = {"jsonrpc": "2.0", "method": "progress",
-                       "params": {"model": params.model, "file": name, "bytes": done, "total": total}}
-            try:
-                trio.from_thread.run(conn.send, message)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the client left; the download goes on
-
-        return await self.daemon.pull(params.model, params.file, progress)
-
-    async def _reset(self, params: ModelParams, conn: Connection) -> dict[str, Any]:
-        supervisor = self.daemon.supervisor
-        entry = supervisor.catalog.resolve(params.model)
-        had_failures = supervisor.reset(entry.name)
-        return {"model": entry.name, "had_failures": had_failures, "state": supervisor.state_of(entry.name)}
-
-    async def _memory(self, params: NoParams, conn: Connection) -> dict[str, Any]:
-        return self.daemon.supervisor.memory_view()
-
-    async def _keys_add(self, params: KeyAddParams, conn: Connection) -> dict[str, Any]:
-        settings = attrs.asdict(params)
-        name = settings.pop("name")
-        key, record = self.daemon.gate.add(name, **settings)  # logged (never the key) by call()
-        return {"name": name, "key": key, "prefix": record.prefix, "required": self.daemon.gate.required}
-
-    async def _keys_list(self, params: NoParams, conn: Connection) -> dict[str, Any]:
-        return {"keys": self.daemon.gate.listing(), "required": self.daemon.gate.required}
-
-    async def _keys_revoke(self, params: NameParams, conn: Connection) -> dict[str, Any]:
-        record = self.daemon.gate.revoke(params.name)
-        return {"name": record.name, "prefix": record.prefix, "required": self.daemon.gate.required}
-
+        return result
 
     async def _events(self, params: EventsParams, conn: Connection) -> dict[str, Any]:
         """Each event as an ``event`` notification until the client hangs up (or falls too far
         behind: then a ``dropped`` event ends it)."""
-        with self.daemon.supervisor.bus.subscribe(requests=params.requests) as subscription:
+        with self.operations.supervisor.bus.subscribe(requests=params.requests) as subscription:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_hangup, conn, nursery.cancel_scope)
                 with subscription.scope:
@@ -593,34 +480,6 @@ class ControlServer:
                         await conn.notify("event", event.to_dict())
                 nursery.cancel_scope.cancel()
         return {"ended": "dropped" if subscription.dropped else "client left"}
-
-
-class _Progress:
-    """Sends a loading backend's output as ``progress`` notifications, each line once."""
-
-    def __init__(self, model: str, conn: Connection) -> None:
-        self.model = model
-        self.conn = conn
-        self.last_seq = -1
-
-    async def follow(self, supervisor: Supervisor) -> None:
-        backend = None
-        while backend is None:  # admission may evict others first; the backend appears after
-            backend = supervisor.running(self.model)
-            if backend is None:
-                await supervisor.wait_changed()
-        await self.conn.notify("progress", {"model": self.model, "state": backend.state.value, "pid": backend.pid})
-        async for line in backend.log.follow(self.last_seq):
-            await self._send(backend, line)
-
-    async def catch_up(self, backend: Backend) -> None:
-        for line in backend.log.tail(backend.log.capacity):
-            if line.seq > self.last_seq:
-                await self._send(backend, line)
-
-    async def _send(self, backend: Backend, line: LogLine) -> None:
-        self.last_seq = line.seq
-        await self.conn.notify("progress", {"model": self.model, "state": backend.state.value, "line": line.text})
 
 
 def _valid_id(request_id: Any) -> bool:

@@ -1,9 +1,11 @@
 """The daemon: wiring, signals, service notifications, shutdown order.
 
-Owns the root nursery and the order things start and stop in: supervisor first, then the HTTP
-front and the control socket (READY only once both listen), then signal handling. SIGHUP
-reloads; SIGTERM/SIGINT stop accepting, drain in-flight requests (bounded), stop every backend
-and return. It holds no business logic: reload is "validate, then hand to the supervisor".
+Owns the root nursery and the order things start and stop in: supervisor first, then the
+catalog (discovery, before serving), the HTTP front and the control socket (READY only once both
+listen), then signal handling. SIGHUP reloads; SIGTERM/SIGINT stop accepting, drain in-flight
+requests (bounded), stop every backend and return. It holds no business logic: the catalog's
+lifecycle is ``models.service.CatalogService``'s, each operation is ``front.operations``', and
+this module only connects them (``_CatalogHost``) and runs them.
 """
 
 from __future__ import annotations
@@ -14,28 +16,30 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from functools import partial
 
-import attrs
-import hypercorn.config
 import trio
 
-from routerd import __version__, config as config_mod, events, paths
+from routerd import __version__, events, paths
+from routerd import config as config_mod
 from routerd.backends import remote
 from routerd.backends.memory import MemoryManager, NvmlProvider
 from routerd.backends.supervisor import Supervisor
 from routerd.config import Config
-from routerd.errors import BadRequest, RouterdError, StartupError, Unavailable, leaves
+from routerd.errors import ConfigError, StartupError, Unavailable, leaves
 from routerd.front import http_server
 from routerd.front.access import Gate
+from routerd.front.operations import Operations, summary
 from routerd.front.tls import Certificates
-from routerd.models import discovery, hub
 from routerd.models.catalog import Catalog, ImportStore
+from routerd.models.service import CatalogService, ReloadResult
 from routerd.ops import requestlog
 from routerd.ops.control import ControlServer
 from routerd.ops.metrics import BuildInfo, Metrics, build_info, llama_server_version
 from routerd.ops.sdnotify import Notifier
+
+__all__ = ["Daemon", "ReloadResult", "listen_failure", "raise_open_file_limit", "serve"]
 
 log = logging.getLogger("routerd")
 #: Shortest time between two recomputations of the STATUS line sent to systemd (seconds).
@@ -44,26 +48,55 @@ STATUS_MIN_INTERVAL = 0.5
 OPEN_FILES_CAP = 65536
 
 
-@attrs.frozen
-class ReloadResult:
-    restarted: list[str]
-    stopped: list[str]
-    kept: list[str]
-    added: list[str]
-    removed: list[str]
-    changed: list[str]
-    #: What discovery could not read (corrupted Hugging Face cache entries), each with its reason.
-    problems: list[str]
-    #: Remotes added, removed and changed (reconnected) by a reload.
-    remotes: dict[str, list[str]] = attrs.field(factory=dict)
+class _CatalogHost:
+    """What the catalog service changes outside ``models/``: the supervisor and its remotes, the
+    gate, the certificates, and systemd's view of a reload."""
+
+    def __init__(self, supervisor: Supervisor, gate: Gate, certificates: Certificates, notifier: Notifier,
+                 environ: Mapping[str, str]) -> None:
+        self.supervisor = supervisor
+        self.gate = gate
+        self.certificates = certificates
+        self.notifier = notifier
+        self.environ = environ
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.supervisor.catalog
+
+    def apply(self, config: Config, catalog: Catalog) -> dict[str, list[str]]:
+        return self.supervisor.apply(config, catalog)
+
+    def reconfigure(self, running: Config, new: Config) -> dict[str, list[str]]:
+        # Check everything before changing anything: a bad key file or certificate keeps the
+        # running config whole. Both raise ConfigError.
+        context = self.certificates.prepare(new.server)
+        keys = remote.api_keys(new, self.environ)
+        self.gate.configure(new.auth, listening_on=running.server.host)
+        self.certificates.context = context
+        return self.supervisor.remotes.apply(new.remotes, keys)
+
+    def remote_models(self) -> Mapping[str, tuple[str, ...]]:
+        return self.supervisor.remotes.models()
+
+    async def wait_remote_models_changed(self) -> None:
+        await self.supervisor.remotes.wait_models_changed()
+
+    def rediscover_remotes(self) -> None:
+        self.supervisor.remotes.rediscover()
+
+    def reloading(self) -> None:
+        self.notifier.reloading()
+
+    def reloaded(self) -> None:
+        self.notifier.ready(summary(self.supervisor.counts()))
 
 
 class Daemon:
-    """One running routerd: what the control plane talks to besides the supervisor."""
+    """One running routerd: its parts, wired, and the order they start and stop in."""
 
     def __init__(self, config: Config, *, binary: str, environ: Mapping[str, str], memory: MemoryManager,
                  build: BuildInfo | None = None) -> None:
-        self.config = config
         self.environ = dict(environ)
         self.started = time.time()
         self.notifier = Notifier(environ)
@@ -73,141 +106,43 @@ class Daemon:
         self.metrics = Metrics(self.supervisor, build or build_info(binary, "unknown"), started=self.started)
         self.bus.listen(self.metrics.observe)
         self.bus.listen(self._log_request)
-        self.http_urls: list[str] = []
         self.socket_path = config.control.socket or paths.default_socket_path(environ)
         self._shutdown = trio.Event()
         self._http_stop = trio.Event()
-        self._catalog_lock = trio.Lock()
-        self.imports = ImportStore(paths.state_dir(environ))
-        self.hub_cache = paths.hub_cache(environ)
         # Both raise ConfigError (exit 78) for a broken key store or certificate, or for serving
         # beyond loopback with no key.
         self.gate = Gate(config.auth, listening_on=config.server.host, state_dir=paths.state_dir(environ))
         self.certificates = Certificates(config.server)
         self._remote_keys = remote.api_keys(config, self.environ)  # ConfigError (78) if one cannot be read
+        host = _CatalogHost(self.supervisor, self.gate, self.certificates, self.notifier, self.environ)
+        self.catalog_service = CatalogService(config, host, bus=self.bus, imports=ImportStore(paths.state_dir(environ)),
+                                              hub_cache=paths.hub_cache(environ), environ=environ)
+        self.operations = Operations(self.supervisor, self.gate, self.catalog_service, started=self.started,
+                                     socket_path=self.socket_path)
+
+    @property
+    def config(self) -> Config:
+        """The running config (a reload or rescan replaces it)."""
+        return self.catalog_service.config
+
+    @property
+    def http_urls(self) -> list[str]:
+        return self.operations.listen
 
     def _log_request(self, event: events.Event) -> None:
         if self.config.logging.requests:
             requestlog.observe(event)
 
-    def status_line(self) -> str:
-        c = self.supervisor.counts()
-        return f"{c['models']} models, {c['ready']} ready, {c['starting']} starting, {c['failed']} failed"
-
+    # The catalog service's, under the names the tests that drive a running daemon use.
     async def reload(self) -> ReloadResult:
-        """Re-read the config file and rescan; a bad file raises ConfigError and changes nothing."""
-        self.notifier.reloading()
-        try:
-            new = config_mod.load(self.config.source)
-            # Check everything before changing anything: a bad key file or certificate keeps
-            # the running config whole.
-            context = self.certificates.prepare(new.server)
-            keys = remote.api_keys(new, self.environ)
-            self.gate.configure(new.auth, listening_on=self.config.server.host)
-            self.certificates.context = context
-            self.bus.buffer = new.metrics.event_buffer
-            remotes = self.supervisor.remotes.apply(new.remotes, keys)
-            self._remote_keys = keys
-            result = attrs.evolve(await self._apply(lambda _running: new, trigger="reload"), remotes=remotes)
-        except RouterdError as exc:
-            self.bus.publish("config.reload", ok=False, error=exc.message)
-            raise
-        finally:
-            self.notifier.ready(self.status_line())
-        self.bus.publish("config.reload", ok=True, **attrs.asdict(result))
-        return result
+        return await self.catalog_service.reload()
 
-    async def rescan(self, trigger: str = "operator") -> ReloadResult:
-        """Re-discover models: the config's [models], imported ones, folders and the HF cache."""
-        def with_fresh_models(running: Config) -> Config:  # only [models] is taken from the file
-            return attrs.evolve(running, models=config_mod.load(running.source).models)
+    async def rescan(self) -> ReloadResult:
+        return await self.catalog_service.rescan()
 
-        if trigger == "operator":
-            self.supervisor.remotes.rediscover()  # their lists follow as each answers
-        try:
-            return await self._apply(with_fresh_models, trigger=trigger)
-        except RouterdError as exc:
-            self.bus.publish("catalog.rescan", trigger=trigger, ok=False, error=exc.message)
-            raise
-
-    async def import_models(self, path: str) -> list[str]:
-        """Import the models under ``path`` as manual entries (persisted); their names."""
-        found = await trio.to_thread.run_sync(discovery.scan_path, path)
-        if not found:
-            raise BadRequest(f"no GGUF model found at {path}", code="nothing_to_import")
-        fresh = {f.path: attrs.evolve(f, source="import") for f in found}
-        kept = [f for f in self.imports.load() if f.path not in fresh]
-        self.imports.save(kept + list(fresh.values()))
-        await self._apply(trigger="import")
-        return [entry.name for entry in self.supervisor.catalog if entry.path in fresh]
-
-    async def pull(self, ref: str, filename: str | None, progress: hub.Progress) -> dict[str, object]:
-        """Download ``org/repo[:QUANT]`` into the hub cache, rescan, and name the new model."""
-        repo_id, tag = hub.parse_model_ref(ref)
-        if self.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-            raise Unavailable(f"HF_HUB_OFFLINE is set: routerd will not download {ref}; unset it to pull",
-                              code="hub_offline")
-        if not self.config.catalog.hf_cache:
-            raise BadRequest(f"catalog.hf_cache is off, so a pulled model would not be served: turn it on "
-                             f"to pull {ref}", code="hf_cache_disabled")
-        plan = await trio.to_thread.run_sync(partial(
-            hub.pull, repo_id, tag, filename, cache_dir=self.hub_cache, endpoint=self.environ.get("HF_ENDPOINT"),
-            token=self.environ.get("HF_TOKEN"), progress=progress))
-        await self._apply(trigger="pull")
-        return {"model": f"{repo_id}:{plan.tag}", "files": list(plan.files), "cache": self.hub_cache}
-
-    def discover(self, config: Config, remote_models: Mapping[str, tuple[str, ...]]) -> Catalog:
-        """The catalog for ``config``, with the remotes' models as last listed: blocking
-        file-system work, run it in a thread."""
-        found = [f for folder in config.catalog.folders for f in discovery.scan_folder(folder)]
-        problems: list[str] = []
-        if config.catalog.hf_cache:
-            cache = discovery.scan_hf_cache(self.hub_cache)
-            found += cache.found
-            problems += cache.problems
-        return Catalog.from_config(config, imported=self.imports.load(), discovered=found, problems=problems,
-                                   remote_models=remote_models)
-
-    async def _apply(self, update: Callable[[Config], Config] | None = None, *, trigger: str) -> ReloadResult:
-        """Rebuild the catalog under ``update(running config)`` (no update: the running config).
-        The config is read once this call's turn comes, so a reload applied meanwhile is built
-        on, never undone by a rescan that began before it."""
-        async with self._catalog_lock:  # one rescan at a time; the newest file system wins
-            new = self.config if update is None else update(self.config)
-            new_catalog = await trio.to_thread.run_sync(self.discover, new, self.supervisor.remotes.models())
-            old_catalog = self.supervisor.catalog
-            outcome = self.supervisor.apply(new, new_catalog)
-            diff = old_catalog.diff(new_catalog)
-            self.config = new
-        log.info("applied %s: %s; catalog %s", new.source, outcome, diff)
-        for problem in new_catalog.problems:
-            log.warning("not served, the Hugging Face cache has a corrupted entry: %s", problem)
-        result = ReloadResult(added=list(diff.added), removed=list(diff.removed), changed=list(diff.changed),
-                              problems=list(new_catalog.problems), **outcome)
-        if trigger != "reload":  # a reload says so itself, with its outcome
-            self.bus.publish("catalog.rescan", trigger=trigger, ok=True, models=len(list(new_catalog)),
-                             added=result.added, removed=result.removed, changed=result.changed,
-                             problems=result.problems)
-        return result
-
-    async def _follow_remotes(self) -> None:
-        """Rebuild the catalog whenever a remote's model list changes (discovery, reload)."""
-        while True:
-            await self.supervisor.remotes.wait_models_changed()
-            result = await self._apply(trigger="remote")
-            if result.added or result.removed:
-                log.info("remote models: added %s, removed %s", result.added, result.removed)
-
-    async def _rescan_periodically(self) -> None:
-        while self.config.catalog.rescan_interval > 0:
-            await trio.sleep(self.config.catalog.rescan_interval)
-            try:
-                result = await self.rescan(trigger="periodic")
-            except config_mod.ConfigError as exc:
-                log.error("periodic rescan: the config is invalid, keeping the running one: %s", exc.message)
-                continue
-            if result.added or result.removed or result.changed:
-                log.info("rescan: added %s, removed %s, changed %s", result.added, result.removed, result.changed)
+    @property
+    def _catalog_lock(self) -> trio.Lock:
+        return self.catalog_service.lock
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
@@ -215,7 +150,7 @@ class Daemon:
     async def run(self, *, handle_signals: bool = True,
                   task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
-        self.imports.check_writable()
+        self.catalog_service.imports.check_writable()
         async with trio.open_nursery() as root:
             await root.start(self.supervisor.run)
             remotes = self.supervisor.remotes
@@ -224,37 +159,27 @@ class Daemon:
             # they join it when it does): a dead remote never holds routerd's start for long.
             await remotes.first_checks(timeout=max([r.connect_timeout for r in config.remotes.values()], default=0))
             remotes.take_models_changed()  # the first catalog has what they said so far
-            await self._apply(lambda _running: config, trigger="startup")  # discovery, before serving: discovered models are servable at READY
-            root.start_soon(self._follow_remotes)
-            http_config = hypercorn.config.Config()
-            http_config.bind = [f"{config.server.host}:{config.server.port}"]
-            http_config.graceful_timeout = 1.0  # requests have drained before it applies
-            # A connection must finish its headers within header_timeout of opening (hypercorn's
-            # keep-alive timer runs until a request's headers are in), so slow clients hold little.
-            http_config.keep_alive_timeout = config.server.header_timeout
-            http_config.h11_max_incomplete_size = config.server.max_header_bytes
-            http_config.h2_max_header_list_size = config.server.max_header_bytes
-            http_config.accesslog = None
-            http_config.errorlog = logging.getLogger("hypercorn.error")
+            await self.catalog_service.rebuild(trigger="startup")  # discovered models are servable at READY
+            await root.start(self.catalog_service.run)
             http_stopped = trio.Event()
             from routerd.front.api import create_app  # quart is heavy; import once the daemon starts
 
-            app = create_app(self.supervisor, self.gate, self.metrics, rescan=self.rescan)
+            # create_app hands its last argument to admin.register, which takes the operations.
+            app = create_app(self.supervisor, self.gate, self.metrics, self.operations)  # type: ignore[arg-type]
             try:
-                self.http_urls = await root.start(partial(self._serve_http, app, http_config, http_stopped))
+                self.operations.listen = await root.start(partial(self._serve_http, app, http_stopped))
             except* OSError as group:  # the bind fails inside the server's nurseries
                 bind_error = leaves(group)[0]
                 assert isinstance(bind_error, OSError)
                 raise StartupError(listen_failure(config.server.host, config.server.port, bind_error)) from None
-            control = ControlServer(self, self.socket_path, config.control)
+            control = ControlServer(self.operations, self.socket_path, config.control, counter=self.metrics)
             await root.start(control.serve)
             log.info("routerd %s serving on %s, control socket %s", __version__, ", ".join(self.http_urls),
                      self.socket_path)
-            self.notifier.ready(self.status_line())
+            self.notifier.ready(self.operations.summary())
             self.supervisor.preload_soon()  # after READY: loading never delays serving other models
             root.start_soon(self.notifier.watchdog_loop)
             root.start_soon(self._status_updates)
-            root.start_soon(self._rescan_periodically)
             if handle_signals:
                 root.start_soon(self._handle_signals)
             task_status.started(self)
@@ -276,12 +201,12 @@ class Daemon:
         self.notifier.close()
         log.info("routerd stopped")
 
-    async def _serve_http(self, app: object, http_config: hypercorn.config.Config, stopped: trio.Event,
+    async def _serve_http(self, app: object, stopped: trio.Event,
                           *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            await http_server.serve(app, http_config, shutdown_trigger=self._http_stop.wait,
-                                    tls=self.certificates.current, send_timeout=self.config.server.send_timeout,
-                                    task_status=task_status)
+            await http_server.serve(app, http_server.hypercorn_config(self.config.server),
+                                    shutdown_trigger=self._http_stop.wait, tls=self.certificates.current,
+                                    send_timeout=self.config.server.send_timeout, task_status=task_status)
         finally:
             stopped.set()
 
@@ -290,8 +215,8 @@ class Daemon:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     try:
-                        await self.reload()
-                    except config_mod.ConfigError as exc:
+                        await self.catalog_service.reload()
+                    except ConfigError as exc:
                         log.error("reload refused, keeping the running config: %s", exc.message)
                 else:
                     log.info("received %s", signal.Signals(signum).name)
@@ -301,7 +226,7 @@ class Daemon:
         """Keep `systemctl status` current: a STATUS line whenever the counts change."""
         last = ""
         while True:
-            line = self.status_line()
+            line = self.operations.summary()
             if line != last:
                 self.notifier.status(line)
                 last = line
