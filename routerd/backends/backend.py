@@ -20,9 +20,11 @@ import attrs
 import trio
 
 from routerd import events, llama_args
+from routerd.events import EventType
 from routerd.backends.child import Child, spawn
+from routerd.backends.health import HealthPolicy, Trust, healthy, watch
 from routerd.backends.logring import LogRing
-from routerd.backends.upstream import ConnectionPool, UpstreamError
+from routerd.backends.upstream import ConnectionPool
 from routerd.errors import LoadFailed
 
 log = logging.getLogger("routerd.backend")
@@ -37,7 +39,7 @@ OUTPUT_BATCH_INTERVAL = 0.02
 EXIT_NOTICE_TIME = 1.0
 
 
-class State(str, enum.Enum):
+class State(enum.StrEnum):
     UNLOADED = "unloaded"
     STARTING = "starting"
     READY = "ready"
@@ -71,16 +73,6 @@ class BackendSpec:
             return max(1, int(value)) if value is not None else 4
         except ValueError:
             return 4
-
-
-@attrs.frozen
-class HealthPolicy:
-    """How a ready backend is watched: a /health check every ``interval`` s, each bounded by
-    ``timeout`` s; ``failures`` in a row and it is killed as unresponsive."""
-
-    interval: float = 10.0
-    timeout: float = 5.0
-    failures: int = 2
 
 
 #: What a llama-server keeps from routerd's environment: the system basics, and what llama.cpp,
@@ -153,9 +145,7 @@ class Backend:
         self._output_seen = trio.Event()
         self._last_output = trio.current_time()
         self._output_done = trio.Event()
-        self._trusted = trio.Event()
-        self._trusted.set()
-        self._distrusted = trio.Event()  # wakes the task that checks /health after a broken call
+        self._trust = Trust()
 
     # -- what the supervisor and proxy use -------------------------------------------------
     @property
@@ -186,32 +176,24 @@ class Backend:
     @property
     def accepting(self) -> bool:
         """Ready, trusted and not asked to stop: new requests may be sent here."""
-        return self.state is State.READY and not self._stop_requested.is_set() and self._trusted.is_set()
+        return self.state is State.READY and not self._stop_requested.is_set() and self._trust.trusted
 
     @property
     def suspect(self) -> bool:
         """A call to it broke and /health has not answered since (see ``distrust``)."""
-        return not self._trusted.is_set()
+        return not self._trust.trusted
 
     def distrust(self) -> None:
-        """A call to this backend broke: send it nothing new until /health answers again.
-
-        A process that was just killed can still accept connections for a moment while the
-        kernel tears it down; a request sent then is reset without an answer, and routerd could
-        not tell it was never processed. Waiting for the verdict (healthy, or gone) avoids that.
-
-        Only flags: the checking is done by the backend's own task, which lives as long as the
-        process (this is called from request tasks, even while the backend is being torn down).
-        """
+        """A call to this backend broke: send it nothing new until /health answers again (see
+        ``health.Trust``; the backend's own task does the checking)."""
         if self.state is not State.READY or self.suspect:
             return
-        self._trusted = trio.Event()
-        self._distrusted.set()
+        self._trust.distrust()
         self._touch()
 
     async def wait_trusted(self) -> None:
         """Return once the backend is trusted again, or gone."""
-        await self._trusted.wait()
+        await self._trust.wait_trusted()
 
     @property
     def stop_requested(self) -> bool:
@@ -273,12 +255,12 @@ class Backend:
             self.log.close()
             while_loading = self.ready_at is None
             if self.error:
-                self.bus.publish("model.failed", self.name, error=self.error, exit_code=self.exit_code,
+                self.bus.publish(EventType.MODEL_FAILED, self.name, error=self.error, exit_code=self.exit_code,
                                  while_loading=while_loading)
             else:
-                self.bus.publish("model.stopped", self.name, reason=self.stop_reason, cause=self.stop_cause,
+                self.bus.publish(EventType.MODEL_STOPPED, self.name, reason=self.stop_reason, cause=self.stop_cause,
                                  exit_code=self.exit_code, while_loading=while_loading)
-            self._trusted.set()  # nobody waits for the verdict on a backend that is gone
+            self._trust.restore()  # nobody waits for the verdict on a backend that is gone
             self._settled.set()
             self._gone.set()
             self._on_change()
@@ -317,15 +299,15 @@ class Backend:
             self.last_used = self.ready_at
             load_seconds = self.ready_at - self.started_at
             log.info("%s ready on port %d after %.2f s", self.name, pool.port, load_seconds)
-            self.bus.publish("model.ready", self.name, load_seconds=load_seconds, pid=self.pid, port=pool.port)
+            self.bus.publish(EventType.MODEL_READY, self.name, load_seconds=load_seconds, pid=self.pid, port=pool.port)
             self._settled.set()
             self._on_change()
             nursery.start_soon(self._idle_timer)
             nursery.start_soon(self._watch_health, pool)
-            nursery.start_soon(self._keep_trust, pool)
+            nursery.start_soon(self._trust.keep, pool, self.health.timeout, self.name, self._touch)
             await self._stop_requested.wait()
             self.state = State.STOPPING
-            self.bus.publish("model.stopping", self.name, reason=self.stop_reason, cause=self.stop_cause,
+            self.bus.publish(EventType.MODEL_STOPPING, self.name, reason=self.stop_reason, cause=self.stop_cause,
                              in_flight=self.in_flight)
             self._on_change()
             await self._drain()
@@ -346,7 +328,7 @@ class Backend:
         """
         delay = 0.005
         while not self._stop_requested.is_set():
-            if await self._healthy(pool):
+            if await healthy(pool, timeout=2.0):
                 return True
             now = trio.current_time()
             deadline = self._last_output + self.spec.ready_timeout
@@ -359,42 +341,10 @@ class Backend:
         self.stop_reason = self.stop_reason or "stopped while starting"
         return False
 
-    @staticmethod
-    async def _healthy(pool: ConnectionPool, timeout: float = 2.0) -> bool:
-        try:
-            status, _ = await pool.get("/health", timeout=timeout)
-        except (UpstreamError, trio.TooSlowError):
-            return False
-        return status == 200
-
-    async def _keep_trust(self, pool: ConnectionPool) -> None:
-        """After each ``distrust``: check /health, backing off, until it answers."""
-        while True:
-            await self._distrusted.wait()
-            self._distrusted = trio.Event()
-            delay = 0.05
-            while not await self._healthy(pool, self.health.timeout):
-                await trio.sleep(delay)  # dying: the exit watcher ends this backend (and this task)
-                delay = min(delay * 2, 1.0)
-            log.info("%s answers /health again after a broken call; taking requests", self.name)
-            self._trusted.set()
-            self._touch()
-
     async def _watch_health(self, pool: ConnectionPool) -> None:
         """Kill a ready backend that stops answering /health (hung, deadlocked, swapped out)."""
-        missed = 0
-        while True:
-            await trio.sleep(self.health.interval)
-            if await self._healthy(pool, self.health.timeout):
-                missed = 0
-                continue
-            missed += 1
-            log.warning("%s: /health failed (%d of %d)", self.name, missed, self.health.failures)
-            if missed >= self.health.failures:
-                self.error = (f"llama-server stopped answering /health ({missed} checks, "
-                              f"{self.health.timeout:g} s each); killed")
-                self.request_stop("unresponsive", cause="unresponsive", drain_timeout=0.0)
-                return
+        self.error = await watch(pool, self.health, self.name)
+        self.request_stop("unresponsive", cause="unresponsive", drain_timeout=0.0)
 
     async def _watch_exit(self, child: Child, scope: trio.CancelScope) -> None:
         code = await child.wait()
@@ -432,9 +382,9 @@ class Backend:
         self.log.append(text)
         log.info("[%s] %s", self.name, text)
         if self.state is State.STARTING:
-            self.bus.publish("model.progress", self.name, line=text)
+            self.bus.publish(EventType.MODEL_PROGRESS, self.name, line=text)
         elif self.bus.follows_logs(self.name):
-            self.bus.publish(events.LOG, self.name, line=text)
+            self.bus.publish(EventType.MODEL_LOG, self.name, line=text)
         self._last_output = trio.current_time()
         self._output_seen.set()
         self._output_seen = trio.Event()

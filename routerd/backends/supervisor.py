@@ -24,8 +24,9 @@ import trio
 
 from routerd import events
 from routerd.backends import admission, scheduler, status
-from routerd.backends.backend import Backend, BackendSpec, HealthPolicy, State
+from routerd.backends.backend import Backend, BackendSpec, State
 from routerd.backends.endpoints import Lease
+from routerd.backends.health import HealthPolicy
 from routerd.backends.memory import MemoryManager
 from routerd.backends.modelstate import ModelStates, idle_ttl, live, replica_index
 from routerd.backends.placement import IMPLIED_FLAGS, Placement, spec_for
