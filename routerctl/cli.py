@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from routerd.events import EventType
 from routerd.paths import client_socket_candidates
 
 EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -272,49 +273,76 @@ class _ProgressLine:
 
 
 # -- commands -----------------------------------------------------------------------------
+def _stop_detail(kind: str, event: dict[str, Any]) -> str:
+    detail = f"{kind.split('.')[1]}: {event.get('reason')}"
+    if event.get("exit_code") is not None:
+        detail += f", exit status {event['exit_code']}"
+    return detail
+
+
+def _loading_detail(kind: str, event: dict[str, Any]) -> str:
+    detail = "loading" + (" (restart after a failure)" if event.get("restart") else "")
+    if event.get("replica") not in (None, event.get("model")):
+        detail += f" replica {event['replica']}"
+    return detail
+
+
+def _request_detail(kind: str, event: dict[str, Any]) -> str:
+    tokens = f" tokens {event['prompt_tokens']}/{event['completion_tokens']}" if event.get("prompt_tokens") else ""
+    return (f"{event.get('method')} {event.get('route')} {event.get('status')} {event.get('duration', 0):.3f} s"
+            f"{tokens}" + (" cancelled" if event.get("cancelled") else ""))
+
+
+def _catalog_detail(kind: str, event: dict[str, Any]) -> str:
+    if not event.get("ok", True):
+        return f"{kind} FAILED: {event.get('error')}"
+    changes = {k: event[k] for k in ("added", "removed", "changed", "restarted", "stopped") if event.get(k)}
+    return f"{kind} ({event.get('trigger', 'reload')}): " + (
+        "; ".join(f"{k} {', '.join(v)}" for k, v in changes.items()) or "no change")
+
+
+def _remote_detail(kind: str, event: dict[str, Any]) -> str:
+    return kind.split(".")[1] + (f": {event['error']}" if event.get("error") else "")
+
+
+#: How ``routerctl events`` words each event type: every type has a line (tests hold this to
+#: ``EventType``), so an event added to routerd is never printed as a bare name by accident.
+EVENT_DETAILS: dict[EventType, Callable[[str, dict[str, Any]], str]] = {
+    EventType.MODEL_LOADING: _loading_detail,
+    EventType.MODEL_PROGRESS: lambda kind, event: f"  {event.get('line')}",
+    EventType.MODEL_LOG: lambda kind, event: f"  {event.get('line')}",
+    EventType.MODEL_READY: lambda kind, event: (
+        f"ready in {event['load_seconds']:.2f} s (pid {event.get('pid')}, port {event.get('port')})"),
+    EventType.MODEL_STOPPING: _stop_detail,
+    EventType.MODEL_STOPPED: _stop_detail,
+    EventType.MODEL_FAILED: lambda kind, event: f"FAILED: {event.get('error')}",
+    EventType.MODEL_EVICTED: lambda kind, event: (
+        f"evicted ({event.get('cause')}) to make room for {event.get('for')}"),
+    EventType.MODEL_CRASH_LOOP: lambda kind, event: (
+        f"CRASH LOOP: {event.get('failures')} failures within {event.get('window'):g} s; "
+        f"`routerctl reset {event.get('model') or ''}` once fixed"),
+    EventType.QUEUE_HIGH: lambda kind, event: (
+        f"{kind}: {event.get('depth')} waiting (max_queue {event.get('max_queue')})"),
+    EventType.QUEUE_NORMAL: lambda kind, event: (
+        f"{kind}: {event.get('depth')} waiting (max_queue {event.get('max_queue')})"),
+    EventType.REMOTE_REACHABLE: _remote_detail,
+    EventType.REMOTE_UNREACHABLE: _remote_detail,
+    EventType.CATALOG_RESCAN: _catalog_detail,
+    EventType.CONFIG_RELOAD: _catalog_detail,
+    EventType.REQUEST: _request_detail,
+    EventType.DROPPED: lambda kind, event: f"dropped by routerd: {event.get('reason')}",
+}
+
+
 def format_event(event: dict[str, Any]) -> str:
-    """One event as a line for people (pure)."""
+    """One event as a line for people (pure); a type this routerctl does not know (a newer
+    routerd's) prints as its name."""
     stamp = time.strftime("%H:%M:%S", time.localtime(event.get("time", 0)))
     kind, model = event.get("type", "?"), event.get("model") or ""
-    if kind == "model.ready":
-        detail = f"ready in {event['load_seconds']:.2f} s (pid {event.get('pid')}, port {event.get('port')})"
-    elif kind in ("model.stopping", "model.stopped"):
-        detail = f"{kind.split('.')[1]}: {event.get('reason')}"
-        if event.get("exit_code") is not None:
-            detail += f", exit status {event['exit_code']}"
-    elif kind == "model.evicted":
-        detail = f"evicted ({event.get('cause')}) to make room for {event.get('for')}"
-    elif kind == "model.failed":
-        detail = f"FAILED: {event.get('error')}"
-    elif kind == "model.crash_loop":
-        detail = (f"CRASH LOOP: {event.get('failures')} failures within {event.get('window'):g} s; "
-                  f"`routerctl reset {model}` once fixed")
-    elif kind == "model.loading":
-        detail = "loading" + (" (restart after a failure)" if event.get("restart") else "")
-        if event.get("replica") not in (None, model):
-            detail += f" replica {event['replica']}"
-    elif kind in ("remote.reachable", "remote.unreachable"):
+    if kind in (EventType.REMOTE_REACHABLE, EventType.REMOTE_UNREACHABLE):
         model = f"remote {event.get('remote')}"
-        detail = kind.split(".")[1] + (f": {event['error']}" if event.get("error") else "")
-    elif kind == "model.progress":
-        detail = f"  {event.get('line')}"
-    elif kind in ("queue.high", "queue.normal"):
-        detail = f"{kind}: {event.get('depth')} waiting (max_queue {event.get('max_queue')})"
-    elif kind == "request":
-        tokens = f" tokens {event['prompt_tokens']}/{event['completion_tokens']}" if event.get("prompt_tokens") else ""
-        detail = (f"{event.get('method')} {event.get('route')} {event.get('status')} {event.get('duration', 0):.3f} s"
-                  f"{tokens}" + (" cancelled" if event.get("cancelled") else ""))
-    elif kind in ("catalog.rescan", "config.reload"):
-        if not event.get("ok", True):
-            detail = f"{kind} FAILED: {event.get('error')}"
-        else:
-            changes = {k: event[k] for k in ("added", "removed", "changed", "restarted", "stopped") if event.get(k)}
-            detail = f"{kind} ({event.get('trigger', 'reload')}): " + (
-                "; ".join(f"{k} {', '.join(v)}" for k, v in changes.items()) or "no change")
-    elif kind == "dropped":
-        detail = f"dropped by routerd: {event.get('reason')}"
-    else:
-        detail = kind
+    describe = EVENT_DETAILS.get(kind)  # a StrEnum member hashes and compares as its value
+    detail = describe(kind, event) if describe is not None else kind
     return f"{stamp} {model:<20} {detail}" if model else f"{stamp} {'-':<20} {detail}"
 
 

@@ -52,10 +52,6 @@ class EventType(enum.StrEnum):
     #: The last event a dropped subscriber receives.
     DROPPED = "dropped"
 
-
-REQUEST = EventType.REQUEST
-LOG = EventType.MODEL_LOG
-DROPPED = EventType.DROPPED
 #: Seconds a dropped subscriber has to read what it had buffered before it is cut off.
 DROP_GRACE = 5.0
 #: Finished requests kept for a new subscriber's first look (the status page's request log).
@@ -86,7 +82,7 @@ class Subscription:
     def __init__(self, buffer: int, *, requests: bool, visible: Callable[[Event], bool],
                  drop_grace: float = DROP_GRACE, logs: str | None = None) -> None:
         self.buffer = buffer
-        #: The model whose llama-server lines this subscriber follows (``LOG`` events).
+        #: The model whose llama-server lines this subscriber follows (``MODEL_LOG`` events).
         self.logs = logs
         self.drop_grace = drop_grace
         self.requests = requests
@@ -98,9 +94,9 @@ class Subscription:
         self.scope = trio.CancelScope()
 
     def offer(self, event: Event, make_dropped: Callable[[str], Event]) -> None:
-        if self.dropped or (event.type == REQUEST and not self.requests) or not self.visible(event):
+        if self.dropped or (event.type == EventType.REQUEST and not self.requests) or not self.visible(event):
             return
-        if event.type == LOG and event.model != self.logs:
+        if event.type == EventType.MODEL_LOG and event.model != self.logs:
             return
         if len(self._events) >= self.buffer:
             self.dropped = True
@@ -143,7 +139,7 @@ class Bus:
 
     def publish(self, type_: EventType, model: str | None = None, **data: Any) -> Event:
         event = Event(next(self._seq), time.time(), type_, model, data)
-        if type_ == REQUEST:
+        if type_ == EventType.REQUEST:
             self._recent_requests.append(event)
         for listener in self._listeners:
             listener(event)
@@ -152,14 +148,14 @@ class Bus:
         return event
 
     def _dropped_event(self, reason: str) -> Event:
-        return Event(next(self._seq), time.time(), DROPPED, None, {"reason": reason})
+        return Event(next(self._seq), time.time(), EventType.DROPPED, None, {"reason": reason})
 
     def recent_requests(self) -> list[Event]:
         """The last ``RECENT_REQUESTS`` finished requests, oldest first."""
         return list(self._recent_requests)
 
     def follows_logs(self, model: str) -> bool:
-        """Whether a subscriber follows ``model``'s lines (publish ``LOG`` events only then)."""
+        """Whether a subscriber follows ``model``'s lines (publish ``MODEL_LOG`` events only then)."""
         return any(subscription.logs == model for subscription in self._subscriptions)
 
     @contextmanager

@@ -20,11 +20,11 @@ from routerd.config import AuthConfig
 from routerd.errors import EXIT_CONFIG, ConfigError, TooManyRequests, Unauthorized
 from routerd.front import keys as keys_mod
 from routerd.front.access import Caller, Gate, TokenBucket, is_loopback, presented_key
-from routerd.front.proxy import forward_headers
+from routerd.front.requested import forward_headers
 from tests.conftest import make_config
 from tests.test_hardening import assert_clean_failure, serve
 
-NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 
 
 # -- keys, pure ---------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ def test_scope_globs_match_names_and_aliases():
 
 
 def test_expiry_dates_are_whole_days_in_utc():
-    assert keys_mod.expiry("2026-11-22") == dt.datetime(2026, 11, 23, tzinfo=dt.timezone.utc)
+    assert keys_mod.expiry("2026-11-22") == dt.datetime(2026, 11, 23, tzinfo=dt.UTC)
     _, record = keys_mod.make("k", expires="2026-11-22", now=NOW)
     assert not record.expired(NOW) and record.expired(NOW + dt.timedelta(hours=12))
     with pytest.raises(Exception, match="in the past"):

@@ -19,10 +19,11 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from routerd.front import http_server
-from routerd.front.proxy import PROXIED_POST
+from routerd.front.routes import PROXIED_POST
 from routerd.ops.control import STATE_CHANGING
 from tests.conftest import make_config, spawn_routerd
 

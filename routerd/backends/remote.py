@@ -223,7 +223,7 @@ class Remote:
             log.warning("remote %s is unreachable: %s", self.name, error)
         elif previous == "unreachable":
             log.info("remote %s is reachable again", self.name)
-        self.bus.publish(f"remote.{state}", None, remote=self.name, url=self.config.url, error=error)
+        self.bus.publish(events.EventType(f"remote.{state}"), None, remote=self.name, url=self.config.url, error=error)
         self._on_change()
 
 

@@ -31,7 +31,7 @@ from routerd.errors import PayloadTooLarge, RequestTimeout, RouterdError, Upstre
 from routerd.front import feedback
 from routerd.front.access import Gate, Receive, Scope, Send, caller_of, check_request, peer
 from routerd.front.exchange import Exchange, cancel_on_disconnect
-from routerd.front.requested import Requested, forward_headers, read_request, renamed, split_model_path
+from routerd.front.requested import forward_headers, read_request, renamed, split_model_path
 
 log = logging.getLogger("routerd.proxy")
 
@@ -44,19 +44,6 @@ MODEL_HEADER = b"x-routerd-model"
 ENDPOINT_HEADER = b"x-routerd-endpoint"
 _EVENT_STREAM_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                          (b"x-accel-buffering", b"no")]
-#: Names tests imported from here before the route table and ``requested`` existed; kept
-#: importable until they import those modules (the pure helpers above are re-exported as is).
-_MOVED_TO_ROUTES = frozenset({"PROXIED_POST", "SLOT_FREE_POST", "SHORT_UPSTREAM_GET", "is_proxied"})
-__all__ = ["ProxyApp", "Requested", "forward_headers", "read_request", "renamed", "split_model_path",
-           "cancel_on_disconnect", "caller_of"]
-
-
-def __getattr__(name: str) -> object:
-    if name in _MOVED_TO_ROUTES:
-        from routerd.front import routes  # only when asked: routes imports this module
-        return getattr(routes, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 class ProxyApp:
     """Relays the requests the route table gives it (``serve``) and records each one."""
@@ -89,7 +76,7 @@ class ProxyApp:
         status = client.status if client.status is not None else 499  # nothing sent: the client left
         tokens = client.tokens()
         self.supervisor.bus.publish(
-            events.REQUEST, client.model,
+            events.EventType.REQUEST, client.model,
             route=label, method=scope["method"], status=status,
             duration=now - client.began, ttfb=None if client.first_byte is None else client.first_byte - client.began,
             queue_wait=client.queue_wait, prompt_tokens=tokens[0] if tokens else None,

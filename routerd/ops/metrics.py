@@ -30,6 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from routerd import __version__, events, llama_args
+from routerd.events import EventType
 from routerd.backends.backend import Backend, State
 from routerd.backends.supervisor import Supervisor, spec_for
 from routerd.backends.upstream import UpstreamError
@@ -162,9 +163,16 @@ class Metrics:
     def _reload(self, model: str, data: dict[str, Any]) -> None:
         self.reloads.labels("ok" if data.get("ok") else "error").inc()
 
-    _handlers = {events.REQUEST: _request, "model.loading": _loading, "model.ready": _ready,
-                 "model.stopped": _stopped, "model.failed": _failed, "model.evicted": _evicted,
-                 "model.crash_loop": _crash_loop, "catalog.rescan": _rescan, "config.reload": _reload}
+    _handlers = {EventType.REQUEST: _request, EventType.MODEL_LOADING: _loading, EventType.MODEL_READY: _ready,
+                 EventType.MODEL_STOPPED: _stopped, EventType.MODEL_FAILED: _failed,
+                 EventType.MODEL_EVICTED: _evicted, EventType.MODEL_CRASH_LOOP: _crash_loop,
+                 EventType.CATALOG_RESCAN: _rescan, EventType.CONFIG_RELOAD: _reload}
+    #: Event types no metric counts, and why: their effect is read at scrape time (states,
+    #: queue depths, remote reachability are gauges) or they are not countable facts (log lines,
+    #: loading progress, a subscriber's own drop). Tests hold handled + ignored to ``EventType``.
+    IGNORED_EVENTS = frozenset({EventType.MODEL_PROGRESS, EventType.MODEL_LOG, EventType.MODEL_STOPPING,
+                                EventType.QUEUE_HIGH, EventType.QUEUE_NORMAL, EventType.REMOTE_REACHABLE,
+                                EventType.REMOTE_UNREACHABLE, EventType.DROPPED})
 
     def control_call(self, method: str, outcome: str) -> None:
         """Count a control call (``method`` must be a known method name or "unknown")."""
