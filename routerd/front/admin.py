@@ -20,8 +20,7 @@ from quart_trio import QuartTrio
 
 from routerd.backends.supervisor import Supervisor
 from routerd.errors import BadRequest, NotFound
-from routerd.front import proxy
-from routerd.front.access import Caller, Gate
+from routerd.front.access import Caller, Gate, caller_of
 from routerd.front.operations import Operations, json_default
 
 log = logging.getLogger("routerd.admin")
@@ -35,7 +34,7 @@ CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'se
 
 def register(app: QuartTrio, supervisor: Supervisor, gate: Gate, operations: Operations) -> None:
     """Add the page and the admin routes to the views app. ``supervisor`` and ``gate`` are the
-    ones ``operations`` works on (``api.create_app`` passes all three)."""
+    ones ``operations`` works on (the route table's ``create_app`` passes all three)."""
 
     @app.get("/ui")
     async def ui_root() -> Response:
@@ -55,13 +54,13 @@ def register(app: QuartTrio, supervisor: Supervisor, gate: Gate, operations: Ope
 
     @app.get("/admin/whoami")
     async def whoami() -> Response:
-        caller = proxy.caller_of(request.scope)
+        caller = caller_of(request.scope)
         return _json({"key": caller.key.name if caller.key else None,
                       "admin": caller.key is not None and caller.key.admin, "keys_required": gate.required})
 
     @app.get("/admin/models/<path:model>/logs")
     async def logs(model: str) -> Response:
-        caller = proxy.caller_of(request.scope)
+        caller = caller_of(request.scope)
         gate.check_model(caller, model, supervisor.catalog.get(model))
         return _json(await operations.logs(model, _int_arg("lines", 100, 0, MAX_LOG_LINES)))
 
@@ -86,7 +85,7 @@ def register(app: QuartTrio, supervisor: Supervisor, gate: Gate, operations: Ope
 
 
 def _admin(gate: Gate, action: str) -> Caller:
-    caller = proxy.caller_of(request.scope)
+    caller = caller_of(request.scope)
     gate.require_admin_key(caller, action)
     return caller
 

@@ -130,7 +130,8 @@ class _Server(TCPServer):
         self._send_timeout = send_timeout
         self._peer = peer
         #: The connection's socket when nothing wraps it (not TLS): written to directly.
-        self._plain = self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
+        stream: trio.abc.Stream = self.stream  # hypercorn annotates an SSLStream; plain HTTP is a SocketStream
+        self._plain: trio.socket.SocketType | None = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._idle = True  # no request in progress
         self._became_idle = trio.Event()
         self._idle_timer: trio.CancelScope | None = None

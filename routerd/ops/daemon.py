@@ -164,8 +164,8 @@ class Daemon:
             http_stopped = trio.Event()
             from routerd.front.api import create_app  # quart is heavy; import once the daemon starts
 
-            # create_app hands its last argument to admin.register, which takes the operations.
-            app = create_app(self.supervisor, self.gate, self.metrics, self.operations)  # type: ignore[arg-type]
+            # create_app hands its last argument to admin.register, which acts through the operations.
+            app = create_app(self.supervisor, self.gate, self.metrics, self.operations)
             try:
                 self.operations.listen = await root.start(partial(self._serve_http, app, http_stopped))
             except* OSError as group:  # the bind fails inside the server's nurseries
