@@ -16,7 +16,8 @@ import traceback
 
 import trio
 
-from routerd import __version__, config as config_mod, paths
+from routerd import __version__, paths
+from routerd import config as config_mod
 from routerd.errors import EXIT_INTERNAL, BadRequest, ConfigError, RouterdError, leaves
 from routerd.front import keys
 from routerd.ops import logs
