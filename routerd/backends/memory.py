@@ -285,7 +285,7 @@ class MemoryManager:
         if any(llama_args.has_flag(flags, name) for name in PINNING_FLAGS):
             return [None]
         budgets = self.budgets()
-        return sorted(gpus, key=lambda g: -budgets.get(g, 0))
+        return sorted(gpus, key=lambda gpu: -budgets.get(gpu or "", 0))
 
     def _gpus_for(self, spec: BackendSpec, gpu: str | None) -> list[str]:
         if gpu is not None:
@@ -410,7 +410,7 @@ class MemoryManager:
         }
 
     def report(self, residents: Sequence[Resident]) -> list[dict[str, object]]:
-        used = {}
+        used: dict[str, int] = {}
         for resident in residents:
             for device, nbytes in resident.usage.items():
                 used[device] = used.get(device, 0) + nbytes

@@ -9,7 +9,7 @@ backends, queues or memory itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 
@@ -44,10 +44,12 @@ def choose_target(strategy: str, targets: Sequence[Target], per_target: int = 1)
                 return target.name
         return min(targets, key=lambda t: t.outstanding).name  # all full: the least loaded queues it
     if strategy == "warm":
-        for wanted in (lambda t: t.state == "ready" and not t.saturated,
-                       lambda t: t.state == "starting",
-                       lambda t: t.state not in ("ready", "starting") and t.fits,
-                       lambda t: t.state == "ready"):  # all busy, nothing fits: queue at a warm one
+        preferences: tuple[Callable[[Target], bool], ...] = (
+            lambda t: t.state == "ready" and not t.saturated,
+            lambda t: t.state == "starting",
+            lambda t: t.state not in ("ready", "starting") and t.fits,
+            lambda t: t.state == "ready")  # all busy, nothing fits: queue at a warm one
+        for wanted in preferences:
             for target in targets:
                 if wanted(target):
                     return target.name

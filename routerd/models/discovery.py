@@ -168,7 +168,7 @@ def scan_hf_cache(cache_dir: str | os.PathLike[str] | None = None) -> CacheScan:
     from huggingface_hub import CacheNotFound, scan_cache_dir
 
     try:
-        info = scan_cache_dir(cache_dir)
+        info = scan_cache_dir(os.fspath(cache_dir) if cache_dir is not None else None)
     except CacheNotFound:
         return CacheScan([], [])
     found: list[Found] = []

@@ -191,7 +191,7 @@ def _read_cached(path: str, size: int, mtime_ns: int) -> GGUFMeta:
     return GGUFMeta(
         path=path, file_size=total_size, architecture=arch, name=str(meta.get("general.name", "")),
         size_label=str(meta.get("general.size_label", "")),
-        quantization=FILE_TYPES.get(file_type, str(file_type) if file_type is not None else ""),
+        quantization=_quantization(file_type),
         block_count=blocks, context_length=number(f"{arch}.context_length"), embedding_length=embd,
         head_count=heads, head_count_kv=kv_per_layer,
         key_length=number(f"{arch}.attention.key_length", head_dim),
@@ -207,3 +207,10 @@ def read_meta(path: str | os.PathLike[str]) -> GGUFMeta:
     resolved = str(Path(path))
     stat = os.stat(resolved)
     return _read_cached(resolved, stat.st_size, stat.st_mtime_ns)
+
+
+def _quantization(file_type: object) -> str:
+    """``general.file_type`` as llama.cpp names it (an unknown number as itself)."""
+    if isinstance(file_type, int) and file_type in FILE_TYPES:
+        return FILE_TYPES[file_type]
+    return str(file_type) if file_type is not None else ""

@@ -13,18 +13,21 @@ rescans after.
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import time
+import types
 from collections.abc import Callable, Sequence
 
 import attrs
 import httpx
 
+_hub_http: types.ModuleType
 try:  # huggingface_hub >= 2 talks through httpx2, older releases through httpx
-    import httpx2 as _hub_http
+    _hub_http = importlib.import_module("httpx2")
 except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
-    _hub_http = httpx  # type: ignore[no-redef]
+    _hub_http = httpx
 
 from routerd.errors import BadRequest, NotFound, RouterdError, Unavailable
 from routerd.models import discovery
@@ -130,7 +133,7 @@ def _progress_bar(name: str, report: Progress) -> type:
             self._last = 0.0
 
         def update(self, n: float | None = 1) -> bool | None:
-            shown = super().update(n)
+            shown: bool | None = super().update(n)
             now = time.monotonic()
             if now - self._last >= 0.25 or (self.total and self.n >= self.total):
                 self._last = now

@@ -357,8 +357,10 @@ class _Snapshot:
                                ("used", "Memory routerd counts as held by its backends"),
                                ("free", "Budget not held by routerd's backends")):
             family = GaugeMetricFamily(f"routerd_device_memory_{key}_bytes", help_text, labels=["device"])
-            for device in devices:
-                family.add_metric([str(device["device"])], float(device[key]))  # type: ignore[arg-type]
+            for row in devices:
+                amount = row[key]
+                assert isinstance(amount, int | float), (key, amount)
+                family.add_metric([str(row["device"])], float(amount))
             yield family
         yield GaugeMetricFamily("routerd_event_subscribers", "Open /events and `routerctl events` consumers",
                                 supervisor.bus.subscribers)
