@@ -131,7 +131,7 @@ def _memory_cell(memory: dict[str, Any] | None) -> str:
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)
 
 
@@ -422,7 +422,8 @@ def run(args: argparse.Namespace) -> Any:
             return result, shown
         if c == "unload":
             result = client.call("unload", {"model": args.model, "force": args.force})
-            return result, lambda r: print(f"{r['model']}: unloaded" + ("" if r["was_running"] else " (was not running)"))
+            return result, lambda r: print(
+                f"{r['model']}: unloaded" + ("" if r["was_running"] else " (was not running)"))
         if c == "pull":
             bar = _ProgressLine(sys.stderr) if not args.json else None
             result = client.call("pull", {"model": args.model, "file": args.file},
@@ -455,7 +456,8 @@ def run(args: argparse.Namespace) -> Any:
         if c == "memory":
             return client.call("memory"), print_memory
         if c == "version":
-            return client.call("version"), lambda r: print(f"routerd {r['version']} (llama-server: {r['llama_server']})")
+            return client.call("version"), lambda r: print(
+                f"routerd {r['version']} (llama-server: {r['llama_server']})")
         if c == "ping":
             return client.call("ping"), print
         if c == "keys":

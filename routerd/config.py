@@ -23,8 +23,20 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, Iterabl
 
 from routerd import llama_args
 from routerd.config_schema import (
-    DEFAULT_PORT, AuthConfig, BackendConfig, CatalogConfig, Config, ControlConfig, LoggingConfig, MemoryConfig,
-    MetricsConfig, ModelConfig, RemoteConfig, SchedulerConfig, SelectorConfig, ServerConfig,
+    DEFAULT_PORT,
+    AuthConfig,
+    BackendConfig,
+    CatalogConfig,
+    Config,
+    ControlConfig,
+    LoggingConfig,
+    MemoryConfig,
+    MetricsConfig,
+    ModelConfig,
+    RemoteConfig,
+    SchedulerConfig,
+    SelectorConfig,
+    ServerConfig,
 )
 from routerd.errors import ConfigError
 
@@ -269,7 +281,9 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         server = attrs.evolve(server, certfile=absolute(server.certfile))
     if server.keyfile:
         server = attrs.evolve(server, keyfile=absolute(server.keyfile))
-    auth = attrs.evolve(config.auth, keys_file=absolute(config.auth.keys_file)) if config.auth.keys_file else config.auth
+    auth = config.auth
+    if auth.keys_file:
+        auth = attrs.evolve(auth, keys_file=absolute(auth.keys_file))
     remotes = {name: attrs.evolve(remote, api_key_file=absolute(remote.api_key_file)) if remote.api_key_file
                else remote for name, remote in config.remotes.items()}
     return attrs.evolve(config, models=models, catalog=catalog, server=server, auth=auth, remotes=remotes)

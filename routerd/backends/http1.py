@@ -47,7 +47,8 @@ def encode_request(method: str, target: str, headers: Iterable[tuple[bytes, byte
     """
     request_line = b"%s %s HTTP/1.1" % (method.encode("ascii"), target.encode("latin-1"))
     target_bytes = (len(method) + 1, len(request_line) - len(b" HTTP/1.1"))
-    if not target or not _TOKEN.fullmatch(request_line[:len(method)]) or _BAD_TARGET.search(request_line, *target_bytes):
+    if (not target or not _TOKEN.fullmatch(request_line[:len(method)])
+            or _BAD_TARGET.search(request_line, *target_bytes)):
         raise ValueError(f"not a valid request line: {request_line[:80]!r}")
     lines = [request_line, *(name + b": " + value for name, value in headers)]
     head = b"\r\n".join(lines)

@@ -88,7 +88,8 @@ class NvmlProvider:
             handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
             info = self._nvml.nvmlDeviceGetMemoryInfo(handle)
             name = self._nvml.nvmlDeviceGetName(handle)
-            found.append((index, name.decode() if isinstance(name, bytes) else str(name), int(info.total), int(info.free)))
+            label = name.decode() if isinstance(name, bytes) else str(name)
+            found.append((index, label, int(info.total), int(info.free)))
         return found
 
     def process_usage(self, pid: int) -> dict[int, int]:

@@ -171,7 +171,7 @@ class Gate:
 
     def __init__(self, config: AuthConfig, *, listening_on: str, state_dir: str,
                  clock: Callable[[], float] = time.monotonic,
-                 wallclock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)) -> None:
+                 wallclock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
         self._clock = clock
         self._wallclock = wallclock
         self.store = KeyFile(keys_mod.store_path(state_dir))
@@ -333,8 +333,9 @@ class Gate:
 
     def revoke(self, name: str) -> ApiKey:
         if name in self._external:
-            raise BadRequest(f"key {name!r} comes from auth.keys_file ({self._external_file.path if self._external_file else ''}); "
-                             "remove it there", code="key_in_keys_file")
+            where = self._external_file.path if self._external_file else ""
+            raise BadRequest(f"key {name!r} comes from auth.keys_file ({where}); remove it there",
+                             code="key_in_keys_file")
         record = self._own.get(name)
         if record is None:
             raise NotFound(f"no key named {name!r} (`routerctl keys list` shows them)", code="key_not_found")
@@ -383,4 +384,4 @@ def _stamp(path: str) -> tuple[int, int, int] | None:
 
 
 def _iso(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds")

@@ -164,7 +164,7 @@ def _read_cached(path: str, size: int, mtime_ns: int) -> GGUFMeta:
         total_size += part_size
         tensors.sort(key=lambda t: t[2])
         ends = [offset for _, _, offset in tensors[1:]] + [part_size - data_start]
-        for (name, elements, offset), end in zip(tensors, ends):
+        for (name, elements, offset), end in zip(tensors, ends, strict=True):
             nbytes = max(0, end - offset)
             parameters += elements
             layer = _LAYER_RE.match(name)

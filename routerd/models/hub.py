@@ -23,15 +23,15 @@ from collections.abc import Callable, Sequence
 import attrs
 import httpx
 
+from routerd.errors import BadRequest, NotFound, RouterdError, Unavailable
+from routerd.models import discovery
+from routerd.models.gguf_meta import split_parts
+
 _hub_http: types.ModuleType
 try:  # huggingface_hub >= 2 talks through httpx2, older releases through httpx
     _hub_http = importlib.import_module("httpx2")
 except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
     _hub_http = httpx
-
-from routerd.errors import BadRequest, NotFound, RouterdError, Unavailable
-from routerd.models import discovery
-from routerd.models.gguf_meta import split_parts
 
 Progress = Callable[[str, int, int | None], None]  # file, bytes done, bytes total
 
@@ -82,8 +82,13 @@ def pull(repo_id: str, tag: str | None, filename: str | None, *, cache_dir: str,
          token: str | None, progress: Progress) -> PullPlan:
     """Download what ``plan_pull`` chooses into the hub cache (blocking: run it in a thread)."""
     from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
 
     where = endpoint or "https://huggingface.co"
     try:

@@ -30,10 +30,10 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from routerd import __version__, events, llama_args
-from routerd.events import EventType
 from routerd.backends.backend import Backend, State
 from routerd.backends.supervisor import Supervisor, spec_for
 from routerd.backends.upstream import UpstreamError
+from routerd.events import EventType
 
 log = logging.getLogger("routerd.metrics")
 
@@ -301,7 +301,8 @@ class _Snapshot:
                                        "llama_server_version": build.llama_server_version})
         yield info
         yield GaugeMetricFamily("routerd_start_time_seconds", "When routerd started (Unix time)", metrics.started)
-        yield GaugeMetricFamily("routerd_uptime_seconds", "Seconds since routerd started", time.time() - metrics.started)
+        yield GaugeMetricFamily("routerd_uptime_seconds", "Seconds since routerd started",
+                                time.time() - metrics.started)
         entries = list(supervisor.catalog)
         yield GaugeMetricFamily("routerd_catalog_models", "Models in the catalog", len(entries))
 
@@ -353,7 +354,8 @@ class _Snapshot:
         yield from (state, queued, running, in_flight, slots, kv, crash, estimate, measured, peak)
 
         devices = memory.report(supervisor.residents())
-        for key, help_text in (("total", "Device memory"), ("budget", "Memory routerd may plan with (total minus reserve)"),
+        for key, help_text in (("total", "Device memory"),
+                               ("budget", "Memory routerd may plan with (total minus reserve)"),
                                ("used", "Memory routerd counts as held by its backends"),
                                ("free", "Budget not held by routerd's backends")):
             family = GaugeMetricFamily(f"routerd_device_memory_{key}_bytes", help_text, labels=["device"])
