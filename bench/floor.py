@@ -4,7 +4,8 @@
 routerd's cost per request and per relayed event sits on a fixed design (hypercorn's protocol
 code and trio, behind routerd.front.http_server). To tell what routerd's own logic adds from
 what the design costs, this serves two trivial ASGI apps on that same front, with the daemon's
-hypercorn settings:
+hypercorn settings (``http_server.hypercorn_config`` of the default ``[server]``, which is what
+bench/cost.py runs routerd with, and the same write timeout):
 
 - ``--app front``: answers ``/tokenize`` and ``/v1/embeddings`` with a small fixed body and
   streams ``max_tokens`` SSE events, one every ``--interval`` s, for chat completions: the front
@@ -20,19 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-import hypercorn.config
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from routerd.backends.upstream import ConnectionPool  # noqa: E402
+from routerd.config import ServerConfig  # noqa: E402
 from routerd.front import http_server  # noqa: E402
-
 from standin import EMBEDDING, EVENT, LAST, TOKENIZE  # noqa: E402
 
 Scope = dict[str, Any]
@@ -100,13 +99,10 @@ def relay_app(upstream_port: int) -> Any:
 
 
 async def main(args: argparse.Namespace) -> None:
-    config = hypercorn.config.Config()  # as routerd.ops.daemon sets it
-    config.bind = [f"127.0.0.1:{args.port}"]
-    config.keep_alive_timeout = 10.0
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
+    server = ServerConfig(host="127.0.0.1", port=args.port)  # routerd's defaults, as bench/cost.py runs it
     app = front_app(args.interval) if args.app == "front" else relay_app(args.upstream_port)
-    await http_server.serve(_with_lifespan(app), config, shutdown_trigger=trio.sleep_forever)
+    await http_server.serve(_with_lifespan(app), http_server.hypercorn_config(server),
+                            shutdown_trigger=trio.sleep_forever, send_timeout=server.send_timeout)
 
 
 if __name__ == "__main__":

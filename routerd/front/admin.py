@@ -18,7 +18,6 @@ from importlib import resources
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from routerd.backends.supervisor import Supervisor
 from routerd.errors import BadRequest, NotFound
 from routerd.front.access import Caller, Gate, caller_of
 from routerd.front.operations import Operations, json_default
@@ -32,9 +31,10 @@ CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'se
                            "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-def register(app: QuartTrio, supervisor: Supervisor, gate: Gate, operations: Operations) -> None:
-    """Add the page and the admin routes to the views app. ``supervisor`` and ``gate`` are the
-    ones ``operations`` works on (the route table's ``create_app`` passes all three)."""
+def register(app: QuartTrio, operations: Operations) -> None:
+    """Add the page and the admin routes to the views app; the actions run ``operations``, and
+    the checks use the gate and the catalog those work on."""
+    supervisor, gate = operations.supervisor, operations.gate
 
     @app.get("/ui")
     async def ui_root() -> Response:

@@ -15,8 +15,6 @@ from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
-import attrs
-import cattrs
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -28,9 +26,9 @@ from routerd.backends.supervisor import Supervisor
 from routerd.errors import NotFound, PayloadTooLarge, RouterdError
 from routerd.front.access import Caller, Gate, Receive, Scope, Send, caller_of
 from routerd.front.exchange import cancel_on_disconnect
+from routerd.front.operations import json_default, unstructure
 
 log = logging.getLogger("routerd.api")
-_converter = cattrs.Converter()
 
 #: Longest a rendered /v1/models body is reused while nothing changed (seconds).
 MODELS_VIEW_MAX_AGE = 1.0
@@ -50,15 +48,8 @@ class MetricsSource(Protocol):
 
     content_type: str
 
-    async def render(self, *, backends: bool, timeout: float) -> bytes: ...
-
-
-def create_app(supervisor: Supervisor, gate: Gate, metrics: MetricsSource, rescan: Any) -> Any:
-    """The whole HTTP front: ``routes.create_app`` (kept under this name for the daemon; the
-    last argument goes to ``admin.register``)."""
-    from routerd.front import routes  # routes imports this module; the app is built there
-
-    return routes.create_app(supervisor, gate, metrics, rescan)
+    # ``timeout`` bounds each backend's scrape, not the render: a cancel scope cannot say that.
+    async def render(self, *, backends: bool, timeout: float) -> bytes: ...  # noqa: ASYNC109
 
 
 class Observability:
@@ -121,7 +112,7 @@ class Observability:
 
 
 async def _send_event(send: Send, event_id: str, data: dict[str, Any]) -> None:
-    body = b"id: " + event_id.encode() + b"\ndata: " + json.dumps(data, default=str).encode() + b"\n\n"
+    body = b"id: " + event_id.encode() + b"\ndata: " + json.dumps(data, default=json_default).encode() + b"\n\n"
     await send({"type": "http.response.body", "body": body, "more_body": True})
 
 
@@ -163,7 +154,7 @@ def views_app(supervisor: Supervisor, gate: Gate, *, is_wrong_method: Callable[[
                 continue
             for shown in [status.name, *status.aliases]:
                 entry = {"id": shown, "object": "model", "created": 0, "owned_by": "routerd",
-                         **_converter.unstructure(status)}
+                         **unstructure(status)}
                 if shown != status.name:
                     entry["alias_of"] = status.name
                 data.append(entry)
@@ -172,7 +163,7 @@ def views_app(supervisor: Supervisor, gate: Gate, *, is_wrong_method: Callable[[
                 data.append({"id": name, "object": "model", "created": 0, "owned_by": "routerd",
                              "selector": {"strategy": selector.strategy, "targets": list(selector.targets),
                                           "per_target": selector.per_target}})
-        body = json.dumps({"object": "list", "data": data}, default=_default)
+        body = json.dumps({"object": "list", "data": data}, default=json_default)
         if len(models_view) > MODELS_VIEWS_KEPT:
             models_view.clear()
         models_view[view] = (supervisor.version, now, body)
@@ -182,7 +173,7 @@ def views_app(supervisor: Supervisor, gate: Gate, *, is_wrong_method: Callable[[
     async def show_model(model: str) -> Response:
         gate.check_model(caller_of(request.scope), model, supervisor.catalog.get(model))
         entry = supervisor.catalog.resolve(model)
-        return _json({"id": model, "object": "model", **_converter.unstructure(supervisor.model_status(entry))})
+        return _json({"id": model, "object": "model", **unstructure(supervisor.model_status(entry))})
 
     @app.get("/memory")
     async def memory() -> Response:
@@ -230,10 +221,4 @@ def views_app(supervisor: Supervisor, gate: Gate, *, is_wrong_method: Callable[[
 
 
 def _json(data: Any) -> Response:
-    return Response(json.dumps(data, default=_default), content_type="application/json")
-
-
-def _default(value: Any) -> Any:
-    if attrs.has(type(value)):
-        return _converter.unstructure(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    return Response(json.dumps(data, default=json_default), content_type="application/json")

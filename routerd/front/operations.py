@@ -33,7 +33,7 @@ from routerd.models.service import CatalogService, PullResult, ReloadResult
 
 __all__ = ["KeyAdded", "KeyRevoked", "KeysListed", "LoadResult", "LogsResult", "ImportResult", "ModelResult",
            "ModelsResult", "Operations", "Overview", "PullResult", "ReloadResult", "ResetResult", "UnloadResult",
-           "VersionResult", "json_default", "summary"]
+           "VersionResult", "json_default", "summary", "unstructure"]
 
 #: An edge's way to tell its caller how a long operation goes (the params of one notification).
 Notify = Callable[[dict[str, Any]], Awaitable[None]]
@@ -41,10 +41,17 @@ Notify = Callable[[dict[str, Any]], Awaitable[None]]
 _converter = cattrs.Converter()
 
 
+def unstructure(value: object) -> Any:
+    """An attrs value (a result, a model's status) as plain JSON data: the edges that add fields
+    of their own around one (``/v1/models``) start from this."""
+    return _converter.unstructure(value)
+
+
 def json_default(value: object) -> Any:
-    """``json.dumps``'s ``default`` for every result here (and anything attrs it holds)."""
+    """``json.dumps``'s ``default`` for every result here (and anything attrs it holds): the one
+    serialiser of every API's answers and events."""
     if attrs.has(type(value)):
-        return _converter.unstructure(value)
+        return unstructure(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 

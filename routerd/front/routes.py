@@ -15,7 +15,6 @@ imports the proxy. It must not serve anything itself.
 from __future__ import annotations
 
 import enum
-from typing import Any
 
 import attrs
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
@@ -27,6 +26,7 @@ from routerd.errors import RouterdError
 from routerd.front import access, admin, api, cors
 from routerd.front.access import Gate
 from routerd.front.exchange import Exchange
+from routerd.front.operations import Operations
 from routerd.front.proxy import ProxyApp
 
 
@@ -221,10 +221,10 @@ class Front:
             await self.views(scope, receive, send)
 
 
-def create_app(supervisor: Supervisor, gate: Gate, metrics: api.MetricsSource, admin_actions: Any) -> Front:
+def create_app(supervisor: Supervisor, gate: Gate, metrics: api.MetricsSource, operations: Operations) -> Front:
     """The whole HTTP front as one ASGI app; ``gate`` has checked each request's key before
-    any view runs, and the views show a caller only what its key's scope covers.
-    ``admin_actions`` is what ``admin.register`` acts through (the daemon's)."""
+    any view runs, and the views show a caller only what its key's scope covers. The admin API
+    runs ``operations`` (over the same supervisor and gate)."""
     views = api.views_app(supervisor, gate, is_wrong_method=is_wrong_method)
-    admin.register(views, supervisor, gate, admin_actions)
+    admin.register(views, operations)
     return Front(supervisor, gate, ProxyApp(supervisor, gate), api.Observability(supervisor, gate, metrics), views)

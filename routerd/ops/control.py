@@ -1,11 +1,12 @@
 """The control plane: JSON-RPC 2.0 over a Unix socket, one JSON object per line.
 
 Owns the socket (path, mode 0660 set through the umask, stale-file replacement, refusing to
-start beside a live routerd), peer-credential checks, framing, batches, notifications, and the
-method table. Methods are the operations of ``front/operations.py`` (the admin HTTP API runs the
-same ones and answers the same fields); none holds logic of its own beyond shaping params and
-turning progress into notifications. Authorization is here (peer credentials), never in the
-operations. See docs/control-protocol.md.
+start beside a live routerd), peer-credential checks, the connection limit, batches,
+notifications, and the method table; one connection's framing is ``jsonrpc.py``'s. Methods are
+the operations of ``front/operations.py`` (the admin HTTP API runs the same ones and answers the
+same fields); none holds logic of its own beyond shaping params and turning progress into
+notifications. Authorization is here (peer credentials), never in the operations. See
+docs/control-protocol.md.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ import grp
 import inspect
 import json
 import logging
-import math
 import os
 import pwd
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
 
@@ -32,18 +32,29 @@ from routerd import client_json
 from routerd.config import CONVERTER, ControlConfig, flatten_errors
 from routerd.errors import ConfigError, NotWritable, RouterdError, StartupError
 from routerd.front.keys import KeySettings
-from routerd.front.operations import LogsResult, Operations, json_default
+from routerd.front.operations import LogsResult, Operations
+from routerd.ops.jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    PERMISSION_DENIED,
+    TOO_MANY_CONNECTIONS,
+    Connection,
+    RpcError,
+    cancel_on_hangup,
+    error_reply,
+    try_send,
+    valid_id,
+)
 
 log = logging.getLogger("routerd.control")
-#: Longest request line (bytes); a longer one is an error and ends the connection.
-MAX_LINE = 1 << 20
 #: Deepest nesting of arrays and objects in a request; routerd's own requests need 3.
 MAX_DEPTH = 32
 #: Most requests in one batch.
 MAX_BATCH = 64
 
-PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR = -32700, -32600, -32601, -32602, -32603
-PERMISSION_DENIED, TOO_MANY_CONNECTIONS = -32010, -32011
 #: Methods that change something: each call is logged with the caller's uid.
 STATE_CHANGING = frozenset({"load", "unload", "reload", "rescan", "reset", "import", "pull", "keys.add",
                             "keys.revoke"})
@@ -111,18 +122,6 @@ class EventsParams:
     requests: bool = False
 
 
-class RpcError(Exception):
-    def __init__(self, code: int, message: str, data: Any = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.data = code, message, data
-
-    def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.data is not None:
-            error["data"] = self.data
-        return error
-
-
 def _structure_params(raw: Any, cls: type) -> Any:
     if raw is None:
         raw = {}
@@ -161,68 +160,6 @@ def authorize(uid: int, gid: int, *, own_uid: int, group: str) -> str | None:
             pass
         return f"uid {uid} is not root, routerd's user, or a member of group {group!r}"
     return f"uid {uid} is not root or routerd's user (set control.group to allow a group)"
-
-
-class Connection:
-    """One client: reads lines, answers each request, may send notifications in between."""
-
-    def __init__(self, stream: trio.SocketStream, *, peer: tuple[int, int, int] = (0, -1, -1),
-                 idle_timeout: float = math.inf) -> None:
-        self.stream = stream
-        self.pid, self.uid, self.gid = peer
-        self.idle_timeout = idle_timeout
-        #: A method is running for this client (it is not idle, and is never evicted).
-        self.busy = False
-        self.idle_since = trio.current_time()
-        self.scope = trio.CancelScope()
-        self._buffer = b""
-
-    def __str__(self) -> str:
-        return f"pid {self.pid} uid {self.uid}"
-
-    async def send(self, message: dict[str, Any] | list[dict[str, Any]]) -> None:
-        await self.stream.send_all(json.dumps(message, default=json_default).encode() + b"\n")
-
-    async def notify(self, method: str, params: dict[str, Any]) -> None:
-        await self.send({"jsonrpc": "2.0", "method": method, "params": params})
-
-    async def refuse(self, error: RpcError) -> None:
-        """Answer ``error`` and end the connection so that the client reads it: what it sent
-        meanwhile is read and dropped (closing with unread data would reset the connection)."""
-        await self.send(_error(None, error))
-        await self.stream.send_eof()
-        with trio.move_on_after(1.0):
-            while await self.stream.receive_some(65536):
-                pass
-
-    async def hung_up(self) -> None:
-        """Return when the client closes its end; for long methods that only send meanwhile.
-
-        Anything the client sends in the meantime is kept for the next request, up to a line's
-        limit: a client that keeps sending past it is treated as gone.
-        """
-        while len(self._buffer) <= MAX_LINE and (chunk := await self.stream.receive_some(65536)):
-            self._buffer += chunk
-
-    async def lines(self) -> AsyncIterator[bytes]:
-        """Each request line; ends when the client closes, or has been idle ``idle_timeout`` s."""
-        while True:
-            deadline = trio.current_time() + self.idle_timeout
-            while b"\n" not in self._buffer:
-                if len(self._buffer) > MAX_LINE:
-                    raise RpcError(INVALID_REQUEST, f"request line longer than {MAX_LINE} bytes (the limit)")
-                with trio.move_on_at(deadline):
-                    chunk = await self.stream.receive_some(65536)
-                    if not chunk:
-                        return
-                    self._buffer += chunk
-                    continue
-                log.info("control: closing the connection of %s, idle for %g s (control.idle_timeout)",
-                         self, self.idle_timeout)
-                return
-            line, self._buffer = self._buffer.split(b"\n", 1)
-            if line.strip():
-                yield line
 
 
 #: A method: its params and the client's connection in, its result (or a coroutine of it) out.
@@ -336,7 +273,7 @@ class ControlServer:
             pass  # the client went away; nothing to clean beyond this connection
         except Exception:
             log.exception("control: connection of %s failed", conn)
-            await _try_send(conn, _error(None, RpcError(INTERNAL_ERROR, "internal error; see routerd's log")))
+            await try_send(conn, error_reply(None, RpcError(INTERNAL_ERROR, "internal error; see routerd's log")))
         finally:
             self._connections.discard(conn)
             with trio.CancelScope(shield=True):
@@ -367,7 +304,7 @@ class ControlServer:
                     conn.idle_since = trio.current_time()
         except RpcError as exc:  # framing: the line itself is unusable, so is the connection
             log.warning("control: closing the connection of %s: %s", conn, exc.message)
-            await _try_send(conn, _error(None, exc))
+            await try_send(conn, error_reply(None, exc))
 
     def _make_room_for_connection(self) -> bool:
         """Whether another connection may be served, closing the longest-idle one if needed.
@@ -392,12 +329,12 @@ class ControlServer:
             message = client_json.loads(line, max_depth=MAX_DEPTH)
         except client_json.InvalidJson as exc:
             log.info("control: parse error from %s: %s", conn, exc)
-            return _error(None, RpcError(PARSE_ERROR, f"parse error: {exc}"))
+            return error_reply(None, RpcError(PARSE_ERROR, f"parse error: {exc}"))
         if isinstance(message, list):
             if not message:
-                return _error(None, RpcError(INVALID_REQUEST, "invalid request: empty batch"))
+                return error_reply(None, RpcError(INVALID_REQUEST, "invalid request: empty batch"))
             if len(message) > MAX_BATCH:
-                return _error(None, RpcError(INVALID_REQUEST, f"invalid request: a batch holds at most "
+                return error_reply(None, RpcError(INVALID_REQUEST, f"invalid request: a batch holds at most "
                                                               f"{MAX_BATCH} requests, this one {len(message)}"))
             replies = [await self.handle_one(item, conn) for item in message]
             return [r for r in replies if r is not None] or None
@@ -407,16 +344,16 @@ class ControlServer:
         if (not isinstance(message, dict) or message.get("jsonrpc") != "2.0"
                 or not isinstance(message.get("method"), str)):
             request_id = message.get("id") if isinstance(message, dict) else None
-            return _error(request_id if _valid_id(request_id) else None, RpcError(
+            return error_reply(request_id if valid_id(request_id) else None, RpcError(
                 INVALID_REQUEST, "invalid request: need an object with jsonrpc \"2.0\" and a method"))
         request_id = message.get("id")
         is_notification = "id" not in message
-        if not _valid_id(request_id):
-            return _error(None, RpcError(INVALID_REQUEST, "invalid request: id must be a string, number or null"))
+        if not valid_id(request_id):
+            return error_reply(None, RpcError(INVALID_REQUEST, "invalid request: id must be a string, number or null"))
         try:
             result = await self.call(message["method"], message.get("params"), conn)
         except RpcError as exc:
-            return None if is_notification else _error(request_id, exc)
+            return None if is_notification else error_reply(request_id, exc)
         return None if is_notification else {"jsonrpc": "2.0", "id": request_id, "result": result}
 
     async def call(self, method: str, raw_params: Any, conn: Connection) -> Any:
@@ -464,7 +401,7 @@ class ControlServer:
         model = self.operations.supervisor.catalog.resolve(params.model).name
         result = LogsResult(model=model, lines=[], running=False)  # what a follow ends with
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_hangup, conn, nursery.cancel_scope)
+            nursery.start_soon(cancel_on_hangup, conn, nursery.cancel_scope)
             result = await self.operations.logs(model, params.lines, follow=send)
             nursery.cancel_scope.cancel()
         return result
@@ -474,7 +411,7 @@ class ControlServer:
         behind: then a ``dropped`` event ends it)."""
         with self.operations.supervisor.bus.subscribe(requests=params.requests) as subscription:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_on_hangup, conn, nursery.cancel_scope)
+                nursery.start_soon(cancel_on_hangup, conn, nursery.cancel_scope)
                 with subscription.scope:
                     async for event in subscription:
                         await conn.notify("event", event.to_dict())
@@ -482,27 +419,7 @@ class ControlServer:
         return {"ended": "dropped" if subscription.dropped else "client left"}
 
 
-def _valid_id(request_id: Any) -> bool:
-    return request_id is None or (isinstance(request_id, (str, int)) and not isinstance(request_id, bool))
-
-
 def _brief(params: Any) -> str:
     """Params for a log line: short, whatever the client sent."""
     text = json.dumps(params) if params is not None else "{}"
     return text if len(text) <= 200 else text[:200] + "..."
-
-
-def _error(request_id: Any, exc: RpcError) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": request_id, "error": exc.body()}
-
-
-async def _cancel_on_hangup(conn: Connection, scope: trio.CancelScope) -> None:
-    await conn.hung_up()
-    scope.cancel()
-
-
-async def _try_send(conn: Connection, message: dict[str, Any]) -> None:
-    try:
-        await conn.send(message)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass

@@ -162,9 +162,8 @@ class Daemon:
             await self.catalog_service.rebuild(trigger="startup")  # discovered models are servable at READY
             await root.start(self.catalog_service.run)
             http_stopped = trio.Event()
-            from routerd.front.api import create_app  # quart is heavy; import once the daemon starts
+            from routerd.front.routes import create_app  # quart is heavy; import once the daemon starts
 
-            # create_app hands its last argument to admin.register, which acts through the operations.
             app = create_app(self.supervisor, self.gate, self.metrics, self.operations)
             try:
                 self.operations.listen = await root.start(partial(self._serve_http, app, http_stopped))
