@@ -17,6 +17,7 @@ Figures only; nothing here asserts a timing.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -31,7 +32,7 @@ import httpx
 import tomli_w
 import trio
 
-from loadgen import StreamRun, free_port, paced_streams, process_cpu, wait_http, wrk, write_tiny_ggufs
+from loadgen import StreamRun, free_port, paced_streams, process_cpu, wait_http, write_tiny_ggufs, wrk
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -95,8 +96,8 @@ async def cheap_requests(row: Row, targets: Sequence[Any], quick: bool) -> None:
                 for t in rng.sample(list(targets), len(targets)):
                     pid = t.proc.pid if t.name in proxies else None
                     bodies = [_body(t.models["smollm2"], route)]
-                    run, cpu = await _with_cpu(pid, lambda: wrk(t.url, route, bodies, connections=connections,
-                                                                 seconds=seconds))
+                    run, cpu = await _with_cpu(pid, functools.partial(wrk, t.url, route, bodies,
+                                                                      connections=connections, seconds=seconds))
                     rates[t.name].append(run.rate)
                     errors[t.name] += run.errors
                     generator.append(run.cpu / run.seconds)
@@ -176,7 +177,7 @@ async def paced_events(row: Row, work: Path, quick: bool) -> None:
         for _ in range(rounds):
             for name in random.sample(list(runs), 2):
                 port, pid = (direct_port, None) if name == "direct" else (routerd.port, routerd.proc.pid)
-                runs[name].append(await _with_cpu(pid, lambda: paced_streams("127.0.0.1", port, bodies)))
+                runs[name].append(await _with_cpu(pid, functools.partial(paced_streams, "127.0.0.1", port, bodies)))
         cells = {}
         for name, results in runs.items():
             run = min(results, key=lambda r: r[0].seconds)  # the least disturbed round
@@ -219,9 +220,11 @@ async def design_floor(row: Row, work: Path, quick: bool) -> None:
             for name in random.sample(list(targets), len(targets)):
                 port, pid = targets[name]
                 url = f"http://127.0.0.1:{port}"
-                run, cpu = await _with_cpu(pid, lambda: wrk(url, "/tokenize", [body], connections=16, seconds=seconds))
+                run, cpu = await _with_cpu(pid, functools.partial(wrk, url, "/tokenize", [body], connections=16,
+                                                                  seconds=seconds))
                 per_request[name].append((cpu or 0.0) / max(1, run.requests))
-                streamed, cpu = await _with_cpu(pid, lambda: paced_streams("127.0.0.1", port, stream_bodies))
+                streamed, cpu = await _with_cpu(pid, functools.partial(paced_streams, "127.0.0.1", port,
+                                                                       stream_bodies))
                 per_event[name].append((cpu or 0.0) / max(1, streamed.events))
     finally:
         routerd.close()
@@ -256,18 +259,21 @@ async def scale(work: Path, quick: bool) -> list[str]:
                 await routerd.load(client, names)
                 for level in levels:
                     bodies = [_body(name, "/tokenize") for name in names]
-                    run, cpu = await _with_cpu(routerd.proc.pid, lambda: wrk(routerd.url, "/tokenize", bodies,
-                                                                             connections=level, seconds=seconds))
+                    generate = functools.partial(wrk, routerd.url, "/tokenize", bodies, connections=level,
+                                                 seconds=seconds)
+                    run, cpu = await _with_cpu(routerd.proc.pid, generate)
                     per_request = (cpu or 0.0) / max(1, run.requests)
                     stream_bodies = [_stream_body(names[i % resident], events) for i in range(level)]
                     streamed, stream_cpu = await _with_cpu(
-                        routerd.proc.pid, lambda: paced_streams("127.0.0.1", routerd.port, stream_bodies))
+                        routerd.proc.pid, functools.partial(paced_streams, "127.0.0.1", routerd.port, stream_bodies))
                     per_event = (stream_cpu or 0.0) / max(1, streamed.events)
                     offered = level / EVENT_INTERVAL
+                    run_errors = f", {run.errors} errors" if run.errors else ""
+                    broken = f", {streamed.failed} broken" if streamed.failed else ""
                     cells[(level, resident)] = (
-                        f"{per_request * 1000:.2f} ms/req ({run.rate:.0f} req/s{', %d errors' % run.errors if run.errors else ''}); "
-                        f"{per_event * 1000:.3f} ms/event ({streamed.events / streamed.seconds:.0f} of {offered:.0f} ev/s"
-                        f"{', %d broken' % streamed.failed if streamed.failed else ''})")
+                        f"{per_request * 1000:.2f} ms/req ({run.rate:.0f} req/s{run_errors}); "
+                        f"{per_event * 1000:.3f} ms/event "
+                        f"({streamed.events / streamed.seconds:.0f} of {offered:.0f} ev/s{broken})")
                     print(f"scale: concurrency {level}, {resident} resident: {cells[(level, resident)]}", flush=True)
     finally:
         routerd.close()

@@ -35,9 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import cost  # noqa: E402
 from demo import demo_model_paths  # noqa: E402
-from loadgen import (evict_from_page_cache, free_port, process_cpu, resident_fraction, wait_http,  # noqa: E402
-                     write_tiny_ggufs)
-
+from loadgen import evict_from_page_cache, free_port, process_cpu, resident_fraction, wait_http, write_tiny_ggufs  # noqa: E402
 from routerd import config as config_mod  # noqa: E402
 from routerd.models import discovery  # noqa: E402
 
@@ -309,7 +307,7 @@ class Bench:
         for t in random.sample(self.targets, len(self.targets)):
             errors, durations = 0, []
 
-            async def one(t: Target = t) -> None:
+            async def one(t: Target = t, durations: list[float] = durations) -> None:
                 nonlocal errors
                 start = time.perf_counter()
                 try:
@@ -388,7 +386,8 @@ async def catalog_scale(work: Path, binary: str, quick: bool) -> list[tuple[str,
               "backend": {"binary": binary}, "catalog": {"hf_cache": False, "folders": [str(folder)]}}
     (work / "scale.toml").write_text(tomli_w.dumps(config))
     proc = subprocess.Popen([sys.executable, "-m", "routerd", "serve", "--config", str(work / "scale.toml"),
-                             "--log-level", "WARNING"], cwd=ROOT, env={**os.environ, "STATE_DIRECTORY": str(work / "s2")},
+                             "--log-level", "WARNING"], cwd=ROOT,
+                            env={**os.environ, "STATE_DIRECTORY": str(work / "s2")},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         await wait_http(f"http://127.0.0.1:{port}")
@@ -414,7 +413,8 @@ def machine() -> str:
                 if line.startswith("model name")), platform.processor())
     mem = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
                    if line.startswith("MemTotal"))) / 2**20
-    return f"{os.cpu_count()} CPUs ({cpu}), {mem:.0f} GiB RAM, {platform.platform()}, Python {platform.python_version()}"
+    return (f"{os.cpu_count()} CPUs ({cpu}), {mem:.0f} GiB RAM, {platform.platform()}, "
+            f"Python {platform.python_version()}")
 
 
 def private_copy(source: Path, target: Path) -> Path:

@@ -36,7 +36,6 @@ sys.path.insert(0, str(ROOT / "packaging"))
 sys.path.insert(0, str(ROOT))
 
 from demo import demo_model_paths  # noqa: E402
-
 from routerd import config as config_mod  # noqa: E402
 
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -259,7 +258,8 @@ def start_routerd(work: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     raise SystemExit("routerd did not start:\n" + (work / "routerd.log").read_text())
 
 
-async def run(minutes: float, clients: int, kill_every: float, reload_every: float, work: Path) -> tuple[Soak, int, int]:
+async def run(minutes: float, clients: int, kill_every: float, reload_every: float,
+              work: Path) -> tuple[Soak, int, int]:
     proc, url, socket_path = start_routerd(work)
     soak = Soak(url, socket_path, proc.pid, trio.current_time() + minutes * 60, kill_every, reload_every)
     async with trio.open_nursery() as nursery:

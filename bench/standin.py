@@ -118,7 +118,8 @@ class Connection(asyncio.Protocol):
                     "usage": {"prompt_tokens": 4, "completion_tokens": events, "total_tokens": events + 4},
                 }).encode()))
         else:
-            self.transport.write(plain(404, b'{"error":{"code":404,"message":"File Not Found","type":"not_found_error"}}'))
+            self.transport.write(plain(
+                404, b'{"error":{"code":404,"message":"File Not Found","type":"not_found_error"}}'))
 
 
 async def serve(host: str, port: int, interval: float) -> None:

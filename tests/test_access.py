@@ -198,9 +198,10 @@ def test_a_keys_file_from_other_tools_is_read_and_followed(tmp_path):
 
 
 def test_children_get_their_key_and_no_secrets():
-    inherited = {"PATH": "/usr/bin", "HF_TOKEN": "hf_secret", "NOTIFY_SOCKET": "/run/notify", "AWS_SECRET_ACCESS_KEY": "x",
-                 "CUDA_VISIBLE_DEVICES": "0", "GGML_CUDA_NO_PINNED": "1", "LD_LIBRARY_PATH": "/opt/cuda",
-                 "LC_ALL": "C.UTF-8", "HSA_OVERRIDE_GFX_VERSION": "11.0.0", API_KEY_VARIABLE: "from-outside"}
+    inherited = {"PATH": "/usr/bin", "HF_TOKEN": "hf_secret", "NOTIFY_SOCKET": "/run/notify",
+                 "AWS_SECRET_ACCESS_KEY": "x", "CUDA_VISIBLE_DEVICES": "0", "GGML_CUDA_NO_PINNED": "1",
+                 "LD_LIBRARY_PATH": "/opt/cuda", "LC_ALL": "C.UTF-8", "HSA_OVERRIDE_GFX_VERSION": "11.0.0",
+                 API_KEY_VARIABLE: "from-outside"}
     env = child_environment(inherited, {"OMP_NUM_THREADS": "4", API_KEY_VARIABLE: "nope"}, "child-key")
     assert env[API_KEY_VARIABLE] == "child-key"
     for kept in ("PATH", "CUDA_VISIBLE_DEVICES", "GGML_CUDA_NO_PINNED", "LD_LIBRARY_PATH", "LC_ALL",

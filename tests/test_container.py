@@ -109,7 +109,8 @@ def test_the_image_serves_the_demo_models_stops_cleanly_and_keeps_its_state(imag
         # It listens beyond loopback inside the container: it needs a key before it starts.
         refused = runtime("run", "--rm", "-v", f"{state}:/var/lib/routerd", image, check=False, timeout=60)
         assert refused.returncode == 78 and "key" in refused.stderr
-        key = runtime("run", "--rm", "-v", f"{state}:/var/lib/routerd", image, "add-key", "ci", "--admin").stdout.strip()
+        key = runtime("run", "--rm", "-v", f"{state}:/var/lib/routerd", image, "add-key", "ci",
+                      "--admin").stdout.strip()
         assert key.startswith("rk-")
 
         runtime("run", "-d", "--name", name, "-p", f"{port}:8082", "-v", f"{models}:/models:ro",

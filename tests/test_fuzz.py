@@ -169,7 +169,8 @@ def http_requests(draw: st.DrawFn) -> bytes:
     elif framing == "wrong-length":
         headers.append((b"content-length", b"%d" % draw(st.integers(0, 10**12))))
     elif framing == "bad-length":
-        headers.append((b"content-length", draw(st.sampled_from([b"-1", b"abc", b"1e3", b"", b"99999999999999999999"]))))
+        headers.append((b"content-length",
+                        draw(st.sampled_from([b"-1", b"abc", b"1e3", b"", b"99999999999999999999"]))))
     elif framing in ("chunked", "bad-chunked"):
         headers.append((b"transfer-encoding", b"chunked"))
         body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if framing == "chunked" else b"zz\r\n" + body
@@ -228,8 +229,8 @@ def test_random_http_framing(target: Target, data: bytes) -> None:
 @FUZZ
 @given(route=st.sampled_from(sorted(PROXIED_POST)), body=request_bodies(),
        # (a header value cannot start or end with a space: the client itself refuses to send one)
-       priority=st.none() | st.sampled_from(["high", "low"]) | st.text(st.characters(min_codepoint=32, max_codepoint=126),
-                                                                        max_size=20).map(str.strip))
+       priority=(st.none() | st.sampled_from(["high", "low"])
+                 | st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=20).map(str.strip)))
 def test_random_json_bodies(target: Target, route: str, body: bytes, priority: str | None) -> None:
     headers = {"content-type": "application/json"}
     if priority is not None:

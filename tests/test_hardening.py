@@ -115,7 +115,8 @@ async def test_a_silent_control_connection_is_closed_after_the_idle_timeout(star
 
 
 # -- HTTP -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("body", [b'{"model": "a", "messages": ' + DEEP + b"}", b'{"model": "a", "n": ' + HUGE_NUMBER + b"}",
+@pytest.mark.parametrize("body", [b'{"model": "a", "messages": ' + DEEP + b"}",
+                                  b'{"model": "a", "n": ' + HUGE_NUMBER + b"}",
                                   b'{"model": "a\xff"}'])
 async def test_hostile_json_bodies_are_400_not_500(start_routerd, tmp_path, model_file, body):
     r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
@@ -198,10 +199,12 @@ async def test_a_kept_alive_connection_serves_again_and_closes_once_idle_for_the
 
 
 async def test_a_request_that_outlasts_the_header_timeout_is_answered_whole(start_routerd, tmp_path, model_file):
-    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.2"]}},
-                                        server={"header_timeout": 0.3}))
+    r = await start_routerd(make_config(
+        tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.2"]}},
+        server={"header_timeout": 0.3}))
     body = json.dumps({"model": "a", "max_tokens": 6, "messages": [], "stream": True}).encode()
-    answer = await raw_exchange(r.url, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    answer = await raw_exchange(r.url, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                                       b"content-type: application/json\r\n"
                                        b"content-length: %d\r\n\r\n%s" % (len(body), body), wait=10)
     assert answer.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in answer
 
@@ -241,8 +244,10 @@ def serve(tmp_path: Path, data: dict | None, env: dict[str, str] | None = None,
     if config_path is None:
         config_path = tmp_path / "config.toml"
         config_path.write_text(tomli_w.dumps(data or {}))
-    return subprocess.run([sys.executable, "-m", "routerd", "serve", "--config", str(config_path), "--log-level", "ERROR"],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, **isolated_env(tmp_path), **(env or {})})
+    return subprocess.run([sys.executable, "-m", "routerd", "serve", "--config", str(config_path),
+                           "--log-level", "ERROR"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **isolated_env(tmp_path), **(env or {})})
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess[str], status: int, *words: str) -> None:
@@ -344,8 +349,9 @@ async def test_requests_still_queued_when_the_backend_dies_are_served_by_the_nex
 
 
 async def test_a_backend_whose_call_broke_takes_requests_again_once_healthy(start_routerd, tmp_path, model_file):
-    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.5"]}},
-                                        server={"upstream_read_timeout": 0.2}))
+    r = await start_routerd(make_config(
+        tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.5"]}},
+        server={"upstream_read_timeout": 0.2}))
     slow = await r.http.post(CHAT, json={"model": "a", "max_tokens": 3, "messages": []})
     assert slow.status_code == 502 and "no data from the backend" in slow.json()["error"]["message"]
     backend = r.supervisor.running("a")

@@ -354,7 +354,7 @@ async def test_sessions_stick_to_one_replica(start_routerd, tmp_path, model_file
     seen: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
     async def conversation(n: int) -> None:
-        for turn in range(10):  # 20 sessions x 10 turns; half by header, half by the body's user
+        for _turn in range(10):  # 20 sessions x 10 turns; half by header, half by the body's user
             if n % 2:
                 response = await chat(r, "m", headers={"x-session-id": f"s{n}"})
             else:
@@ -462,7 +462,8 @@ async def test_reload_adds_and_removes_remotes_and_replicas_without_dropping_req
     assert (await chat(a, "m")).status_code == 200
     await eventually(lambda: _ready_replicas(a, "m", 2))
     remote = {"url": f"http://127.0.0.1:{port}", "api_key_env": "B_KEY", **FAST_CHECKS}
-    a.write_config(data | {"remotes": {"b": remote}} | {"models": {"m": {"path": model_file("m"), "args": slow(20, 0.1, 4)}}})
+    a.write_config(data | {"remotes": {"b": remote}}
+                   | {"models": {"m": {"path": model_file("m"), "args": slow(20, 0.1, 4)}}})
     result = await a.daemon.reload()
     assert result.remotes["added"] == ["b"] and result.stopped == ["m#2"] and result.kept == ["m"]
     await eventually(lambda: _state(a, "b/m1", "reachable"))

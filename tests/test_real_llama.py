@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import random
@@ -17,8 +18,7 @@ import openai
 import pytest
 import trio
 
-from tests.conftest import (DEMO_MODELS, make_config, needs_real_llama, pids_alive, record_spawns,
-                            spawn_routerd)
+from tests.conftest import DEMO_MODELS, make_config, needs_real_llama, pids_alive, record_spawns, spawn_routerd
 
 pytestmark = [pytest.mark.real, needs_real_llama]
 MODELS = DEMO_MODELS
@@ -38,8 +38,9 @@ def client(r) -> openai.OpenAI:
 
 
 async def test_chat_streamed_chat_and_embeddings(start_routerd, tmp_path):
-    r = await start_routerd(real_config(tmp_path, **{"smollm2-135m": {}, "embedder": {"file": "smollm2-135m",
-                                                                                      "args": ["--embeddings", "--pooling", "mean"]}}))
+    r = await start_routerd(real_config(tmp_path, **{
+        "smollm2-135m": {},
+        "embedder": {"file": "smollm2-135m", "args": ["--embeddings", "--pooling", "mean"]}}))
     c = client(r)
     answer = await trio.to_thread.run_sync(lambda: c.chat.completions.create(
         model="smollm2-135m", messages=MESSAGES, max_tokens=8))
@@ -107,9 +108,11 @@ async def test_memory_budget_evicts_lru_and_keeps_both_when_room(start_routerd, 
     tight = real_config(tmp_path, **{"smollm2-135m": {}, "gemma3-270m": {}})
     tight["memory"] = {"ram_total": "450MiB", "ram_reserve": "0"}  # room for one demo model, not both
     r = await start_routerd(tight)
-    assert (await r.http.post("/v1/completions", json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 1})).status_code == 200
+    assert (await r.http.post("/v1/completions",
+                              json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 1})).status_code == 200
     smol = r.supervisor.running("smollm2-135m")
-    assert (await r.http.post("/v1/completions", json={"model": "gemma3-270m", "prompt": "Hi", "max_tokens": 1})).status_code == 200
+    assert (await r.http.post("/v1/completions",
+                              json={"model": "gemma3-270m", "prompt": "Hi", "max_tokens": 1})).status_code == 200
     assert smol.gone and smol.stop_reason == "evicted to make room for gemma3-270m"
     view = (await r.http.get("/memory")).json()
     smol_view = next(m for m in view["models"] if m["model"] == "smollm2-135m")
@@ -128,7 +131,8 @@ async def test_busy_model_is_never_evicted(start_routerd, tmp_path, when_busy):
         await lines.__anext__()  # the stream is flowing: smollm2 is busy
         smol = r.supervisor.running("smollm2-135m")
         if when_busy == "fail":
-            refused = await r.http.post("/v1/completions", json={"model": "gemma3-270m", "prompt": "Hi", "max_tokens": 1})
+            refused = await r.http.post("/v1/completions",
+                                        json={"model": "gemma3-270m", "prompt": "Hi", "max_tokens": 1})
             assert refused.status_code == 503 and refused.headers["retry-after"]
             error = refused.json()["error"]
             assert error["code"] == "insufficient_memory" and "smollm2-135m" in error["message"]
@@ -254,7 +258,8 @@ async def test_preload_starts_both_demo_models_at_boot(start_routerd, tmp_path):
             await r.supervisor.wait_changed()
     spawned = record_spawns(r.supervisor)
     for name in ("smollm2-135m", "gemma3-270m"):
-        assert (await r.http.post("/v1/completions", json={"model": name, "prompt": "Hi", "max_tokens": 1})).status_code == 200
+        assert (await r.http.post("/v1/completions",
+                                  json={"model": name, "prompt": "Hi", "max_tokens": 1})).status_code == 200
     assert spawned == []  # both were already there
 
 
@@ -344,8 +349,8 @@ async def test_models_found_in_the_hf_cache_and_a_folder_are_served_with_no_mode
     assert listed["smollm2"]["source"] == "folder" and listed["smollm2"]["catalog"] == "auto"
     c = client(r)
     for name in ("ggml-org/gemma-3-270m-GGUF:Q4_K_M", "smollm2"):
-        answer = await trio.to_thread.run_sync(lambda: c.chat.completions.create(
-            model=name, messages=MESSAGES, max_tokens=4))
+        answer = await trio.to_thread.run_sync(functools.partial(
+            c.chat.completions.create, model=name, messages=MESSAGES, max_tokens=4))
         assert answer.choices[0].message.content is not None
 
 

@@ -167,7 +167,8 @@ async def test_full_queue_is_429_and_a_long_wait_is_503_both_with_retry_after(st
         nursery.start_soon(request, "over", 1)
     assert results["busy"].status_code == 200
     over, queued = results["over"], results["queued"]
-    assert over.status_code == 429 and over.json()["error"]["code"] == "queue_full" and int(over.headers["retry-after"]) >= 1
+    assert (over.status_code == 429 and over.json()["error"]["code"] == "queue_full"
+            and int(over.headers["retry-after"]) >= 1)
     assert queued.status_code == 503 and queued.json()["error"]["code"] == "queue_timeout"
     assert int(queued.headers["retry-after"]) >= 1 and r.supervisor.queued("a") == 0
 
@@ -215,7 +216,7 @@ async def test_mixed_stream_over_three_models_with_room_for_one_is_fair_without_
             await trio.sleep(rng.expovariate(rate))
     elapsed = trio.current_time() - start
     swaps = len(spawned) - 1
-    naive = sum(1 for x, y in zip(sequence, sequence[1:]) if x != y)  # a load per change of model
+    naive = sum(1 for x, y in zip(sequence, sequence[1:], strict=False) if x != y)  # a load per change of model
     print(f"\n{count} requests over a/b/c at {rate:g}/s, one resident: {swaps} swaps (a swap per model change "
           f"would be {naive}) in {elapsed:.1f} s; worst wait {max(waits):.2f} s, "
           f"median {sorted(waits)[len(waits) // 2]:.2f} s")
@@ -274,7 +275,7 @@ async def test_restarts_back_off_exponentially(start_routerd, tmp_path, model_fi
         scheduler={"crash_loop_failures": 10, "restart_backoff": 0.4}))
     for _ in range(3):
         assert (await post(r, "a")).status_code == 503
-    gaps = [b - a for a, b in zip(spawned_at, spawned_at[1:])]
+    gaps = [b - a for a, b in zip(spawned_at, spawned_at[1:], strict=False)]
     assert len(spawned_at) == 3 and gaps[0] >= 0.4 and gaps[1] >= 0.8, gaps
 
 
@@ -290,7 +291,8 @@ async def test_a_stream_waiting_for_its_model_gets_keepalive_comments(start_rout
         lines = [line async for line in response.aiter_lines() if line]
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
     comments = [line for line in lines if line.startswith(":")]
-    assert len(comments) >= 3 and lines.index(comments[-1]) < lines.index(next(l for l in lines if l.startswith("data: {")))
+    assert len(comments) >= 3 and lines.index(comments[-1]) < lines.index(
+        next(line for line in lines if line.startswith("data: {")))
     assert lines[-1] == "data: [DONE]"
     # a load that fails after the stream started: the error arrives in-band
     async with r.http.stream("POST", "/v1/chat/completions", json={
@@ -327,7 +329,8 @@ async def test_reset_of_a_model_that_never_failed_says_so(start_routerd, tmp_pat
     assert result == {"model": "a", "had_failures": False, "state": "ready"}
 
 
-async def test_a_waiting_stream_answered_without_a_stream_gets_that_answer_as_an_event(start_routerd, tmp_path, model_file):
+async def test_a_waiting_stream_answered_without_a_stream_gets_that_answer_as_an_event(
+        start_routerd, tmp_path, model_file):
     r = await start_routerd(make_config(
         tmp_path, {"slow": {"path": model_file("slow"), "args": ["--fake-load-seconds", "1.0"]}},
         scheduler={"keepalive_interval": 0.2}))

@@ -18,7 +18,8 @@ def chat(model: str, **extra: object) -> dict[str, object]:
 
 
 async def test_concurrent_cold_requests_spawn_one_backend(start_routerd, tmp_path, model_file):
-    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-load-seconds", "0.5"]}}))
+    r = await start_routerd(make_config(
+        tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-load-seconds", "0.5"]}}))
     spawned = record_spawns(r.supervisor)
     results: list[int] = []
 
@@ -40,7 +41,8 @@ async def test_alias_resolves_and_answers(start_routerd, tmp_path, model_file):
 
 
 async def test_stream_is_relayed_chunk_by_chunk(start_routerd, tmp_path, model_file):
-    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.2"]}}))
+    r = await start_routerd(make_config(
+        tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.2"]}}))
     await r.http.post(CHAT, json=chat("a", max_tokens=1))  # warm
     arrivals = []
     async with r.http.stream("POST", CHAT, json=chat("a", stream=True, max_tokens=5)) as response:
@@ -50,7 +52,7 @@ async def test_stream_is_relayed_chunk_by_chunk(start_routerd, tmp_path, model_f
             if line.startswith("data: ") and "timings" not in line:  # tokens, then [DONE]
                 arrivals.append((trio.current_time(), line))
     assert arrivals[-1][1] == "data: [DONE]"
-    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:-1])]
+    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:-1], strict=False)]
     assert len(gaps) == 4 and min(gaps) > 0.1  # not buffered: chunks arrive as tokens are made
 
 
@@ -67,8 +69,9 @@ async def test_stream_longer_than_60_seconds_is_relayed_whole(start_routerd, tmp
     the write, body and header timeouts default to 60 s or less). Every one of them runs on
     trio's clock, so the stream lasts over 60 s of it, while the fake backend, another process
     on real time, makes its 100 tokens in about 3 s (it took 62 s of real time before)."""
-    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.03"]}},
-                                        scheduler={"health_interval": 3600.0}))  # no checks during the fast-forward
+    r = await start_routerd(make_config(
+        tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.03"]}},
+        scheduler={"health_interval": 3600.0}))  # no checks during the fast-forward
     assert (await r.http.post(CHAT, json=chat("a", max_tokens=1))).status_code == 200  # loaded at real speed
     tokens = 0
     fast_forward_clock.rate = 30.0
@@ -83,7 +86,8 @@ async def test_stream_longer_than_60_seconds_is_relayed_whole(start_routerd, tmp
 
 
 async def test_client_disconnect_cancels_upstream_and_frees_the_slot(start_routerd, tmp_path, model_file):
-    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.1"]}}))
+    r = await start_routerd(make_config(
+        tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.1"]}}))
     async with r.http.stream("POST", CHAT, json=chat("a", stream=True, max_tokens=1000)) as response:
         async for _ in response.aiter_lines():
             break
@@ -97,7 +101,8 @@ async def test_client_disconnect_cancels_upstream_and_frees_the_slot(start_route
 
 async def test_client_leaving_a_non_streamed_completion_frees_the_slot_and_stops_generation(
         start_routerd, tmp_path, model_file):
-    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.1"]}}))
+    r = await start_routerd(make_config(
+        tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.1"]}}))
     assert (await r.http.post(CHAT, json=chat("a", max_tokens=1))).status_code == 200  # loaded
     backend = r.supervisor.running("a")
     async with trio.open_nursery() as nursery:
@@ -114,7 +119,8 @@ async def test_client_leaving_a_non_streamed_completion_frees_the_slot_and_stops
 
 
 async def test_backend_failing_to_start_gives_503_with_exit_code_and_log(start_routerd, tmp_path, model_file):
-    r = await start_routerd(make_config(tmp_path, {"bad": {"path": model_file("bad"), "args": ["--fake-exit-during-load", "3"]}}))
+    r = await start_routerd(make_config(
+        tmp_path, {"bad": {"path": model_file("bad"), "args": ["--fake-exit-during-load", "3"]}}))
     response = await r.http.post(CHAT, json=chat("bad"))
     assert response.status_code == 503
     error = response.json()["error"]
@@ -137,8 +143,10 @@ async def test_stall_timeout_kills_a_silent_load_but_progress_keeps_a_slow_one(s
     assert slow.status_code == 200
 
 
-async def test_crash_mid_stream_tells_the_client_and_next_request_gets_a_fresh_backend(start_routerd, tmp_path, model_file):
-    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-crash-after", "3"]}}))
+async def test_crash_mid_stream_tells_the_client_and_next_request_gets_a_fresh_backend(
+        start_routerd, tmp_path, model_file):
+    r = await start_routerd(make_config(
+        tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-crash-after", "3"]}}))
     body = ""
     await r.http.post(CHAT, json=chat("a", max_tokens=1))
     first_pid = r.supervisor.running("a").pid
@@ -285,7 +293,8 @@ async def test_models_list_has_every_name_and_alias_with_state(start_routerd, tm
 
 
 async def test_shutdown_drains_in_flight_then_stops_every_backend(start_routerd, tmp_path, model_file):
-    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.1"]}}))
+    r = await start_routerd(make_config(
+        tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.1"]}}))
     await r.http.post(CHAT, json=chat("a", max_tokens=1))
     pid = r.supervisor.running("a").pid
     tokens = 0
