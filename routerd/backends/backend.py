@@ -4,6 +4,8 @@ A Backend lives for exactly one process. Its ``run()`` is the process's whole li
 nursery (output pump, exit watcher, readiness, idle timer); when ``run()`` returns the process
 is gone and reaped. The supervisor decides *when* a backend starts and stops; this module must
 not decide that, and must not know about other backends, HTTP routes or the memory budget.
+The process comes from a ``Spawn`` (``child.spawn`` unless the supervisor is given another, as
+the timer tests do to run a backend's whole life in-process on trio's MockClock).
 """
 
 from __future__ import annotations
@@ -14,18 +16,20 @@ import math
 import os
 import secrets
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Protocol
 
 import attrs
 import trio
 
 from routerd import events, llama_args
-from routerd.events import EventType
-from routerd.backends.child import Child, spawn
+from routerd.backends import child
 from routerd.backends.health import HealthPolicy, Trust, healthy, watch
 from routerd.backends.logring import LogRing
 from routerd.backends.upstream import ConnectionPool
 from routerd.errors import LoadFailed
+from routerd.events import EventType
 
 log = logging.getLogger("routerd.backend")
 LOG_TAIL_LINES = 15
@@ -75,6 +79,9 @@ class BackendSpec:
             return 4
 
 
+#: The /health watch a backend gets unless the supervisor passes the configured one.
+DEFAULT_HEALTH = HealthPolicy()
+
 #: What a llama-server keeps from routerd's environment: the system basics, and what llama.cpp,
 #: its math libraries and the GPU runtimes read. Everything else stays behind: routerd's own
 #: secrets (HF_TOKEN, remote endpoints' keys) and service context (NOTIFY_SOCKET: a child
@@ -104,13 +111,47 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class Process(Protocol):
+    """What a backend needs of its process (``child.Child`` in production; tests put an
+    in-process stand-in here to run the timers on trio's MockClock)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def output(self) -> trio.abc.ReceiveStream:
+        """Its stdout and stderr, merged; EOF once it has exited."""
+        ...
+
+    async def wait(self) -> int:
+        """Its exit status, once it has exited (any number of tasks may wait)."""
+        ...
+
+    async def stop(self, grace: float | None = None) -> int:
+        """Stop it (shielded); its exit status."""
+        ...
+
+    async def __aenter__(self) -> Process: ...
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None: ...
+
+
+class Spawn(Protocol):
+    """How a backend's process is started: ``child.spawn``'s signature."""
+
+    def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], stop_grace: float) -> Process: ...
+
+
 class Backend:
     """The live state of one llama-server process, from spawn to reaping."""
 
     def __init__(self, spec: BackendSpec, *, idle_ttl: float, upstream_read_timeout: float,
                  env: Mapping[str, str] | None = None, on_change: Callable[[], None] = lambda: None,
-                 health: HealthPolicy = HealthPolicy(), bus: events.Bus | None = None, key: str = "") -> None:
+                 health: HealthPolicy = DEFAULT_HEALTH, bus: events.Bus | None = None, key: str = "",
+                 spawn: Spawn = child.spawn) -> None:
         self.spec = spec
+        self._spawn = spawn
         #: Unique among endpoints: the model's name, or ``name#2``... for further replicas.
         self.key = key or spec.name
         self.label = f"backend for {spec.name!r}" + (f" (replica {self.key})" if self.key != spec.name else "")
@@ -272,24 +313,24 @@ class Backend:
         api_key = secrets.token_urlsafe(32)  # this process's only: routerd is its sole client
         env = child_environment(self._env, dict(self.spec.env), api_key)
         try:
-            child = spawn(argv, env=env, stop_grace=self.spec.stop_grace)
+            process = self._spawn(argv, env=env, stop_grace=self.spec.stop_grace)
         except OSError as exc:
             self.error = f"cannot run {argv[0]}: {exc.strerror or exc}"
             return
-        self.pid, self.port = child.pid, port
+        self.pid, self.port = process.pid, port
         # One idle connection per slot, plus one for health checks: more are never busy at once.
         pool = ConnectionPool(port, max_idle=self.spec.slots + 1, read_timeout=self._upstream_read_timeout,
                               authorization=b"Bearer " + api_key.encode())
-        async with child:
+        async with process:
             try:
-                await self._serve(child, pool)
+                await self._serve(process, pool)
             finally:
                 pool.close()
 
-    async def _serve(self, child: Child, pool: ConnectionPool) -> None:
+    async def _serve(self, process: Process, pool: ConnectionPool) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump_output, child)
-            nursery.start_soon(self._watch_exit, child, nursery.cancel_scope)
+            nursery.start_soon(self._pump_output, process)
+            nursery.start_soon(self._watch_exit, process, nursery.cancel_scope)
             if not await self._become_ready(pool):
                 nursery.cancel_scope.cancel()
                 return
@@ -312,7 +353,7 @@ class Backend:
             self._on_change()
             await self._drain()
             self._expect_exit = True
-            self.exit_code = await child.stop()
+            self.exit_code = await process.stop()
             log.info("%s stopped (%s), exit status %s", self.name, self.stop_reason, self.exit_code)
             nursery.cancel_scope.cancel()
 
@@ -346,8 +387,8 @@ class Backend:
         self.error = await watch(pool, self.health, self.name)
         self.request_stop("unresponsive", cause="unresponsive", drain_timeout=0.0)
 
-    async def _watch_exit(self, child: Child, scope: trio.CancelScope) -> None:
-        code = await child.wait()
+    async def _watch_exit(self, process: Process, scope: trio.CancelScope) -> None:
+        code = await process.wait()
         if self._expect_exit:
             return
         with trio.move_on_after(0.5):  # let the pump read the last lines for the error
@@ -358,11 +399,11 @@ class Backend:
         log.warning("%s: %s; last output:\n%s", self.name, self.error, self.log.text_tail(LOG_TAIL_LINES))
         scope.cancel()
 
-    async def _pump_output(self, child: Child) -> None:
+    async def _pump_output(self, process: Process) -> None:
         pending = b""
         try:
             while True:
-                chunk = await child.output.receive_some(65536)
+                chunk = await process.output.receive_some(65536)
                 if not chunk:
                     break
                 *lines, pending = (pending + chunk).split(b"\n")

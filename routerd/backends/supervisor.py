@@ -23,8 +23,8 @@ from typing import Any
 import trio
 
 from routerd import events
-from routerd.backends import admission, scheduler, status
-from routerd.backends.backend import Backend, BackendSpec, State
+from routerd.backends import admission, child, scheduler, status
+from routerd.backends.backend import Backend, BackendSpec, Spawn, State
 from routerd.backends.endpoints import Lease
 from routerd.backends.health import HealthPolicy
 from routerd.backends.memory import MemoryManager
@@ -46,8 +46,11 @@ class Supervisor:
     """Every backend's life, and the one door requests and operators go through to them."""
 
     def __init__(self, config: Config, catalog: Catalog, binary: str, *, memory: MemoryManager,
-                 env: Mapping[str, str] | None = None, bus: events.Bus | None = None) -> None:
+                 env: Mapping[str, str] | None = None, bus: events.Bus | None = None,
+                 spawn: Spawn = child.spawn) -> None:
         self.config = config
+        #: How each backend's process is started (tests run in-process stand-ins on MockClock).
+        self._spawn = spawn
         self.bus = bus if bus is not None else events.Bus()
         self.catalog = catalog
         self.binary = binary
@@ -253,7 +256,7 @@ class Supervisor:
         key = key or entry.name
         backend = Backend(spec, idle_ttl=idle_ttl(entry, key, policy.scale_down_idle),
                           upstream_read_timeout=self.config.server.upstream_read_timeout,
-                          env=env, on_change=self.notify_change, bus=self.bus, key=key,
+                          env=env, on_change=self.notify_change, bus=self.bus, key=key, spawn=self._spawn,
                           health=HealthPolicy(policy.health_interval, policy.health_timeout, policy.health_failures))
         self.models.add(backend)
         restart = self.models[entry.name].failures is not None
