@@ -16,11 +16,14 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from routerd import config as config_mod
+from routerd import events
 from routerd.backends.backend import Backend, State
 from routerd.backends.memory import MemoryManager
+from routerd.backends.remote import Remote
 from routerd.backends.supervisor import Supervisor
 from routerd.errors import LoadFailed, Unavailable
 from routerd.models.catalog import Catalog
@@ -56,7 +59,7 @@ class FakeLlama:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(trio.serve_listeners, self._connection, [self._listener])
                 if exit_code is not None:  # crashes while loading
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
                     await self._send_output.send_all(b"error: cannot load model\n")
                     self.exit(exit_code)
                 elif load_time is not None:
@@ -269,3 +272,75 @@ async def test_an_extra_replica_stops_after_scale_down_idle_while_the_first_stay
     assert extra.stop_cause == "idle"
     await trio.sleep(100)
     assert first.state is State.READY  # the model's idle_ttl is 0: its first replica stays
+
+
+# -- a remote's health checks ------------------------------------------------------------------
+
+
+class RemoteServer:
+    """A remote over loopback that notes when each check comes and answers 200 or 503."""
+
+    def __init__(self) -> None:
+        self.checks: list[float] = []
+        self.up = True
+        self.port = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._connection, listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        buffer = b""
+        async with stream:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buffer += data
+                _, buffer = buffer.split(b"\r\n\r\n", 1)
+                self.checks.append(trio.current_time())
+                status = b"200 OK" if self.up else b"503 Unavailable"
+                await stream.send_all(b"HTTP/1.1 " + status + b"\r\ncontent-length: 2\r\n\r\nok")
+
+
+async def test_a_remote_is_checked_every_health_interval_and_backs_off_while_unreachable(
+        autojump_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
+    server = RemoteServer()
+    await nursery.start(server.serve)
+    config = config_mod.RemoteConfig(url=f"http://127.0.0.1:{server.port}", models=["x"], health_interval=10.0,
+                                     health_path="/health")
+    remote = Remote("r", config, "", bus=events.Bus(), on_change=lambda: None)
+    start = trio.current_time()
+    nursery.start_soon(remote.run, lambda: None)
+    await trio.sleep(25)
+    server.up = False  # the check at 30 fails: then 0.25, 0.5, 1, 2, 4, 8 s later, then every 10 s
+    await trio.sleep(25)
+    assert remote.state == "unreachable"
+    server.up = True  # the check at 55.75 answers: every 10 s again
+    await trio.sleep(20)
+    assert remote.state == "reachable"
+    times = [round(t - start, 9) for t in server.checks]
+    assert times == pytest.approx([0, 10, 20, 30, 30.25, 30.75, 31.75, 33.75, 37.75, 45.75, 55.75, 65.75],
+                                  abs=1e-9)
+    remote.close()
+
+
+async def test_a_broken_call_to_a_remote_makes_it_checked_at_once(
+        autojump_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
+    server = RemoteServer()
+    await nursery.start(server.serve)
+    config = config_mod.RemoteConfig(url=f"http://127.0.0.1:{server.port}", models=["x"], health_interval=10.0,
+                                     health_path="/health")
+    remote = Remote("r", config, "", bus=events.Bus(), on_change=lambda: None)
+    start = trio.current_time()
+    nursery.start_soon(remote.run, lambda: None)
+    await trio.sleep(4)
+    remote.distrust()  # a request to it failed: unreachable until a check answers, checked now
+    assert not remote.accepting
+    await trio.sleep(0.001)
+    assert remote.accepting
+    assert [round(t - start, 9) for t in server.checks] == pytest.approx([0, 4], abs=1e-9)
+    remote.close()
