@@ -76,7 +76,8 @@ async def test_other_users_are_refused(start_routerd, tmp_path, model_file):
                                         control={"socket": f"{public}/control.sock"}))
     os.chmod(r.daemon.socket_path, 0o666)  # let the kernel pass them: routerd itself must refuse
     code = ("import os, socket, json; os.setgid(65534); os.setuid(65534); s = socket.socket(socket.AF_UNIX); "
-            f"s.connect({r.daemon.socket_path!r}); s.sendall(b'{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}}\\n');"
+            f"s.connect({r.daemon.socket_path!r}); "
+            "s.sendall(b'{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}\\n');"
             "print(s.makefile().readline())")
     result = await trio.run_process([sys.executable, "-c", code], capture_stdout=True, check=False)
     reply = json.loads(result.stdout)
@@ -88,10 +89,10 @@ async def test_other_users_are_refused(start_routerd, tmp_path, model_file):
 async def test_socket_is_0660_and_a_second_routerd_refuses(start_routerd, tmp_path, model_file):
     r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
     assert oct(os.stat(r.daemon.socket_path).st_mode & 0o777) == "0o660"
-    from routerd.ops.control import ControlServer
     from routerd.errors import RouterdError
+    from routerd.ops.control import ControlServer
     try:
-        await ControlServer(r.daemon, r.daemon.socket_path).serve()
+        await ControlServer(r.daemon.operations, r.daemon.socket_path).serve()
     except RouterdError as exc:
         assert "already listening" in exc.message
     else:
@@ -156,10 +157,11 @@ async def test_a_rescan_queued_behind_a_reload_keeps_what_the_reload_changed(sta
     data.setdefault("scheduler", {})["max_queue"] = 7
     r.write_config(data)
     async with trio.open_nursery() as nursery:
-        async with r.daemon._catalog_lock:  # a rebuild in progress: the reload, then the rescan, wait their turn
-            nursery.start_soon(r.daemon.reload)
+        service = r.daemon.catalog_service
+        async with service.lock:  # a rebuild in progress: the reload, then the rescan, wait their turn
+            nursery.start_soon(service.reload)
             await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(r.daemon.rescan)
+            nursery.start_soon(service.rescan)
             await trio.testing.wait_all_tasks_blocked()
     assert r.daemon.config.scheduler.max_queue == 7  # the rescan did not bring back the old settings
     assert "b" in r.daemon.supervisor.catalog

@@ -225,11 +225,13 @@ async def test_admin_actions_need_an_admin_key_even_when_keys_are_not_required(s
     auth = {"Authorization": f"Bearer {admin}"}
     loaded = await r.http.post("/admin/models/a/load", headers=auth)
     assert loaded.status_code == 200 and loaded.json()["state"] == "ready"
+    assert loaded.json()["pid"] == r.supervisor.running("a").pid and loaded.json()["port"] > 0  # as routerctl's
     lines = (await r.http.get("/admin/models/a/logs?lines=5", headers=auth)).json()
     assert lines["running"] and 0 < len(lines["lines"]) <= 5
     assert (await r.http.get("/admin/models/a/logs?lines=-1", headers=auth)).status_code == 400
     unloaded = await r.http.post("/admin/models/a/unload", headers=auth)
-    assert unloaded.json() == {"model": "a", "state": "unloaded", "was_running": True}
+    # The same fields as routerctl's unload: it stopped cleanly on SIGTERM, so its exit status is 0.
+    assert unloaded.json() == {"model": "a", "state": "unloaded", "was_running": True, "exit_code": 0}
     reset = await r.http.post("/admin/models/a/reset", headers=auth)
     assert reset.status_code == 200 and reset.json()["had_failures"] is False
     rescanned = await r.http.post("/admin/rescan", headers=auth)

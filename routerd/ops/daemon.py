@@ -133,16 +133,9 @@ class Daemon:
         if self.config.logging.requests:
             requestlog.observe(event)
 
-    # The catalog service's, under the names the tests that drive a running daemon use.
     async def reload(self) -> ReloadResult:
+        """The catalog service's reload (what SIGHUP runs), for the tests that drive a daemon."""
         return await self.catalog_service.reload()
-
-    async def rescan(self) -> ReloadResult:
-        return await self.catalog_service.rescan()
-
-    @property
-    def _catalog_lock(self) -> trio.Lock:
-        return self.catalog_service.lock
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
