@@ -10,6 +10,7 @@ trio task answering ``/health`` whose readiness and exit the test decides.
 
 from __future__ import annotations
 
+import json
 import socket
 from types import TracebackType
 from typing import Any
@@ -26,6 +27,9 @@ from routerd.backends.memory import MemoryManager
 from routerd.backends.remote import Remote
 from routerd.backends.supervisor import Supervisor
 from routerd.errors import LoadFailed, Unavailable
+from routerd.front import proxy
+from routerd.front.exchange import Exchange
+from routerd.front.proxy import keep_informed
 from routerd.models.catalog import Catalog
 from tests.conftest import FakeGpus, make_config
 
@@ -344,3 +348,83 @@ async def test_a_broken_call_to_a_remote_makes_it_checked_at_once(
     assert remote.accepting
     assert [round(t - start, 9) for t in server.checks] == pytest.approx([0, 4], abs=1e-9)
     remote.close()
+
+
+# -- a waiting stream's keep-alive and loading feedback -----------------------------------------
+
+
+class RecordingClient:
+    """An ASGI send noting when each message goes out."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[float, dict[str, Any]]] = []
+
+    async def __call__(self, message: Any) -> None:
+        self.messages.append((trio.current_time(), dict(message)))
+
+    def bodies(self, start: float) -> list[tuple[float, bytes]]:
+        return [(round(at - start, 9), message["body"]) for at, message in self.messages
+                if message["type"] == "http.response.body"]
+
+
+async def test_a_waiting_stream_gets_a_keep_alive_comment_every_keepalive_interval_until_served(
+        autojump_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
+    send = RecordingClient()
+    client = Exchange(send)
+    done = trio.Event()
+    start = trio.current_time()
+
+    async def served_at(when: float) -> None:
+        await trio.sleep(when)
+        done.set()
+
+    nursery.start_soon(served_at, 16.0)
+    await keep_informed(client, done, interval=5.0, model="m")
+    assert trio.current_time() - start == pytest.approx(16.0, abs=1e-9)  # returns the moment it is served
+    start_message = send.messages[0]
+    assert start_message[1]["type"] == "http.response.start" and start_message[0] - start == pytest.approx(5.0)
+    assert (b"content-type", b"text/event-stream") in start_message[1]["headers"]
+    assert send.bodies(start) == [(5.0, b": waiting for m\n\n"), (10.0, b": waiting for m\n\n"),
+                                  (15.0, b": waiting for m\n\n")]
+
+
+async def test_a_stream_served_before_the_first_interval_gets_no_headers_from_the_wait(
+        autojump_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
+    send = RecordingClient()
+    client = Exchange(send)
+    done = trio.Event()
+
+    async def served_soon() -> None:
+        await trio.sleep(4.9)
+        done.set()
+
+    nursery.start_soon(served_soon)
+    await keep_informed(client, done, interval=5.0, model="m")
+    assert send.messages == [] and not client.started  # the answer may still be a plain JSON error
+
+
+async def test_loading_feedback_is_said_when_it_changes_or_every_keepalive_interval(
+        autojump_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
+    send = RecordingClient()
+    client = Exchange(send)
+    client.model = "m"
+    done = trio.Event()
+    start = trio.current_time()
+    phases = {0.0: "loading m", 3.5: "loading m, further"}  # what describe() says from each time on
+
+    def describe() -> str:
+        elapsed = trio.current_time() - start
+        return phases[max(at for at in phases if at <= elapsed)]
+
+    async def served_at(when: float) -> None:
+        await trio.sleep(when)
+        done.set()
+
+    nursery.start_soon(served_at, 14.5)
+    await keep_informed(client, done, interval=5.0, model="m", describe=describe)
+    said = [(at, json.loads(body.removeprefix(b"data: "))["choices"][0]["delta"]["reasoning_content"])
+            for at, body in send.bodies(start)]
+    # Looked at every FEEDBACK_INTERVAL (1 s): said at 1 s, again at 4 s (changed), then every 5 s.
+    assert proxy.FEEDBACK_INTERVAL == 1.0
+    assert said == [(1.0, "loading m\n"), (4.0, "loading m, further\n"), (9.0, "loading m, further\n"),
+                    (14.0, "loading m, further\n")]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -217,32 +217,40 @@ class ProxyApp:
         waiting = _Waiting()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(waiting.acquire, self.supervisor, model, ticket, session)
-            await self._keep_informed(client, model, ticket, waiting.done)
+            describe = None
+            if client.feedback:
+                def describe() -> str:
+                    return feedback.describe(self.supervisor.wait_info(model, ticket))
+            await keep_informed(client, waiting.done, interval=self.supervisor.config.scheduler.keepalive_interval,
+                                model=model, describe=describe)
         return waiting.result()
 
-    async def _keep_informed(self, client: Exchange, model: str, ticket: scheduler.Ticket, done: trio.Event) -> None:
-        """Until ``done``: keep-alive comments, or feedback chunks. The wait runs in its own task
-        and only sets ``done``: a send to the client is never cut in the middle."""
-        config = self.supervisor.config.scheduler
-        interval = config.keepalive_interval
-        tick = min(interval, FEEDBACK_INTERVAL) if client.feedback else interval
-        said, said_at = "", trio.current_time()
-        completion_id, created = feedback.completion_id(), int(time.time())
-        while True:
-            with trio.move_on_after(tick):
-                await done.wait()
-                return
-            if not client.started:
-                await client.start(200, _EVENT_STREAM_HEADERS, event_stream=True)
-            now = trio.current_time()
-            if client.feedback:
-                text = feedback.describe(self.supervisor.wait_info(model, ticket))
-                if text != said or now - said_at >= interval:
-                    said, said_at = text, now
-                    await client.body(feedback.reasoning_chunk(client.model, text, completion_id=completion_id,
-                                                               created=created))
-            else:
-                await client.body(b": waiting for " + model.encode() + b"\n\n")
+
+async def keep_informed(client: Exchange, done: trio.Event, *, interval: float, model: str,
+                        describe: Callable[[], str] | None = None) -> None:
+    """Until ``done``, tell a waiting stream's client it is still waiting: an SSE comment every
+    ``interval`` s, or with ``describe`` (loading feedback) a chunk saying what it waits for,
+    looked at every ``FEEDBACK_INTERVAL`` s and sent when it changed or ``interval`` s after the
+    last. The event-stream headers go out with the first. The wait runs in another task and only
+    sets ``done``: a send to the client is never cut in the middle."""
+    tick = min(interval, FEEDBACK_INTERVAL) if describe is not None else interval
+    said, said_at = "", trio.current_time()
+    completion_id, created = feedback.completion_id(), int(time.time())
+    while True:
+        with trio.move_on_after(tick):
+            await done.wait()
+            return
+        if not client.started:
+            await client.start(200, _EVENT_STREAM_HEADERS, event_stream=True)
+        now = trio.current_time()
+        if describe is not None:
+            text = describe()
+            if text != said or now - said_at >= interval:
+                said, said_at = text, now
+                await client.body(feedback.reasoning_chunk(client.model, text, completion_id=completion_id,
+                                                           created=created))
+        else:
+            await client.body(b": waiting for " + model.encode() + b"\n\n")
 
 
 class _Waiting:
