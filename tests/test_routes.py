@@ -4,6 +4,7 @@ the access check every request passes (routerd/front/routes.py, routerd/front/ac
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +16,8 @@ from werkzeug.routing import Rule
 
 from routerd.config import AuthConfig
 from routerd.errors import HeadersTooLarge, Unauthorized
-from routerd.front import access, routes
+from routerd.events import EventType
+from routerd.front import access, api, routes
 from routerd.front.routes import Surface
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +51,7 @@ TABLE = [
     # the page
     ("GET", "/ui", UI), ("GET", "/ui/", UI), ("GET", "/ui/app.js", UI), ("HEAD", "/ui/index.html", UI),
     ("GET", "/ui/nope", UI), ("GET", "/ui/a/b", NF), ("POST", "/ui", NF), ("PUT", "/ui/app.js", NF),
+    ("GET", "/ui/event-types.js", UI), ("HEAD", "/ui/event-types.js", UI), ("POST", "/ui/event-types.js", NF),
     # wrong methods on known paths: 405
     ("GET", "/v1/chat/completions", W), ("HEAD", "/tokenize", W), ("PUT", "/v1/chat/completions", W),
     ("DELETE", "/v1/chat/completions", W), ("POST", "/v1/models", W), ("POST", "/health", W),
@@ -92,7 +95,7 @@ def test_routing_allocates_nothing_per_request():
 #: The surface each of the Quart app's endpoints (view functions) serves.
 ENDPOINT_SURFACES = {
     "health": V, "list_models": V, "show_model": V, "memory": V, "unrouted": NF,
-    "ui_root": UI, "ui_file": UI, "whoami": A, "logs": A, "act": A, "rescan_models": A,
+    "ui_root": UI, "ui_file": UI, "event_types": UI, "whoami": A, "logs": A, "act": A, "rescan_models": A,
 }
 _QUART_SERVED = {V, A, UI}
 
@@ -153,6 +156,41 @@ def test_nothing_imports_the_proxy_but_the_route_table():
                     isinstance(node, ast.Import) and any(alias.name == "routerd.front.proxy" for alias in node.names):
                 importers.add(str(source.relative_to(ROOT)))
     assert importers == {"routerd/front/routes.py"}
+
+
+# -- the page names event types only as routerd defines them -------------------------------------
+APP_JS = ROOT / "routerd" / "front" / "ui" / "app.js"
+#: A JavaScript string literal ('...', "..." or `...`, escapes included).
+_JS_STRING = re.compile(r"""(["'`])((?:\\.|(?!\1)[^\\\n])*)\1""")
+
+
+async def test_the_page_is_served_the_event_types_as_routerd_defines_them(views):
+    response = await views.test_client().get("/ui/event-types.js")
+    assert response.status_code == 200 and response.content_type.startswith("text/javascript")
+    assert "script-src 'self'" in response.headers["Content-Security-Policy"]  # the page's own headers
+    source = await response.get_data(as_text=True)
+    served = re.search(r"export const EVENT = Object\.freeze\((\{.*?\})\);", source, re.S)
+    snapshot = re.search(r"export const SNAPSHOT = (\"[^\"]*\");", source)
+    assert served and snapshot, source
+    assert json.loads(served.group(1)) == {member.name: member.value for member in EventType}
+    assert json.loads(snapshot.group(1)) == api.SNAPSHOT
+
+
+def test_the_page_spells_no_event_type_and_uses_only_defined_ones():
+    """A renamed type (its value or its member name) cannot silently stop the page matching it:
+    app.js takes every type from /ui/event-types.js and names only members that exist."""
+    source = APP_JS.read_text()
+    assert 'import { EVENT, SNAPSHOT } from "./event-types.js";' in source
+    spelled = {match.group(2) for match in _JS_STRING.finditer(source)}
+    assert not spelled & ({member.value for member in EventType} | {api.SNAPSHOT})
+    used = set(re.findall(r"\bEVENT\.(\w+)", source))
+    assert used and used <= set(EventType.__members__), used - set(EventType.__members__)
+
+
+def test_the_literal_scan_sees_an_event_type_spelled_out():
+    """The scan above can fail: it finds a type written as a literal in each quoting style."""
+    for line in ('if (event.type === "model.log") {', "x = 'request';", "`dropped`"):
+        assert {match.group(2) for match in _JS_STRING.finditer(line)} & {"model.log", "request", "dropped"}
 
 
 # -- the access check every request passes ------------------------------------------------------

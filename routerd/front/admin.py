@@ -1,6 +1,8 @@
 """The status page and the admin HTTP API: what routerctl shows and does, for a browser.
 
-Owns ``/ui/`` (the page: static files shipped in this package, no build step, no CDN),
+Owns ``/ui/`` (the page: static files shipped in this package, no build step, no CDN, and
+``/ui/event-types.js``, the event types' names made from ``events.EventType``, so the page
+compares ``EVENT.*`` and never spells a type itself),
 ``/admin/whoami`` (what the page may offer), a model's recent llama-server lines
 (``/admin/models/{model}/logs``; ``/events?logs=MODEL`` follows them) and the actions:
 load, unload, reset and rescan. Each action is the operation routerctl runs
@@ -19,7 +21,9 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from routerd.errors import BadRequest, NotFound
+from routerd.events import EventType
 from routerd.front.access import Caller, Gate, caller_of
+from routerd.front.api import SNAPSHOT
 from routerd.front.operations import Operations, json_default
 
 log = logging.getLogger("routerd.admin")
@@ -29,6 +33,24 @@ UI_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript
 MAX_LOG_LINES = 2000
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
                            "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+#: The page's own headers: its files change only with routerd, so revalidate (an upgrade shows
+#: at once); it runs only its own script and talks only to this routerd.
+PAGE_HEADERS = {"Cache-Control": "no-cache", "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+def event_types_module() -> str:
+    """``/ui/event-types.js`` (pure): an ES module exporting ``EVENT``, every ``EventType`` by
+    member name (``EVENT.MODEL_READY === "model.ready"``), frozen, and ``SNAPSHOT``, the type of
+    the first message of ``GET /events``."""
+    names = json.dumps({member.name: member.value for member in EventType}, indent=2)
+    return ("// Made by routerd from routerd.events.EventType, the one definition of the event types.\n"
+            f"export const EVENT = Object.freeze({names});\n"
+            "// The first message of GET /events: the models, and the recent requests.\n"
+            f"export const SNAPSHOT = {json.dumps(SNAPSHOT)};\n")
+
+
+_EVENT_TYPES_JS = event_types_module().encode()
 
 
 def register(app: QuartTrio, operations: Operations) -> None:
@@ -46,11 +68,11 @@ def register(app: QuartTrio, operations: Operations) -> None:
         if name not in UI_FILES:
             raise NotFound(f"no file /ui/{name}", code="route_not_found")
         body = resources.files("routerd.front").joinpath("ui", name).read_bytes()
-        # The files change only with routerd: revalidate, so an upgrade shows at once. The page
-        # runs only its own script and talks only to this routerd.
-        return Response(body, content_type=UI_FILES[name], headers={
-            "Cache-Control": "no-cache", "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+        return Response(body, content_type=UI_FILES[name], headers=PAGE_HEADERS)
+
+    @app.get("/ui/event-types.js")
+    async def event_types() -> Response:
+        return Response(_EVENT_TYPES_JS, content_type="text/javascript; charset=utf-8", headers=PAGE_HEADERS)
 
     @app.get("/admin/whoami")
     async def whoami() -> Response:

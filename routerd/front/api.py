@@ -36,6 +36,9 @@ MODELS_VIEW_MAX_AGE = 1.0
 EVENTS_KEEPALIVE = 15.0
 #: Distinct key scopes whose /v1/models body is kept.
 MODELS_VIEWS_KEPT = 64
+#: The type of an /events stream's first message (the models now, and the recent requests): not
+#: an event on the bus, so not an ``EventType``; the page reads it from ``/ui/event-types.js``.
+SNAPSHOT = "snapshot"
 
 
 def error_response(error: RouterdError) -> Response:
@@ -97,7 +100,7 @@ class Observability:
                                 if caller.allows([status.name, *status.aliases])]
                     recent = [event.to_dict() for event in bus.recent_requests() if visible(event)] \
                         if with_requests else []
-                    await _send_event(send, "snapshot", {"type": "snapshot", "models": snapshot, "requests": recent})
+                    await _send_event(send, SNAPSHOT, {"type": SNAPSHOT, "models": snapshot, "requests": recent})
                     while True:
                         with trio.move_on_after(EVENTS_KEEPALIVE) as idle:
                             event = await anext(subscription, None)

@@ -1,6 +1,10 @@
 // routerd's status page: one event stream per page; every view is re-read when an event says
 // something changed. No framework, no build step.
 
+// The event types as routerd defines them (made from routerd.events.EventType): the page names
+// a type only through EVENT, so a renamed type cannot silently go unmatched here.
+import { EVENT, SNAPSHOT } from "./event-types.js";
+
 const KEY_STORAGE = "routerd-key";
 const MAX_LOG_LINES = 1000;
 const $ = (id) => document.getElementById(id);
@@ -73,7 +77,7 @@ async function connect() {
   setConnection("connecting", "connecting…");
   try {
     for await (const event of serverSentEvents(`/events?${query}`, controller.signal)) {
-      if (event.type === "snapshot") {
+      if (event.type === SNAPSHOT) {
         page.retryDelay = 1000;
         setConnection("live", "live");
         $("request-log").textContent = "";
@@ -98,17 +102,17 @@ async function connect() {
 }
 
 function onEvent(event) {
-  if (event.type === "request") {
+  if (event.type === EVENT.REQUEST) {
     appendLog("requests", requestLine(event));
-  } else if (event.type === "model.log" || event.type === "model.progress") {
+  } else if (event.type === EVENT.MODEL_LOG || event.type === EVENT.MODEL_PROGRESS) {
     if (event.model === page.logModel) appendLog("backend", event.line);
-  } else if (event.type === "dropped") {
+  } else if (event.type === EVENT.DROPPED) {
     connect();
   }
   // A finished request changes counts and "last used": worth a look at the models, at most
   // every 2 s however busy routerd is. A state change is shown at once, memory included.
-  if (event.type === "request") scheduleRefresh(2000, false);
-  else if (event.type !== "model.log") scheduleRefresh(200, true);
+  if (event.type === EVENT.REQUEST) scheduleRefresh(2000, false);
+  else if (event.type !== EVENT.MODEL_LOG) scheduleRefresh(200, true);
 }
 
 function scheduleRefresh(delay = 200, withMemory = true) {
