@@ -27,7 +27,7 @@ import trio
 
 class EventType(enum.StrEnum):
     """Every kind of event, defined once: publishers, the metrics, the request log, routerctl and
-    the page (which reads them from ``GET /ui/event-types``) all name them from here, so a typo is
+    the page (which reads them from ``GET /ui/event-types.js``) all name them from here, so a typo is
     a type error rather than a metric that silently never moves. Fields: docs/events.md."""
 
     MODEL_LOADING = "model.loading"

@@ -361,7 +361,7 @@ async def test_a_broken_keys_file_on_reload_keeps_the_running_config(start_route
     data["auth"] = {"keys_file": str(tmp_path / "broken.toml")}
     r.write_config(data)
     with pytest.raises(ConfigError, match="sha256"):
-        await r.daemon.reload()
+        await r.daemon.catalog_service.reload()
     assert r.daemon.config.auth.keys_file == ""
     ok = await r.http.post("/v1/chat/completions", json=chat("alpha"), headers={"Authorization": f"Bearer {key}"})
     assert ok.status_code == 200

@@ -116,9 +116,9 @@ async def test_https_with_a_self_signed_certificate_renewed_on_reload(start_rout
     port = int(r.url.rsplit(":", 1)[1])
     assert await trio.to_thread.run_sync(served_serial, port) == 1001
     self_signed(tmp_path, serial=2002)  # renewed in place, as certbot does
-    await r.daemon.reload()
+    await r.daemon.catalog_service.reload()
     assert await trio.to_thread.run_sync(served_serial, port) == 2002
     (tmp_path / "key.pem").write_text("garbage")
     with pytest.raises(Exception, match="certfile"):
-        await r.daemon.reload()
+        await r.daemon.catalog_service.reload()
     assert await trio.to_thread.run_sync(served_serial, port) == 2002  # the running certificate stays

@@ -130,7 +130,7 @@ async def test_metrics_and_events_need_an_admin_key_once_keys_exist(start_router
     data = make_config(tmp_path, {"a": {"path": model_file("a")}, "b": {"path": model_file("b")}},
                        metrics={"open": True})
     r.write_config(data)
-    await r.daemon.reload()
+    await r.daemon.catalog_service.reload()
     assert (await r.http.get("/metrics")).status_code == 200  # metrics.open: for keyless scrapers
     assert (await r.http.get("/events")).status_code == 401  # the rest still needs a key
     assert (await r.http.get("/v1/models")).status_code == 401

@@ -455,7 +455,7 @@ async def test_reload_adds_and_removes_remotes_and_replicas_without_dropping_req
             return bool(local and local.in_flight and far and far.in_flight)
         await eventually(both_in_flight)
         a.write_config(data)  # b is gone, m gets a second replica
-        result = await a.daemon.reload()
+        result = await a.daemon.catalog_service.reload()
         assert result.remotes["removed"] == ["b"] and "b/m1" in result.removed
     assert results == [200, 200]
     assert "b/m1" not in listing(await a.http.get("/v1/models"))
@@ -464,7 +464,7 @@ async def test_reload_adds_and_removes_remotes_and_replicas_without_dropping_req
     remote = {"url": f"http://127.0.0.1:{port}", "api_key_env": "B_KEY", **FAST_CHECKS}
     a.write_config(data | {"remotes": {"b": remote}}
                    | {"models": {"m": {"path": model_file("m"), "args": slow(20, 0.1, 4)}}})
-    result = await a.daemon.reload()
+    result = await a.daemon.catalog_service.reload()
     assert result.remotes["added"] == ["b"] and result.stopped == ["m#2"] and result.kept == ["m"]
     await eventually(lambda: _state(a, "b/m1", "reachable"))
     assert (await chat(a, "b/m1")).status_code == 200
@@ -521,6 +521,6 @@ async def test_a_rescan_reads_a_remote_s_model_list_again_at_once(start_routerd,
     assert "b/m2" not in listing(await a.http.get("/v1/models"))
     b.write_config(make_config(tmp_path, {"m1": {"path": model_file("m1")}, "m2": {"path": model_file("m2")}},
                                control={"socket": str(tmp_path / "b.sock")}))
-    await b.daemon.reload()
+    await b.daemon.catalog_service.reload()
     assert await trio.to_thread.run_sync(routerctl, ["--socket", a.daemon.socket_path, "rescan"]) == 0
     await eventually(lambda: _state(a, "b/m2", "reachable"), timeout=5)  # not an hour later

@@ -33,13 +33,13 @@ from routerd.front.access import Gate
 from routerd.front.operations import Operations, summary
 from routerd.front.tls import Certificates
 from routerd.models.catalog import Catalog, ImportStore
-from routerd.models.service import CatalogService, ReloadResult
+from routerd.models.service import CatalogService
 from routerd.ops import requestlog
 from routerd.ops.control import ControlServer
 from routerd.ops.metrics import BuildInfo, Metrics, build_info, llama_server_version
 from routerd.ops.sdnotify import Notifier
 
-__all__ = ["Daemon", "ReloadResult", "listen_failure", "raise_open_file_limit", "serve"]
+__all__ = ["Daemon", "listen_failure", "raise_open_file_limit", "serve"]
 
 log = logging.getLogger("routerd")
 #: Shortest time between two recomputations of the STATUS line sent to systemd (seconds).
@@ -132,10 +132,6 @@ class Daemon:
     def _log_request(self, event: events.Event) -> None:
         if self.config.logging.requests:
             requestlog.observe(event)
-
-    async def reload(self) -> ReloadResult:
-        """The catalog service's reload (what SIGHUP runs), for the tests that drive a daemon."""
-        return await self.catalog_service.reload()
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
