@@ -156,8 +156,10 @@ async def take_slot(supervisor: Supervisor, model: str) -> Backend:
     return lease.endpoint
 
 
-async def gone_at(backend: Backend) -> float:
-    await backend.wait_gone()
+async def gone_at(backend: Backend, bound: float = 1000.0) -> float:
+    """When ``backend`` is gone (a failure, not a hang, if it is still there ``bound`` s on)."""
+    with trio.fail_after(bound):
+        await backend.wait_gone()
     return trio.current_time()
 
 

@@ -24,7 +24,7 @@ import attrs
 import trio
 
 from routerd import events, llama_args
-from routerd.backends import child
+from routerd.backends.child import spawn
 from routerd.backends.health import HealthPolicy, Trust, healthy, watch
 from routerd.backends.logring import LogRing
 from routerd.backends.upstream import ConnectionPool
@@ -149,9 +149,10 @@ class Backend:
     def __init__(self, spec: BackendSpec, *, idle_ttl: float, upstream_read_timeout: float,
                  env: Mapping[str, str] | None = None, on_change: Callable[[], None] = lambda: None,
                  health: HealthPolicy = DEFAULT_HEALTH, bus: events.Bus | None = None, key: str = "",
-                 spawn: Spawn = child.spawn) -> None:
+                 spawn_with: Spawn | None = None) -> None:
         self.spec = spec
-        self._spawn = spawn
+        #: How its process starts: ``child.spawn`` (looked up at start) unless given another.
+        self._spawn_with = spawn_with
         #: Unique among endpoints: the model's name, or ``name#2``... for further replicas.
         self.key = key or spec.name
         self.label = f"backend for {spec.name!r}" + (f" (replica {self.key})" if self.key != spec.name else "")
@@ -313,7 +314,7 @@ class Backend:
         api_key = secrets.token_urlsafe(32)  # this process's only: routerd is its sole client
         env = child_environment(self._env, dict(self.spec.env), api_key)
         try:
-            process = self._spawn(argv, env=env, stop_grace=self.spec.stop_grace)
+            process = (self._spawn_with or spawn)(argv, env=env, stop_grace=self.spec.stop_grace)
         except OSError as exc:
             self.error = f"cannot run {argv[0]}: {exc.strerror or exc}"
             return

@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from routerd import events
-from routerd.backends import admission, child, scheduler, status
+from routerd.backends import admission, scheduler, status
 from routerd.backends.backend import Backend, BackendSpec, Spawn, State
 from routerd.backends.endpoints import Lease
 from routerd.backends.health import HealthPolicy
@@ -47,9 +47,10 @@ class Supervisor:
 
     def __init__(self, config: Config, catalog: Catalog, binary: str, *, memory: MemoryManager,
                  env: Mapping[str, str] | None = None, bus: events.Bus | None = None,
-                 spawn: Spawn = child.spawn) -> None:
+                 spawn: Spawn | None = None) -> None:
         self.config = config
-        #: How each backend's process is started (tests run in-process stand-ins on MockClock).
+        #: How each backend's process is started (None: ``child.spawn``; the timer tests run
+        #: in-process stand-ins on MockClock).
         self._spawn = spawn
         self.bus = bus if bus is not None else events.Bus()
         self.catalog = catalog
@@ -256,7 +257,7 @@ class Supervisor:
         key = key or entry.name
         backend = Backend(spec, idle_ttl=idle_ttl(entry, key, policy.scale_down_idle),
                           upstream_read_timeout=self.config.server.upstream_read_timeout,
-                          env=env, on_change=self.notify_change, bus=self.bus, key=key, spawn=self._spawn,
+                          env=env, on_change=self.notify_change, bus=self.bus, key=key, spawn_with=self._spawn,
                           health=HealthPolicy(policy.health_interval, policy.health_timeout, policy.health_failures))
         self.models.add(backend)
         restart = self.models[entry.name].failures is not None
