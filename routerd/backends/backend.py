@@ -38,6 +38,8 @@ LOG_TAIL_LINES = 15
 #: (sequential 1-token chats 17.7 -> 13.0 ms, routerd CPU -28%). While loading, every line counts
 #: (readiness and the stall timeout), so reads stay immediate.
 OUTPUT_BATCH_INTERVAL = 0.02
+#: Seconds one /health check may take while loading (a loading llama-server answers 503 at once).
+READY_CHECK_TIMEOUT = 2.0
 #: How long a failed call waits for its backend's exit to be noticed (the exit watcher reads
 #: the last output for up to 0.5 s first).
 EXIT_NOTICE_TIME = 1.0
@@ -370,8 +372,9 @@ class Backend:
         """
         delay = 0.005
         while not self._stop_requested.is_set():
-            if await healthy(pool, timeout=2.0):
-                return True
+            with trio.move_on_after(READY_CHECK_TIMEOUT):
+                if await healthy(pool):
+                    return True
             now = trio.current_time()
             deadline = self._last_output + self.spec.ready_timeout
             if now >= deadline:

@@ -28,11 +28,12 @@ class HealthPolicy:
     failures: int = 2
 
 
-async def healthy(pool: ConnectionPool, timeout: float) -> bool:
-    """Whether the backend behind ``pool`` answers /health with 200 within ``timeout`` s."""
+async def healthy(pool: ConnectionPool) -> bool:
+    """Whether the backend behind ``pool`` answers /health with 200 (callers bound the check
+    with a cancel scope: one that takes too long has failed)."""
     try:
-        status, _ = await pool.get("/health", timeout=timeout)
-    except (UpstreamError, trio.TooSlowError):
+        status, _ = await pool.get("/health")
+    except UpstreamError:
         return False
     return status == 200
 
@@ -43,7 +44,10 @@ async def watch(pool: ConnectionPool, policy: HealthPolicy, name: str) -> str:
     missed = 0
     while True:
         await trio.sleep(policy.interval)
-        if await healthy(pool, policy.timeout):
+        answered = False
+        with trio.move_on_after(policy.timeout):
+            answered = await healthy(pool)
+        if answered:
             missed = 0
             continue
         missed += 1
@@ -83,14 +87,18 @@ class Trust:
     async def wait_trusted(self) -> None:
         await self._trusted.wait()
 
-    async def keep(self, pool: ConnectionPool, timeout: float, name: str, on_trusted: Callable[[], None]) -> None:
+    async def keep(self, pool: ConnectionPool, check_timeout: float, name: str,
+                   on_trusted: Callable[[], None]) -> None:
         """After each ``distrust``: check /health, backing off, until it answers; then trust
         again and call ``on_trusted``. Runs as long as the process."""
         while True:
             await self._distrusted.wait()
             self._distrusted = trio.Event()
             delay = 0.05
-            while not await healthy(pool, timeout):
+            while True:
+                with trio.move_on_after(check_timeout):
+                    if await healthy(pool):
+                        break
                 await trio.sleep(delay)  # dying: the exit watcher ends the backend (and this task)
                 delay = min(delay * 2, 1.0)
             log.info("%s answers /health again after a broken call; taking requests", name)

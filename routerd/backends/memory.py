@@ -42,6 +42,8 @@ CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0"
 #: Architectures whose sliding-window layers follow a fixed pattern (every Nth layer is global).
 SWA_PATTERN = {"gemma3": 6, "gemma2": 2, "cohere2": 4, "gemma3n": 5}
 _BUFFER_LINE = re.compile(r"\b([A-Za-z]+\d*)(?:_\w+)?\s+(model|KV|compute|output) buffer size\s*=\s*([\d.]+) MiB")
+#: Seconds a start waits, after evictions, for NVML to show the memory they freed.
+RELEASE_WAIT = 10.0
 
 
 # -- devices -------------------------------------------------------------------------------
@@ -376,16 +378,17 @@ class MemoryManager:
         """The last measurement of ``spec``'s runs (its peak survives the process)."""
         return self._measured.get((spec.name, spec))
 
-    async def wait_released(self, need: Mapping[str, int], timeout: float = 10.0) -> None:
+    async def wait_released(self, need: Mapping[str, int]) -> None:
         """After evictions, wait until GPUs really show the room (NVML frees lazily).
 
         Host RAM is back once the process is reaped, which the supervisor has awaited. NVML has
-        no change notification, so this polls, bounded by ``timeout``.
+        no change notification, so this polls, for at most ``RELEASE_WAIT`` s: then the start
+        goes ahead (the estimate may be pessimistic; the driver has the last word).
         """
         if self.gpus is None:
             return
         need = {d: b for d, b in need.items() if d != RAM}
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(RELEASE_WAIT):
             while True:
                 free = {d.name: d.free_now for d in self.devices()}
                 if all(free.get(d, 0) >= b for d, b in need.items()):

@@ -189,7 +189,8 @@ class Remote:
         assert self.upstream is not None
         path = "/v1/models" if discover else self.config.health_path
         try:
-            status, body = await self.upstream.get(path, timeout=self.check_timeout)
+            with trio.fail_after(self.check_timeout):
+                status, body = await self.upstream.get(path)
         except (UpstreamError, trio.TooSlowError) as exc:
             self._set_state("unreachable", str(exc) or "timed out")
             return False
@@ -287,11 +288,10 @@ class Remotes:
             self._note_models_changed()
         return outcome
 
-    async def first_checks(self, timeout: float) -> None:
-        """Wait (at most ``timeout`` s) until every remote was checked once."""
-        with trio.move_on_after(timeout):
-            for remote in list(self._remotes.values()):
-                await remote.checked.wait()
+    async def first_checks(self) -> None:
+        """Wait until every remote was checked once (bound it with a cancel scope)."""
+        for remote in list(self._remotes.values()):
+            await remote.checked.wait()
 
     def rediscover(self) -> None:
         for remote in self._remotes.values():

@@ -159,10 +159,11 @@ class ConnectionPool:
         self._closed = False
 
     async def request(self, method: str, target: str, *, headers: Iterable[tuple[bytes, bytes]] = (),
-                      body: bytes = b"", timeout: float | None = None) -> Response:
+                      body: bytes = b"", read_timeout: float | None = None) -> Response:
         """Send a request and return once the response's headers arrive (UpstreamError if the
-        backend fails before that). ``timeout`` bounds each read; the pool's default otherwise."""
-        read_timeout = self.read_timeout if timeout is None else timeout
+        backend fails before that). ``read_timeout`` bounds each read (the gap between bytes, not
+        the whole exchange: bound that with a cancel scope); the pool's default otherwise."""
+        read_timeout = self.read_timeout if read_timeout is None else read_timeout
         head = [(b"host", self._host_header), (b"content-length", b"%d" % len(body)),
                 *self._fixed_headers, *headers]
         encoded = encode_request(method, self._prefix + target, head)
@@ -193,14 +194,13 @@ class ConnectionPool:
                 raise
             return Response(self, conn, response_head, read_timeout)
 
-    async def get(self, target: str, *, timeout: float) -> tuple[int, bytes]:
-        """A whole GET (health checks): status and body, within ``timeout`` seconds."""
-        with trio.fail_after(timeout):
-            response = await self.request("GET", target, timeout=timeout)
-            try:
-                return response.status, await response.read()
-            finally:
-                response.aclose_now()
+    async def get(self, target: str) -> tuple[int, bytes]:
+        """A whole GET (health checks): status and body. Bound it with a cancel scope."""
+        response = await self.request("GET", target)
+        try:
+            return response.status, await response.read()
+        finally:
+            response.aclose_now()
 
     def give_back(self, conn: _Connection) -> None:
         if self._closed or len(self._idle) >= self.max_idle or not conn.reader.reusable:

@@ -52,7 +52,7 @@ class MetricsSource(Protocol):
     content_type: str
 
     # ``timeout`` bounds each backend's scrape, not the render: a cancel scope cannot say that.
-    async def render(self, *, backends: bool, timeout: float) -> bytes: ...  # noqa: ASYNC109
+    async def render(self, *, backends: bool, backend_timeout: float) -> bytes: ...
 
 
 class Observability:
@@ -70,7 +70,7 @@ class Observability:
             if scope["path"] == "/metrics":
                 self.gate.require_admin(caller, "GET /metrics")  # every model's name and load
                 settings = self.supervisor.config.metrics
-                body = await self.metrics.render(backends=settings.backends, timeout=settings.backend_timeout)
+                body = await self.metrics.render(backends=settings.backends, backend_timeout=settings.backend_timeout)
                 await _send_whole(send, 200, self.metrics.content_type, body)
                 return
             query = parse_qs(scope["query_string"].decode("latin-1"))

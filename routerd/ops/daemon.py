@@ -146,7 +146,8 @@ class Daemon:
             remotes.apply(config.remotes, self._remote_keys)
             # Their model lists are in the first catalog unless a remote is slow to answer (then
             # they join it when it does): a dead remote never holds routerd's start for long.
-            await remotes.first_checks(timeout=max([r.connect_timeout for r in config.remotes.values()], default=0))
+            with trio.move_on_after(max([r.connect_timeout for r in config.remotes.values()], default=0)):
+                await remotes.first_checks()
             remotes.take_models_changed()  # the first catalog has what they said so far
             await self.catalog_service.rebuild(trigger="startup")  # discovered models are servable at READY
             await root.start(self.catalog_service.run)

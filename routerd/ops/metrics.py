@@ -179,11 +179,12 @@ class Metrics:
         self.control_calls.labels(method, outcome).inc()
 
     # -- a scrape -----------------------------------------------------------------------------
-    async def render(self, *, backends: bool = True, timeout: float = 1.0) -> bytes:
-        """The whole exposition: routerd's registry, then every running llama-server's own."""
+    async def render(self, *, backends: bool = True, backend_timeout: float = 1.0) -> bytes:
+        """The whole exposition: routerd's registry, then every running llama-server's own (each
+        given ``backend_timeout`` s: a slow one is left out, the others still count)."""
         scraped: list[_Scraped] = []
         if backends:
-            scraped = await scrape_backends(self._ready_backends(), timeout)
+            scraped = await scrape_backends(self._ready_backends(), backend_timeout)
         self._kv = {s.model: s.kv_utilization for s in scraped if s.kv_utilization is not None}
         text = generate_latest(self.registry)
         return text + generate_latest(_Families(merge_families(scraped)))
@@ -204,19 +205,20 @@ class _Scraped:
     kv_utilization: float | None
 
 
-async def scrape_backends(backends: Iterable[Backend], timeout: float) -> list[_Scraped]:
-    """Each backend's /metrics and /slots, fetched concurrently; one that fails or is slow is left out."""
+async def scrape_backends(backends: Iterable[Backend], each_within: float) -> list[_Scraped]:
+    """Each backend's /metrics and /slots, fetched concurrently; one that fails or takes more
+    than ``each_within`` s is left out (a bound per backend, which a caller's scope cannot give)."""
     results: list[_Scraped] = []
 
     async def scrape(backend: Backend) -> None:
         pool = backend.upstream
         if pool is None:
             return
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(each_within):
             try:
-                status, body = await pool.get("/metrics", timeout=timeout)
+                status, body = await pool.get("/metrics")
                 families = parse_families(body) if status == 200 else []
-                status, slots = await pool.get("/slots", timeout=timeout)
+                status, slots = await pool.get("/slots")
                 kv = kv_utilization(json.loads(slots), _ctx_size(backend)) if status == 200 else None
             except (UpstreamError, ValueError, TypeError, KeyError) as exc:
                 log.debug("scraping %s failed: %s", backend.name, exc)
