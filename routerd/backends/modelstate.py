@@ -12,15 +12,16 @@ belong to ``scheduler.Queues``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 import attrs
 import trio
 
 from routerd.backends import scheduler
 from routerd.backends.backend import Backend, State
-from routerd.config import SchedulerConfig
+from routerd.config import Config, SchedulerConfig
 from routerd.errors import RouterdError, Unavailable
-from routerd.models.catalog import ModelEntry
+from routerd.models.catalog import Catalog, ModelEntry
 
 
 @attrs.define
@@ -173,3 +174,21 @@ def idle_ttl(entry: ModelEntry, key: str, scale_down_idle: float) -> float:
     if replica_index(key) <= entry.replicas:
         return entry.idle_ttl
     return scale_down_idle if entry.idle_ttl <= 0 else min(entry.idle_ttl, scale_down_idle)
+
+
+class SupervisorParts(Protocol):
+    """What every part of the supervisor (placement, pools, the views) reads of it: the running
+    config and catalog, the per-model records and the queues. Each part's own protocol adds the
+    little more it needs."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def catalog(self) -> Catalog: ...
+
+    @property
+    def models(self) -> ModelStates: ...
+
+    @property
+    def queues(self) -> scheduler.Queues: ...

@@ -22,13 +22,13 @@ import attrs
 import trio
 
 from routerd import events, llama_args
-from routerd.backends import admission, endpoints, scheduler
+from routerd.backends import admission, endpoints
 from routerd.backends.backend import Backend, BackendSpec
 from routerd.backends.memory import MemoryManager
-from routerd.backends.modelstate import Admission, ModelStates
+from routerd.backends.modelstate import Admission, SupervisorParts
 from routerd.config import Config
 from routerd.errors import InsufficientMemory, RouterdError, Unavailable
-from routerd.models.catalog import Catalog, ModelEntry
+from routerd.models.catalog import ModelEntry
 
 log = logging.getLogger("routerd.supervisor")
 
@@ -113,14 +113,8 @@ def scaling(*, keep: int, most: int, live: int, starting: int, in_progress: bool
 
 
 # -- carrying them out -------------------------------------------------------------------------
-class PlacementOwner(Protocol):
+class PlacementOwner(SupervisorParts, Protocol):
     """What placement needs of the supervisor."""
-
-    @property
-    def config(self) -> Config: ...
-
-    @property
-    def catalog(self) -> Catalog: ...
 
     @property
     def memory(self) -> MemoryManager: ...
@@ -130,12 +124,6 @@ class PlacementOwner(Protocol):
 
     @property
     def bus(self) -> events.Bus: ...
-
-    @property
-    def models(self) -> ModelStates: ...
-
-    @property
-    def queues(self) -> scheduler.Queues: ...
 
     @property
     def closing(self) -> bool: ...

@@ -22,11 +22,11 @@ import trio
 from routerd.backends import admission, endpoints, placement, scheduler, selectors
 from routerd.backends.backend import Backend, State
 from routerd.backends.endpoints import Endpoint, Lease
-from routerd.backends.modelstate import ModelStates
+from routerd.backends.modelstate import SupervisorParts
 from routerd.backends.remote import Remote, Remotes
 from routerd.config import Config
 from routerd.errors import RouterdError, Unavailable
-from routerd.models.catalog import Catalog, ModelEntry
+from routerd.models.catalog import ModelEntry
 
 log = logging.getLogger("routerd.supervisor")
 
@@ -34,23 +34,11 @@ log = logging.getLogger("routerd.supervisor")
 Member = tuple[Endpoint, str | None]
 
 
-class PoolOwner(Protocol):
+class PoolOwner(SupervisorParts, Protocol):
     """What the pools need of the supervisor."""
 
     @property
-    def config(self) -> Config: ...
-
-    @property
-    def catalog(self) -> Catalog: ...
-
-    @property
     def remotes(self) -> Remotes: ...
-
-    @property
-    def models(self) -> ModelStates: ...
-
-    @property
-    def queues(self) -> scheduler.Queues: ...
 
     @property
     def placement(self) -> placement.Placement: ...

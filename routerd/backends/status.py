@@ -19,11 +19,10 @@ import trio
 from routerd.backends import admission, scheduler
 from routerd.backends.backend import Backend, State
 from routerd.backends.memory import MemoryManager
-from routerd.backends.modelstate import ModelStates
+from routerd.backends.modelstate import SupervisorParts
 from routerd.backends.placement import Placement, spec_for
 from routerd.backends.remote import Remotes
-from routerd.config import Config
-from routerd.models.catalog import Catalog, ModelEntry
+from routerd.models.catalog import ModelEntry
 
 
 @attrs.frozen
@@ -73,14 +72,8 @@ class WaitInfo:
     last_load: float | None = None
 
 
-class Observed(Protocol):
+class Observed(SupervisorParts, Protocol):
     """What the views read of the supervisor."""
-
-    @property
-    def config(self) -> Config: ...
-
-    @property
-    def catalog(self) -> Catalog: ...
 
     @property
     def memory(self) -> MemoryManager: ...
@@ -90,12 +83,6 @@ class Observed(Protocol):
 
     @property
     def binary(self) -> str: ...
-
-    @property
-    def models(self) -> ModelStates: ...
-
-    @property
-    def queues(self) -> scheduler.Queues: ...
 
     @property
     def placement(self) -> Placement: ...
