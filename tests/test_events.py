@@ -12,7 +12,7 @@ import pathlib
 
 import pytest
 
-from routerctl.cli import EVENT_DETAILS, format_event
+from routerctl.output import EVENT_DETAILS, format_event
 from routerd import events
 from routerd.events import EventType
 from routerd.ops import requestlog
