@@ -97,7 +97,7 @@ async def start_routerd(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[
         daemon.request_shutdown()
     with trio.fail_after(30):
         for daemon in started:
-            while daemon.supervisor._backends:
+            while daemon.supervisor.models.backends():
                 await daemon.supervisor.wait_changed()
 
 
@@ -117,13 +117,13 @@ class FakeGpus:
 def record_spawns(supervisor: Any) -> list[str]:
     """Names of the models ``supervisor`` spawns from now on, in order."""
     spawned: list[str] = []
-    original = supervisor._start
+    original = supervisor.start_backend
 
     def recording_start(entry: Any, *args: Any, **kwargs: Any) -> Any:
         spawned.append(entry.name)
         return original(entry, *args, **kwargs)
 
-    supervisor._start = recording_start
+    supervisor.start_backend = recording_start
     return spawned
 
 

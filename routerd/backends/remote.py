@@ -224,7 +224,8 @@ class Remote:
             log.warning("remote %s is unreachable: %s", self.name, error)
         elif previous == "unreachable":
             log.info("remote %s is reachable again", self.name)
-        self.bus.publish(events.EventType(f"remote.{state}"), None, remote=self.name, url=self.config.url, error=error)
+        kind = events.EventType.REMOTE_REACHABLE if state == "reachable" else events.EventType.REMOTE_UNREACHABLE
+        self.bus.publish(kind, None, remote=self.name, url=self.config.url, error=error)
         self._on_change()
 
 

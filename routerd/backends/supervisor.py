@@ -29,15 +29,13 @@ from routerd.backends.endpoints import Lease
 from routerd.backends.health import HealthPolicy
 from routerd.backends.memory import MemoryManager
 from routerd.backends.modelstate import ModelStates, idle_ttl, live, replica_index
-from routerd.backends.placement import IMPLIED_FLAGS, Placement, spec_for
+from routerd.backends.placement import Placement, spec_for
 from routerd.backends.pools import Pools
 from routerd.backends.remote import Remotes
 from routerd.backends.status import ModelStatus, WaitInfo
 from routerd.config import Config
 from routerd.errors import LoadFailed, RouterdError, Unavailable
 from routerd.models.catalog import Catalog, ModelEntry
-
-__all__ = ["IMPLIED_FLAGS", "ModelStatus", "Supervisor", "WaitInfo", "error_for", "spec_for"]
 
 log = logging.getLogger("routerd.supervisor")
 
@@ -73,11 +71,6 @@ class Supervisor:
         """Shutting down: no new backends, no new work."""
         return self._closing
 
-    @property
-    def _backends(self) -> dict[str, Backend]:
-        """Every live backend by key (for tests waiting until none is left)."""
-        return self.models.backends()
-
     # -- lifetime ---------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the backends' nursery until cancelled; cancelling stops every backend."""
@@ -90,9 +83,9 @@ class Supervisor:
     async def shutdown(self, drain_timeout: float) -> None:
         """Refuse new work, let in-flight requests finish (bounded), stop every backend."""
         self._closing = True
-        for backend in list(self._backends.values()):
+        for backend in list(self.models.backends().values()):
             backend.request_stop("shutdown", cause="shutdown", drain_timeout=drain_timeout)
-        for backend in list(self._backends.values()):
+        for backend in list(self.models.backends().values()):
             await backend.wait_gone()
 
     def start_soon(self, async_fn: Callable[..., Awaitable[Any]], *args: Any, name: str) -> None:
@@ -141,10 +134,6 @@ class Supervisor:
 
     def queued(self, name: str) -> int:
         return self.queues.depth(name)
-
-    def oldest_wait(self, name: str) -> float:
-        """Seconds the longest-waiting request for ``name`` has waited (0 when none)."""
-        return self.queues.oldest_wait(name)
 
     # -- failures ---------------------------------------------------------------------------
     def crash_looping(self, name: str) -> bool:
@@ -202,13 +191,14 @@ class Supervisor:
             self.pools.scale(entry)  # replicas = N: the rest follow the first
             return backend
 
-    def unload(self, name: str, *, force: bool = False) -> Backend | None:
-        """Ask ``name`` to stop; in-flight requests finish first unless ``force``."""
+    def unload(self, name: str, *, force: bool = False) -> list[Backend]:
+        """Ask every replica of ``name`` to stop (in-flight requests finish first unless
+        ``force``); returns them, first replica first, to await."""
         replicas = self.models.replicas(self.catalog.resolve(name).name)
         for backend in replicas:
             backend.request_stop("unloaded" if not force else "unloaded (forced)", cause="operator",
                                  drain_timeout=0.0 if force else math.inf)
-        return replicas[0] if replicas else None
+        return replicas
 
     def load_soon(self, name: str) -> None:
         """Start loading ``name`` in the background (failures show in status and logs)."""
@@ -245,16 +235,12 @@ class Supervisor:
 
     # -- backends -----------------------------------------------------------------------------
     def start_backend(self, entry: ModelEntry, spec: BackendSpec, gpu: str | None, key: str) -> Backend:
-        """Start a backend admitted by ``placement`` (through ``_start``, which tests wrap)."""
-        return self._start(entry, spec, gpu, key=key)
-
-    def _start(self, entry: ModelEntry, spec: BackendSpec, gpu: str | None, key: str = "") -> Backend:
+        """Start a backend admitted by ``placement``, as replica ``key`` (on ``gpu``, if chosen)."""
         assert self._nursery is not None, "Supervisor.run() is not running"
         env = self._env
         if gpu is not None:  # NVML numbers GPUs in PCI bus order; make CUDA agree
             env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpu.removeprefix("gpu")}
         policy = self.config.scheduler
-        key = key or entry.name
         backend = Backend(spec, idle_ttl=idle_ttl(entry, key, policy.scale_down_idle),
                           upstream_read_timeout=self.config.server.upstream_read_timeout,
                           env=env, on_change=self.notify_change, bus=self.bus, key=key, spawn_with=self._spawn,
@@ -313,7 +299,7 @@ class Supervisor:
         self.memory.forget_estimates()  # files may have changed under the same names
         self.pools.configure(config)
         outcome: dict[str, list[str]] = {"restarted": [], "stopped": [], "kept": []}
-        for key, backend in self._backends.items():
+        for key, backend in self.models.backends().items():
             entry = catalog.get(backend.name)
             if entry is None or entry.name != backend.name or entry.remote:
                 backend.request_stop("removed from config", cause="reload")
@@ -359,10 +345,3 @@ class Supervisor:
 
     def counts(self) -> dict[str, int]:
         return status.counts(self)
-
-
-def error_for(exc: BaseException) -> RouterdError:
-    """Any exception as a RouterdError, for the edges."""
-    if isinstance(exc, RouterdError):
-        return exc
-    return RouterdError(f"internal error: {type(exc).__name__}: {exc}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 
-from routerd.backends.supervisor import WaitInfo
+from routerd.backends.status import WaitInfo
 
 #: The routes whose streams are OpenAI chat completions.
 CHAT_ROUTES = frozenset({"/v1/chat/completions", "/chat/completions"})

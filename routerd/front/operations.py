@@ -26,7 +26,8 @@ import trio
 from routerd import __version__
 from routerd.backends.backend import Backend
 from routerd.backends.logring import LogLine
-from routerd.backends.supervisor import ModelStatus, Supervisor
+from routerd.backends.status import ModelStatus
+from routerd.backends.supervisor import Supervisor
 from routerd.front.access import Gate
 from routerd.front.keys import KeySettings
 from routerd.models.service import CatalogService, PullResult, ReloadResult
@@ -221,11 +222,12 @@ class Operations:
         unless ``force``."""
         supervisor = self.supervisor
         entry = supervisor.catalog.resolve(model)
-        backend = supervisor.unload(entry.name, force=force)
-        if backend is not None:
+        replicas = supervisor.unload(entry.name, force=force)
+        for backend in replicas:
             await backend.wait_gone()
-        return UnloadResult(model=entry.name, state=supervisor.state_of(entry.name), was_running=backend is not None,
-                            exit_code=backend.exit_code if backend is not None else None)
+        first = replicas[0] if replicas else None  # the model's own process; extras follow it
+        return UnloadResult(model=entry.name, state=supervisor.state_of(entry.name), was_running=first is not None,
+                            exit_code=first.exit_code if first is not None else None)
 
     def reset(self, model: str) -> ResetResult:
         """Forget ``model``'s failures (the crash-loop breaker and backoff)."""

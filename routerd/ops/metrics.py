@@ -31,7 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from routerd import __version__, events, llama_args
 from routerd.backends.backend import Backend, State
-from routerd.backends.supervisor import Supervisor, spec_for
+from routerd.backends.placement import spec_for
+from routerd.backends.supervisor import Supervisor
 from routerd.backends.upstream import UpstreamError
 from routerd.events import EventType
 
