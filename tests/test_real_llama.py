@@ -187,8 +187,7 @@ def test_no_llama_server_outlives_routerd(tmp_path, how):
         else:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
-            time.sleep(11)  # past trio's 10 s worker-thread retirement, the classic pdeathsig trap
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 15  # a bound, not a wait: done as soon as every child is gone
         while pids_alive(children) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert pids_alive(children) == []
@@ -380,4 +379,4 @@ async def test_a_real_model_behind_a_remote_routerd_answers_through_another_with
         model="gpu2/smollm2-135m", messages=MESSAGES, max_tokens=8))
     assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
     assert b.supervisor.state_of("smollm2-135m") == "ready"  # the process runs on B, not on A
-    assert not a.supervisor._backends
+    assert not a.supervisor.models.backends()
