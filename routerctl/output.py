@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from routerd.events import EventType
+from routerd.event_types import EventType
 
 
 # -- output -------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ subscribe. Event types and their fields are listed in docs/events.md.
 from __future__ import annotations
 
 import collections
-import enum
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -24,33 +23,10 @@ from typing import Any
 import attrs
 import trio
 
+from routerd.event_types import EventType
 
-class EventType(enum.StrEnum):
-    """Every kind of event, defined once: publishers, the metrics, the request log, routerctl and
-    the page (which reads them from ``GET /ui/event-types.js``) all name them from here, so a typo is
-    a type error rather than a metric that silently never moves. Fields: docs/events.md."""
+__all__ = ["Bus", "Event", "EventType", "Subscription", "visible_to"]
 
-    MODEL_LOADING = "model.loading"
-    #: Loading progress read from the llama-server's output.
-    MODEL_PROGRESS = "model.progress"
-    MODEL_READY = "model.ready"
-    MODEL_STOPPING = "model.stopping"
-    MODEL_STOPPED = "model.stopped"
-    MODEL_FAILED = "model.failed"
-    MODEL_EVICTED = "model.evicted"
-    MODEL_CRASH_LOOP = "model.crash_loop"
-    #: Each line a running llama-server prints: published only while someone follows that model.
-    MODEL_LOG = "model.log"
-    QUEUE_HIGH = "queue.high"
-    QUEUE_NORMAL = "queue.normal"
-    REMOTE_REACHABLE = "remote.reachable"
-    REMOTE_UNREACHABLE = "remote.unreachable"
-    CATALOG_RESCAN = "catalog.rescan"
-    CONFIG_RELOAD = "config.reload"
-    #: The one event per finished request: sent only to subscribers that ask for it.
-    REQUEST = "request"
-    #: The last event a dropped subscriber receives.
-    DROPPED = "dropped"
 
 #: Seconds a dropped subscriber has to read what it had buffered before it is cut off.
 DROP_GRACE = 5.0

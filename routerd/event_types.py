@@ -1,0 +1,37 @@
+"""The kinds of event routerd publishes, defined once, with nothing else imported.
+
+``routerd.events`` (the bus) and every consumer name them from here; ``routerctl`` imports this
+module alone, so printing an event costs it no trio or attrs import.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class EventType(enum.StrEnum):
+    """Every kind of event, defined once: publishers, the metrics, the request log, routerctl and
+    the page (which reads them from ``GET /ui/event-types.js``) all name them from here, so a typo is
+    a type error rather than a metric that silently never moves. Fields: docs/events.md."""
+
+    MODEL_LOADING = "model.loading"
+    #: Loading progress read from the llama-server's output.
+    MODEL_PROGRESS = "model.progress"
+    MODEL_READY = "model.ready"
+    MODEL_STOPPING = "model.stopping"
+    MODEL_STOPPED = "model.stopped"
+    MODEL_FAILED = "model.failed"
+    MODEL_EVICTED = "model.evicted"
+    MODEL_CRASH_LOOP = "model.crash_loop"
+    #: Each line a running llama-server prints: published only while someone follows that model.
+    MODEL_LOG = "model.log"
+    QUEUE_HIGH = "queue.high"
+    QUEUE_NORMAL = "queue.normal"
+    REMOTE_REACHABLE = "remote.reachable"
+    REMOTE_UNREACHABLE = "remote.unreachable"
+    CATALOG_RESCAN = "catalog.rescan"
+    CONFIG_RELOAD = "config.reload"
+    #: The one event per finished request: sent only to subscribers that ask for it.
+    REQUEST = "request"
+    #: The last event a dropped subscriber receives.
+    DROPPED = "dropped"
