@@ -224,8 +224,12 @@ class Remote:
             log.warning("remote %s is unreachable: %s", self.name, error)
         elif previous == "unreachable":
             log.info("remote %s is reachable again", self.name)
-        kind = events.EventType.REMOTE_REACHABLE if state == "reachable" else events.EventType.REMOTE_UNREACHABLE
-        self.bus.publish(kind, None, remote=self.name, url=self.config.url, error=error)
+        if state == "reachable":
+            self.bus.publish(events.EventType.REMOTE_REACHABLE, None, remote=self.name, url=self.config.url,
+                             error=error)
+        else:
+            self.bus.publish(events.EventType.REMOTE_UNREACHABLE, None, remote=self.name, url=self.config.url,
+                             error=error)
         self._on_change()
 
 
