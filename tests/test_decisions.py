@@ -106,10 +106,16 @@ def test_admission_plan_properties(residents, need, group, max_loaded):
         return
     assert not isinstance(plan, admission.Refuse)
     # Busy models outside a swapped group can only be waited for: Wait exactly when the
-    # newcomer does not fit beside them alone, naming them and what is missing.
-    swapped = {r.name for r in admission.group_conflicts(newcomer, residents)}
+    # newcomer does not fit beside them alone, naming them and what is missing (worked out
+    # here, not with admission's own helpers): a grouped newcomer swaps out every model of
+    # another group; what is short is the need minus what is free beside the busy ones left
+    # (nothing, for a newcomer needing nothing), and one model over max_loaded counts too.
+    swapped = {r.name for r in residents if group and r.group and r.group != group}
     must_stay = [r for r in residents if r.busy and r.name not in swapped]
-    short_anyway = admission.shortfall(newcomer, must_stay, budget, max_loaded)
+    free_beside_busy = budget["ram"] - sum(r.usage["ram"] for r in must_stay)
+    short_anyway = {"ram": need - free_beside_busy} if need and need > free_beside_busy else {}
+    if max_loaded and len(must_stay) + 1 > max_loaded:
+        short_anyway["models"] = len(must_stay) + 1 - max_loaded
     if isinstance(plan, admission.Wait):
         assert short_anyway
         assert plan.shortfall == short_anyway
