@@ -7,8 +7,9 @@ read at their own pace: publishing never waits for them, and one that falls ``bu
 behind is dropped, with a final ``dropped`` event after what it had buffered and a short grace to
 read it before its connection is cut.
 
-It knows no HTTP, JSON-RPC or backends: the supervisor, backends and proxy publish; the edges
-subscribe. Event types and their fields are listed in docs/events.md.
+It knows no HTTP, JSON-RPC or backends: backends, the supervisor and its parts (queues,
+placement), remotes, the catalog service and the proxy publish; the edges subscribe. The types
+are ``EventType`` (``event_types.py``); their fields are listed in docs/metrics.md.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ HTTP API and the control plane call. The parts live beside it, each reaching it 
 interface: ``scheduler.Queues`` (every model's request queue), ``placement`` (admission,
 eviction, fair turns, extra replicas), ``pools`` (an endpoint for each request, background
 loads, scaling, virtual models) and ``status`` (the views). The remotes themselves live in
-``remote``. It must not parse HTTP or JSON-RPC, and nothing but the supervisor may start or stop
-a backend.
+``remote``. It must not parse HTTP or JSON-RPC; nothing outside the supervisor and its parts may
+start or stop a backend (placement stops the ones it evicts, through their ``request_stop``).
 """
 
 from __future__ import annotations

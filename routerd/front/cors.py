@@ -40,7 +40,7 @@ def with_headers(send: ASGISendCallable, origin: bytes) -> ASGISendCallable:
 
     async def sending(message: ASGISendEvent) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message["headers"], *extra]}
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
         await send(message)
 
     return sending

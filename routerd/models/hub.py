@@ -13,25 +13,17 @@ rescans after.
 
 from __future__ import annotations
 
-import importlib
 import io
 import os
 import time
-import types
 from collections.abc import Callable, Sequence
 
 import attrs
-import httpx
+import httpx2  # huggingface_hub 2.x talks through it; its errors are what a pull meets
 
 from routerd.errors import BadRequest, NotFound, RouterdError, Unavailable
 from routerd.models import discovery
 from routerd.models.gguf_meta import split_parts
-
-_hub_http: types.ModuleType
-try:  # huggingface_hub >= 2 talks through httpx2, older releases through httpx
-    _hub_http = importlib.import_module("httpx2")
-except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
-    _hub_http = httpx
 
 Progress = Callable[[str, int, int | None], None]  # file, bytes done, bytes total
 
@@ -103,11 +95,10 @@ def pull(repo_id: str, tag: str | None, filename: str | None, *, cache_dir: str,
     except RepositoryNotFoundError:
         raise NotFound(f"{repo_id} was not found on {where} (a private repo needs HF_TOKEN)",
                        code="repo_not_found") from None
-    except (OfflineModeIsEnabled, LocalEntryNotFoundError, httpx.ConnectError, _hub_http.ConnectError,
-            httpx.ConnectTimeout, _hub_http.ConnectTimeout) as exc:
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError, httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
         raise Unavailable(f"cannot reach {where} to pull {repo_id} (offline?): {type(exc).__name__}: {exc}",
                           code="hub_unreachable", retry_after=30) from None
-    except (httpx.TransportError, _hub_http.TransportError) as exc:
+    except httpx2.TransportError as exc:
         raise Unavailable(f"the download of {repo_id} was interrupted ({type(exc).__name__}: {exc}); "
                           "the partial file is not kept: pulling again downloads that file from its start",
                           code="hub_interrupted", retry_after=5) from None
