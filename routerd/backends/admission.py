@@ -108,3 +108,8 @@ def plan_admission(newcomer: Newcomer, residents: Sequence[Resident], budgets: M
         return Wait(busy=busy, shortfall=short)
     return Admit(evict=tuple(r.name for r in swapped) + tuple(evicted),
                  group_swap=tuple(r.name for r in swapped))
+
+
+def starts_now(plan: Plan) -> bool:
+    """Whether ``plan`` starts the newcomer without evicting anything (pure)."""
+    return isinstance(plan, Admit) and not plan.evict

@@ -210,7 +210,7 @@ class Placement:
     def fits_now(self, entry: ModelEntry) -> bool:
         """Whether ``entry`` could start now without evicting anything (preload asks)."""
         plan, _, _ = self.best_plan(entry, self.spec(entry), self.residents())
-        return isinstance(plan, admission.Admit) and not plan.evict
+        return admission.starts_now(plan)
 
     async def _make_room(self, entry: ModelEntry, spec: BackendSpec) -> tuple[dict[str, int], str | None]:
         """Evict what the plan says, or wait (bounded) for busy models.

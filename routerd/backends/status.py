@@ -20,7 +20,7 @@ from routerd.backends import admission, scheduler
 from routerd.backends.backend import Backend, State
 from routerd.backends.memory import MemoryManager
 from routerd.backends.modelstate import SupervisorParts
-from routerd.backends.placement import Placement, spec_for
+from routerd.backends.placement import Placement
 from routerd.backends.remote import Remotes
 from routerd.models.catalog import ModelEntry
 
@@ -82,9 +82,6 @@ class Observed(SupervisorParts, Protocol):
     def remotes(self) -> Remotes: ...
 
     @property
-    def binary(self) -> str: ...
-
-    @property
     def placement(self) -> Placement: ...
 
     def crash_looping(self, name: str) -> bool: ...
@@ -144,7 +141,7 @@ def model_status(seen: Observed, entry: ModelEntry) -> ModelStatus:
         idle_ttl_left=backend.idle_ttl_left() if backend else None,
         last_error=history.last_error if history else None,
         exit_code=shown.exit_code if shown else None,
-        memory=seen.memory.model_report(entry, spec_for(entry, seen.config, seen.binary), backend),
+        memory=seen.memory.model_report(entry, seen.placement.spec(entry), backend),
         metadata=seen.catalog.metadata(entry),
         endpoints=pool,
     )
@@ -187,7 +184,7 @@ def memory_view(seen: Observed) -> dict[str, object]:
     for entry in seen.catalog:
         if entry.remote:
             continue  # memory on another host is that host's budget
-        spec = spec_for(entry, seen.config, seen.binary)
+        spec = seen.placement.spec(entry)
         replicas = seen.models.replicas(entry.name)
         backend = replicas[0] if replicas else None
         report = seen.memory.model_report(entry, spec, backend)
@@ -197,7 +194,7 @@ def memory_view(seen: Observed) -> dict[str, object]:
             placed = seen.memory.usage(backend)
         else:
             plan, newcomer, _ = seen.placement.best_plan(entry, spec, residents)
-            fits_now = isinstance(plan, admission.Admit) and not plan.evict
+            fits_now = admission.starts_now(plan)
             fits_after = isinstance(plan, admission.Admit)
             report["evicts"] = list(plan.evict) if isinstance(plan, admission.Admit) else None
             placed = newcomer.need
