@@ -20,6 +20,7 @@ from routerd.config import AuthConfig
 from routerd.errors import EXIT_CONFIG, ConfigError, TooManyRequests, Unauthorized
 from routerd.front import keys as keys_mod
 from routerd.front.access import Caller, Gate, TokenBucket, is_loopback, presented_key
+from routerd.front.keys import KeySettings
 from routerd.front.requested import forward_headers
 from tests.conftest import make_config
 from tests.test_hardening import assert_clean_failure, serve
@@ -37,7 +38,7 @@ def test_a_new_key_is_random_and_only_its_hash_and_prefix_are_kept():
 
 
 def test_scope_globs_match_names_and_aliases():
-    _, record = keys_mod.make("team", models=["qwen*", "org/*:Q4_K_M"], now=NOW)
+    _, record = keys_mod.make("team", KeySettings(models=("qwen*", "org/*:Q4_K_M")), now=NOW)
     assert record.allows(["qwen2.5-7b"])
     assert record.allows(["llama3", "qwen-alias"])  # through an alias
     assert record.allows(["org/repo:Q4_K_M"]) and not record.allows(["org/repo:Q8_0"])
@@ -46,22 +47,46 @@ def test_scope_globs_match_names_and_aliases():
 
 def test_expiry_dates_are_whole_days_in_utc():
     assert keys_mod.expiry("2026-11-22") == dt.datetime(2026, 11, 23, tzinfo=dt.UTC)
-    _, record = keys_mod.make("k", expires="2026-11-22", now=NOW)
+    _, record = keys_mod.make("k", KeySettings(expires="2026-11-22"), now=NOW)
     assert not record.expired(NOW) and record.expired(NOW + dt.timedelta(hours=12))
     with pytest.raises(Exception, match="in the past"):
-        keys_mod.make("k", expires="2026-11-21", now=NOW)
+        keys_mod.make("k", KeySettings(expires="2026-11-21"), now=NOW)
     with pytest.raises(Exception, match="not a date"):
-        keys_mod.make("k", expires="soon", now=NOW)
+        keys_mod.make("k", KeySettings(expires="soon"), now=NOW)
 
 
 def test_the_key_file_keeps_no_key_and_is_private(tmp_path):
     store = keys_mod.KeyFile(str(tmp_path / "keys.toml"))
-    key, record = keys_mod.make("ci", models=["a*"], rpm=5, now=NOW)
+    key, record = keys_mod.make("ci", KeySettings(models=("a*",), rpm=5), now=NOW)
     store.save([record])
     text = (tmp_path / "keys.toml").read_text()
     assert key not in text and record.hash in text
     assert stat.S_IMODE(os.stat(tmp_path / "keys.toml").st_mode) == 0o600
     assert store.load() == {"ci": record}
+
+
+def test_a_key_file_as_routerd_writes_it_loads_and_unset_fields_take_the_settings_defaults(tmp_path):
+    digest = "sha256:" + "0" * 64
+    path = tmp_path / "keys.toml"
+    path.write_text(f'''[keys.ci]
+hash = "{digest}"
+prefix = "rk-AbC12x"
+models = ["a*"]
+priority_max = "low"
+rpm = 5
+admin = true
+created = "2026-11-22T12:00:00+00:00"
+
+[keys.bare]
+hash = "{digest}"
+''')
+    loaded = keys_mod.KeyFile(str(path)).load()
+    assert loaded["ci"].settings() == KeySettings(models=("a*",), priority_max="low", rpm=5, admin=True)
+    assert loaded["bare"].settings() == KeySettings() == keys_mod.make("new", now=NOW)[1].settings()
+    path.write_text(f'[keys.odd]\nhash = "{digest}"\npriority_max = "urgent"\nrpm = -1\n')
+    with pytest.raises(ConfigError) as caught:  # the same checks as a new key's
+        keys_mod.KeyFile(str(path)).load()
+    assert "keys.odd: priority_max 'urgent'" in caught.value.message and "must not be negative" in caught.value.message
 
 
 def test_a_broken_key_file_names_each_problem(tmp_path):
@@ -131,7 +156,7 @@ def test_keys_are_required_once_one_exists_and_a_revoked_one_fails_at_once(tmp_p
 
 def test_an_expired_key_is_refused_with_its_own_code(tmp_path):
     g, _ = gate(tmp_path)
-    key, _ = g.add("old", expires="2026-11-22")
+    key, _ = g.add("old", KeySettings(expires="2026-11-22"))
     assert g.authenticate(bearer(key)).name == "old"
     g._wallclock = lambda: NOW + dt.timedelta(days=1)
     with pytest.raises(Unauthorized) as caught:
@@ -141,7 +166,7 @@ def test_an_expired_key_is_refused_with_its_own_code(tmp_path):
 
 def test_rate_and_concurrency_limits_are_per_key(tmp_path):
     g, clock = gate(tmp_path)
-    key, _ = g.add("slow", rpm=2, concurrent=1)
+    key, _ = g.add("slow", KeySettings(rpm=2, concurrent=1))
     other, _ = g.add("free")
     slow, free = g.authenticate(bearer(key)), g.authenticate(bearer(other))
     with g.admit(slow):
@@ -163,7 +188,7 @@ def test_rate_and_concurrency_limits_are_per_key(tmp_path):
 
 
 def test_priority_is_capped_by_the_key():
-    _, capped = keys_mod.make("bulk", priority_max="low", now=NOW)
+    _, capped = keys_mod.make("bulk", KeySettings(priority_max="low"), now=NOW)
     assert Caller(capped).priority(0) == 2 and Caller(capped).priority(2) == 2
     assert Caller().priority(0) == 0
 
@@ -293,7 +318,7 @@ async def test_routerctl_keys_errors_say_what_to_do(start_routerd, tmp_path, mod
 async def test_key_limits_answer_429_with_retry_after(start_routerd, tmp_path, model_file):
     r = await start_routerd(make_config(tmp_path, {"alpha": {"path": model_file("alpha"),
                                                              "args": ["--fake-token-delay", "0.2"]}}))
-    key, _ = r.daemon.gate.add("one-at-a-time", concurrent=1, rpm=2)
+    key, _ = r.daemon.gate.add("one-at-a-time", KeySettings(concurrent=1, rpm=2))
     headers = {"Authorization": f"Bearer {key}"}
     async with r.http.stream("POST", "/v1/chat/completions", json={**chat("alpha"), "stream": True,
                                                                      "max_tokens": 8}, headers=headers) as first:

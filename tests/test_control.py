@@ -215,3 +215,23 @@ async def test_ctrl_c_stops_routerctl_logs_follow(start_routerd, tmp_path, model
         assert b"Traceback" not in await follower.stderr.receive_some()
     finally:
         follower.kill()
+
+
+async def test_keys_add_takes_the_settings_flat_and_refuses_unknown_or_mistyped_ones(start_routerd, tmp_path,
+                                                                                       model_file):
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
+    sock = r.daemon.socket_path
+    made = (await rpc(sock, call("keys.add", {"name": "ci", "models": ["a*"], "rpm": 5, "priority_max": "low"})))[0]
+    assert made["result"]["name"] == "ci" and made["result"]["key"].startswith(made["result"]["prefix"])
+    (row,) = (await rpc(sock, call("keys.list")))[0]["result"]["keys"]
+    assert (row["models"], row["rpm"], row["priority_max"], row["concurrent"], row["admin"]) == (["a*"], 5, "low",
+                                                                                                 0, False)
+    unknown = (await rpc(sock, call("keys.add", {"name": "x", "colour": "red"})))[0]["error"]
+    assert unknown["code"] == -32602 and "params.colour: unknown key" in unknown["message"]
+    typed = (await rpc(sock, call("keys.add", {"name": "x", "rpm": "many"})))[0]["error"]
+    assert typed["code"] == -32602 and "params.rpm" in typed["message"]
+    nameless = (await rpc(sock, call("keys.add", {"rpm": 1})))[0]["error"]
+    assert nameless["code"] == -32602 and "params.name" in nameless["message"]
+    bad = (await rpc(sock, call("keys.add", {"name": "x", "priority_max": "urgent"})))[0]["error"]
+    assert "priority_max 'urgent'" in bad["message"] and bad["data"]["code"] == "invalid_key_settings"
+    assert [row["name"] for row in (await rpc(sock, call("keys.list")))[0]["result"]["keys"]] == ["ci"]

@@ -18,7 +18,7 @@ from tests.test_control import call, rpc
 async def test_socket_and_admin_api_answer_load_unload_reset_logs_and_rescan_alike(start_routerd, tmp_path,
                                                                                    model_file):
     r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}, "b": {"path": model_file("b")}}))
-    admin, _ = r.daemon.gate.add("ops", admin=True)
+    admin, _ = r.daemon.gate.add("ops", KeySettings(admin=True))
     auth = {"Authorization": f"Bearer {admin}"}
 
     async def by_socket(method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -83,3 +83,5 @@ def test_key_settings_are_one_class_for_the_store_and_the_control_params() -> No
     assert settings == {"models", "priority_max", "rpm", "concurrent", "expires", "admin"}
     assert issubclass(ApiKey, KeySettings) and issubclass(KeyAddParams, KeySettings)
     assert {field.name for field in attrs.fields(KeyAddParams)} == settings | {"name"}
+    params = KeyAddParams(name="ci", rpm=5)
+    assert params.settings() == KeySettings(rpm=5) and type(params.settings()) is KeySettings  # the name stays behind

@@ -42,7 +42,7 @@ from routerd.errors import (
     Unavailable,
 )
 from routerd.front import keys as keys_mod
-from routerd.front.keys import ApiKey, KeyFile
+from routerd.front.keys import ApiKey, KeyFile, KeySettings
 
 if TYPE_CHECKING:
     from routerd.models.catalog import ModelEntry
@@ -321,13 +321,13 @@ class Gate:
         Gate.require_admin(caller, action)
 
     # -- what routerctl keys does -------------------------------------------------------------
-    def add(self, name: str, **settings: object) -> tuple[str, ApiKey]:
+    def add(self, name: str, settings: KeySettings = keys_mod.EVERYTHING) -> tuple[str, ApiKey]:
         """Make a key, save it, and have it work at once; the key is returned here only."""
         self._refresh_external()
         if name in self._own or name in self._external:
             raise BadRequest(f"a key named {name!r} exists; revoke it first or choose another name",
                              code="key_exists")
-        key, record = keys_mod.make(name, now=self._wallclock(), **settings)  # type: ignore[arg-type]
+        key, record = keys_mod.make(name, settings, now=self._wallclock())
         self._save({**self._own, name: record})
         return key, record
 

@@ -18,7 +18,7 @@ import hashlib
 import os
 import secrets
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -52,6 +52,34 @@ class KeySettings:
     expires: str = ""
     #: May do the admin actions over HTTP (see access.require_admin).
     admin: bool = False
+
+    def settings(self) -> KeySettings:
+        """Only these fields, whatever subclass carries them (a record, the control params)."""
+        return KeySettings(**_settings_fields(self))
+
+    def problems(self, *, now: dt.datetime | None = None) -> list[str]:
+        """What is wrong with these fields, each as one line (pure); ``now``: also refuse an
+        expiry already past (a new key), not only a malformed one."""
+        problems = []
+        if self.priority_max not in PRIORITY_LEVELS:
+            problems.append(f"priority_max {self.priority_max!r} is not one of {', '.join(PRIORITY_LEVELS)}")
+        if self.rpm < 0 or self.concurrent < 0:
+            problems.append("rpm and concurrent must not be negative (0: no limit)")
+        if not all(self.models):
+            problems.append("a model pattern must not be empty")
+        if self.expires:
+            try:
+                moment = expiry(self.expires)
+            except ValueError:
+                problems.append(f"expires {self.expires!r} is not a date (2026-12-31) or time (2026-12-31T18:00)")
+            else:
+                if now is not None and moment <= now:
+                    problems.append(f"expires {self.expires!r} is in the past")
+        return problems
+
+
+def _settings_fields(value: KeySettings) -> dict[str, Any]:
+    return {field.name: getattr(value, field.name) for field in attrs.fields(KeySettings)}
 
 
 @attrs.frozen(kw_only=True)
@@ -94,14 +122,17 @@ def expiry(text: str) -> dt.datetime:
     return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
 
 
-def make(name: str, *, models: Sequence[str] = ("*",), priority_max: str = "high", rpm: int = 0,
-         concurrent: int = 0, expires: str = "", admin: bool = False,
-         now: dt.datetime | None = None) -> tuple[str, ApiKey]:
-    """A new key and its record (pure but for the random key). BadRequest for a bad field."""
+#: A key for every model, without limits or admin rights.
+EVERYTHING = KeySettings()
+
+
+def make(name: str, settings: KeySettings = EVERYTHING, *, now: dt.datetime | None = None) -> tuple[str, ApiKey]:
+    """A new key and its record (pure but for the random key); an empty ``models`` means every
+    model. BadRequest for a bad name or setting."""
     now = now or dt.datetime.now(dt.UTC)
-    record = ApiKey(name=name, hash="", models=tuple(models) or ("*",), priority_max=priority_max, rpm=rpm,
-                    concurrent=concurrent, expires=expires, admin=admin,
-                    created=now.isoformat(timespec="seconds"))
+    chosen = _settings_fields(settings)
+    chosen["models"] = settings.models or EVERYTHING.models
+    record = ApiKey(name=name, hash="", created=now.isoformat(timespec="seconds"), **chosen)
     problems = problems_of(record, now=now)
     if problems:
         raise BadRequest("; ".join(problems), code="invalid_key_settings")
@@ -110,27 +141,13 @@ def make(name: str, *, models: Sequence[str] = ("*",), priority_max: str = "high
 
 
 def problems_of(record: ApiKey, *, now: dt.datetime | None = None) -> list[str]:
-    """What is wrong with a record's fields, each as one line (pure)."""
+    """What is wrong with a record (its name, hash and settings), each as one line (pure)."""
     problems = []
     if not record.name or not set(record.name) <= _NAME_CHARS:
         problems.append(f"name {record.name!r}: use letters, digits and - _ . @")
     if record.hash and not (record.hash.startswith("sha256:") and len(record.hash) == 71):
         problems.append("hash must be 'sha256:' and 64 hex digits (sha256sum of the key)")
-    if record.priority_max not in PRIORITY_LEVELS:
-        problems.append(f"priority_max {record.priority_max!r} is not one of {', '.join(PRIORITY_LEVELS)}")
-    if record.rpm < 0 or record.concurrent < 0:
-        problems.append("rpm and concurrent must not be negative (0: no limit)")
-    if not all(record.models):
-        problems.append("a model pattern must not be empty")
-    if record.expires:
-        try:
-            moment = expiry(record.expires)
-        except ValueError:
-            problems.append(f"expires {record.expires!r} is not a date (2026-12-31) or time (2026-12-31T18:00)")
-        else:
-            if now is not None and moment <= now:
-                problems.append(f"expires {record.expires!r} is in the past")
-    return problems
+    return problems + record.problems(now=now)
 
 
 _converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)

@@ -281,9 +281,8 @@ class Operations:
 
     # -- keys
     def add_key(self, name: str, settings: KeySettings) -> KeyAdded:
-        """Make a key named ``name`` (``settings`` may be a subclass: only its settings count)."""
-        chosen = {field.name: getattr(settings, field.name) for field in attrs.fields(KeySettings)}
-        key, record = self.gate.add(name, **chosen)
+        """Make a key named ``name``; it is returned here only."""
+        key, record = self.gate.add(name, settings)
         return KeyAdded(name=name, key=key, prefix=record.prefix, required=self.gate.required)
 
     def list_keys(self) -> KeysListed:

@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                              "listens beyond loopback needs one to start); prints it once")
     add_key.add_argument("name")
     add_key.add_argument("--admin", action="store_true", help="may use the admin views and actions")
-    add_key.add_argument("--models", nargs="+", default=["*"], metavar="GLOB", help="models it may use (default: all)")
+    add_key.add_argument("--models", nargs="+", default=list(keys.EVERYTHING.models), metavar="GLOB",
+                         help="models it may use (default: all)")
     return parser
 
 
@@ -58,14 +59,14 @@ def fatal(exc: BaseException) -> tuple[int, str]:
                            "for the traceback and please report it")
 
 
-def add_key(name: str, *, admin: bool, models: list[str], state_dir: str) -> int:
+def add_key(name: str, settings: keys.KeySettings, *, state_dir: str) -> int:
     """``routerd add-key``: write a new key to the state directory's key store, print it."""
     store = keys.KeyFile(keys.store_path(state_dir))
     try:
         own = store.load()
         if name in own:
             raise BadRequest(f"a key named {name!r} exists in {store.path}; choose another name", code="key_exists")
-        key, record = keys.make(name, admin=admin, models=models)
+        key, record = keys.make(name, settings)
         os.makedirs(state_dir, exist_ok=True)
         store.save([*own.values(), record])
     except (RouterdError, OSError) as exc:
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config_mod.unstructure(config), indent=2))
         return 0
     if args.command == "add-key":
-        return add_key(args.name, admin=args.admin, models=args.models, state_dir=paths.state_dir())
+        settings = keys.KeySettings(models=tuple(args.models), admin=args.admin)
+        return add_key(args.name, settings, state_dir=paths.state_dir())
     logs.setup(args.log_level)
     try:
         config = config_mod.load(args.config)

@@ -108,6 +108,8 @@ class LogsParams:
 
 @attrs.frozen(kw_only=True)
 class KeyAddParams(KeySettings):
+    """The key's settings, flat beside its name (as routerctl sends them)."""
+
     name: str
 
 
@@ -198,7 +200,8 @@ class ControlServer:
             "reset": (ModelParams, lambda p, conn: ops.reset(p.model)),
             "import": (PathParams, lambda p, conn: ops.import_models(p.path)),
             "pull": (PullParams, lambda p, conn: ops.pull(p.model, p.file, partial(conn.notify, "progress"))),
-            "keys.add": (KeyAddParams, lambda p, conn: ops.add_key(p.name, p)),  # logged (never the key) by call()
+            # logged (never the key) by call()
+            "keys.add": (KeyAddParams, lambda p, conn: ops.add_key(p.name, p.settings())),
             "keys.list": (NoParams, lambda p, conn: ops.list_keys()),
             "keys.revoke": (NameParams, lambda p, conn: ops.revoke_key(p.name)),
             "events": (EventsParams, self._events),
