@@ -105,7 +105,7 @@ def views() -> Any:
     stub = SimpleNamespace(config=SimpleNamespace(server=SimpleNamespace(max_body_bytes=1000)))
     gate = SimpleNamespace()
     operations = SimpleNamespace(supervisor=stub, gate=gate)  # what admin's routes act through
-    return routes.create_app(stub, gate, SimpleNamespace(), operations).views  # type: ignore[arg-type]
+    return routes.create_app(operations, SimpleNamespace()).views  # type: ignore[arg-type]
 
 
 def _sample_path(rule: Rule) -> str:

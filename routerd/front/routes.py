@@ -221,10 +221,12 @@ class Front:
             await self.views(scope, receive, send)
 
 
-def create_app(supervisor: Supervisor, gate: Gate, metrics: api.MetricsSource, operations: Operations) -> Front:
-    """The whole HTTP front as one ASGI app; ``gate`` has checked each request's key before
-    any view runs, and the views show a caller only what its key's scope covers. The admin API
-    runs ``operations`` (over the same supervisor and gate)."""
+def create_app(operations: Operations, metrics: api.MetricsSource) -> Front:
+    """The whole HTTP front as one ASGI app, over ``operations``' supervisor and gate (one of
+    each, shared with the control socket): the gate has checked each request's key before any
+    view runs, the views show a caller only what its key's scope covers, and the admin API runs
+    ``operations``."""
+    supervisor, gate = operations.supervisor, operations.gate
     views = api.views_app(supervisor, gate, is_wrong_method=is_wrong_method)
     admin.register(views, operations)
     return Front(supervisor, gate, ProxyApp(supervisor, gate), api.Observability(supervisor, gate, metrics), views)

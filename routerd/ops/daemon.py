@@ -154,7 +154,7 @@ class Daemon:
             http_stopped = trio.Event()
             from routerd.front.routes import create_app  # quart is heavy; import once the daemon starts
 
-            app = create_app(self.supervisor, self.gate, self.metrics, self.operations)
+            app = create_app(self.operations, self.metrics)
             try:
                 self.operations.listen = await root.start(partial(self._serve_http, app, http_stopped))
             except* OSError as group:  # the bind fails inside the server's nurseries
