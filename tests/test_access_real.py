@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from routerd.front.keys import KeySettings
 from tests.conftest import needs_real_llama
 from tests.test_real_llama import MESSAGES, real_config
 
@@ -32,7 +33,7 @@ def sdk(r, key: str, **kwargs) -> openai.OpenAI:
 async def test_openai_and_anthropic_sdks_with_good_wrong_and_scoped_keys(start_routerd, tmp_path):
     r = await start_routerd(real_config(tmp_path, **{"smollm2-135m": {}, "gemma3-270m": {}}))
     full, _ = r.daemon.gate.add("everything")
-    scoped, _ = r.daemon.gate.add("small-only", models=["smollm2-*"])
+    scoped, _ = r.daemon.gate.add("small-only", KeySettings(models=("smollm2-*",)))
 
     answer = await trio.to_thread.run_sync(lambda: sdk(r, full).chat.completions.create(
         model="smollm2-135m", messages=MESSAGES, max_tokens=4))

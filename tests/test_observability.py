@@ -16,6 +16,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from routerd import events
+from routerd.front.keys import KeySettings
 from routerd.ops import logs, requestlog
 from tests.conftest import ROOT, make_config
 from tests.test_control import rpc
@@ -121,8 +122,8 @@ async def test_label_sets_stay_bounded_under_a_thousand_bogus_model_names(start_
 
 async def test_metrics_and_events_need_an_admin_key_once_keys_exist(start_routerd, tmp_path, model_file):
     r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}, "b": {"path": model_file("b")}}))
-    admin, _ = r.daemon.gate.add("ops", admin=True)
-    scoped, _ = r.daemon.gate.add("team-a", models=["a"])
+    admin, _ = r.daemon.gate.add("ops", KeySettings(admin=True))
+    scoped, _ = r.daemon.gate.add("team-a", KeySettings(models=("a",)))
     assert (await r.http.get("/metrics")).status_code == 401
     refused = await r.http.get("/metrics", headers={"Authorization": f"Bearer {scoped}"})
     assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"

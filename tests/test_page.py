@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 
+from routerd.front.keys import KeySettings
 from tests.conftest import needs_real_llama
 from tests.test_real_llama import real_config
 
@@ -76,7 +77,7 @@ async def enter_key(browser: Browser, key: str) -> None:
 async def test_the_page_follows_a_load_the_logs_and_an_unload_and_hides_actions_without_an_admin_key(
         start_routerd, tmp_path):
     r = await start_routerd(real_config(tmp_path, **{"smollm2-135m": {}, "gemma3-270m": {}}))
-    admin, _ = r.daemon.gate.add("ops", admin=True)
+    admin, _ = r.daemon.gate.add("ops", KeySettings(admin=True))
     user, _ = r.daemon.gate.add("team")
     browser = await trio.to_thread.run_sync(Browser)
     try:
@@ -199,7 +200,7 @@ async def test_the_page_is_served_from_the_package_without_a_key(start_routerd, 
     from tests.conftest import make_config
 
     r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
-    r.daemon.gate.add("ops", admin=True)  # keys are required from now on
+    r.daemon.gate.add("ops", KeySettings(admin=True))  # keys are required from now on
     page = await r.http.get("/ui/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<script type="module" src="app.js">' in page.text and "http" not in page.text.split("<body>")[0]
@@ -221,7 +222,7 @@ async def test_admin_actions_need_an_admin_key_even_when_keys_are_not_required(s
     refused = await r.http.post("/admin/models/a/load")  # no key exists: anonymous may look, not act
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "admin_key_required"
     assert (await r.http.get("/admin/whoami")).json() == {"key": None, "admin": False, "keys_required": False}
-    admin, _ = r.daemon.gate.add("ops", admin=True)
+    admin, _ = r.daemon.gate.add("ops", KeySettings(admin=True))
     auth = {"Authorization": f"Bearer {admin}"}
     loaded = await r.http.post("/admin/models/a/load", headers=auth)
     assert loaded.status_code == 200 and loaded.json()["state"] == "ready"
