@@ -242,14 +242,12 @@ async def test_an_idle_backend_stops_exactly_idle_ttl_after_its_last_request_end
     await trio.sleep(50)  # a request longer than the TTL: in flight is never idle
     assert backend.state is State.READY and not backend.stop_requested
     backend.release()
-    ended = trio.current_time()
     await trio.sleep(20)
     again = await take_slot(supervisor, "m")  # a request moves the deadline
     assert again is backend
     await trio.sleep(1)
     again.release()
     last_ended = trio.current_time()
-    assert last_ended - ended == pytest.approx(21, abs=1e-9)
     assert await gone_at(backend) - last_ended == pytest.approx(30, abs=1e-9)
     assert backend.stop_cause == "idle"
 
