@@ -99,8 +99,10 @@ def test_scaling_properties(most, data, starting, in_progress, closing, oldest_w
     # the timer: never while no more can start; else it rings once the wait earns one more
     if live >= most or in_progress:
         assert decision.recheck_in == math.inf
-    else:  # rings as soon as the wait could earn a replica (a tick after), not later
-        assert 0 < decision.recheck_in <= max(0.0, scale_up_wait - oldest_wait) + 0.1
+    else:  # rings a tick (10 ms) after the wait could earn a replica: never before it, not later
+        wait_left = max(0.0, scale_up_wait - oldest_wait)
+        assert decision.recheck_in > wait_left
+        assert math.isclose(decision.recheck_in, wait_left + 0.01, abs_tol=1e-6), decision
         later = placement.scaling(oldest_wait=oldest_wait + decision.recheck_in, **decide)
         if most > 1 and keep <= live and starting == 0 and not closing:
             assert later.start == 1
