@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
@@ -35,6 +36,19 @@ from tests.conftest import FakeGpus, make_config
 
 # -- an in-process llama-server --------------------------------------------------------------
 
+
+
+async def request_heads(stream: trio.SocketStream) -> AsyncIterator[bytes]:
+    """Each request head a client sends on ``stream`` (bodiless GETs), until it closes."""
+    buffer = b""
+    while True:
+        while b"\r\n\r\n" not in buffer:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buffer += data
+        head, buffer = buffer.split(b"\r\n\r\n", 1)
+        yield head
 
 class FakeLlama:
     """One stand-in llama-server: ``/health`` over a real loopback socket on the port routerd
@@ -83,15 +97,8 @@ class FakeLlama:
         self._exited.set()
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        buffer = b""
         async with stream:
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    buffer += data
-                head, buffer = buffer.split(b"\r\n\r\n", 1)
+            async for _ in request_heads(stream):
                 status, body = (b"200 OK", b'{"status":"ok"}') if self.ready else (b"503 Loading", b"{}")
                 await stream.send_all(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
                                       b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -296,15 +303,8 @@ class RemoteServer:
         await trio.serve_listeners(self._connection, listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        buffer = b""
         async with stream:
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    buffer += data
-                _, buffer = buffer.split(b"\r\n\r\n", 1)
+            async for _ in request_heads(stream):
                 self.checks.append(trio.current_time())
                 status = b"200 OK" if self.up else b"503 Unavailable"
                 await stream.send_all(b"HTTP/1.1 " + status + b"\r\ncontent-length: 2\r\n\r\nok")
