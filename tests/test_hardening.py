@@ -10,6 +10,7 @@ entries vanished without a word.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -196,6 +197,45 @@ async def test_a_kept_alive_connection_serves_again_and_closes_once_idle_for_the
             assert await client.receive_some(65536) == b""
         assert trio.current_time() - answered == pytest.approx(0.5, abs=1e-6)
     await client.aclose()
+
+
+async def test_a_request_still_unread_when_the_keep_alive_deadline_passes_is_answered(mock_clock):
+    """A request that arrived within ``header_timeout`` but is still unread when the deadline
+    passes (routerd's loop was busy: seen under load with a 0.1-s timeout) is answered, not
+    closed under. trio wakes the reader and the timer in either order, so this tries often
+    (each try ran both ways about half the time before the fix)."""
+    import hypercorn.utils
+
+    from routerd.config import ServerConfig
+    from routerd.front import http_server
+
+    config = http_server.hypercorn_config(ServerConfig(header_timeout=0.5))
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"6")]})
+        await send({"type": "http.response.body", "body": b'"ok"\r\n'})
+
+    wrapped = hypercorn.utils.wrap_app(app, config.wsgi_max_body_size, "asgi")
+    for _ in range(24):
+        ours, theirs = socket.socketpair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(http_server._connection, wrapped, config, http_server.WorkerContext(None), {},
+                               lambda: None, 60.0, trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+            await trio.testing.wait_all_tasks_blocked()  # reading, its timer armed
+            theirs.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")  # in time...
+            mock_clock.jump(1.0)  # ...but the loop only gets to it after the deadline
+            client = trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
+            answer = b""
+            while b'"ok"' not in answer:
+                chunk = await client.receive_some(65536)
+                assert chunk, f"closed under a request that arrived in time (answer so far: {answer!r})"
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200")
+            await client.aclose()
+            mock_clock.autojump_threshold = 0  # let the connection's own timers run out
+        mock_clock.autojump_threshold = math.inf
 
 
 async def test_a_request_that_outlasts_the_header_timeout_is_answered_whole(start_routerd, tmp_path, model_file):

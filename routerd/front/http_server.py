@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import select
 import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -122,7 +123,10 @@ class _Server(TCPServer):
     a request's head is still arriving) with a timer task that it starts anew, and waits to
     start, each time the connection goes idle, and cancels when a request begins: two trips
     through the scheduler per request. Here one timer lives as long as the connection and each
-    change only moves its deadline.
+    change only moves its deadline. A deadline that passes while the client's bytes already wait
+    unread in the socket is routerd's lateness (a busy event loop), not an idle client: the
+    connection gets one more timeout to read them (once per idle spell, so a client cannot drip
+    its way past the limit).
     """
 
     def __init__(self, *args: Any, send_timeout: float, peer: str) -> None:
@@ -135,6 +139,7 @@ class _Server(TCPServer):
         self._idle = True  # no request in progress
         self._became_idle = trio.Event()
         self._idle_timer: trio.CancelScope | None = None
+        self._grace_taken = False  # this idle spell's one extension (see the class docstring)
 
     async def _idle_timeout(self) -> None:
         """Close the connection once idle for ``keep_alive_timeout`` s, or idle after shutdown
@@ -145,18 +150,27 @@ class _Server(TCPServer):
                 await self.context.terminated.wait()
                 while not self._idle:  # shutting down: the request in progress is answered first
                     await self._became_idle.wait()
-            if self._idle:
+            if self._idle and (self._grace_taken or not self._unread_bytes()):
                 break
-            # The deadline passed as a request began (before this task ran): it is served.
+            # The deadline passed as a request began (before this task ran), or with its bytes
+            # unread: it is served.
+            self._grace_taken = self._idle
         with trio.CancelScope(shield=True):
             await self._initiate_server_close()
+
+    def _unread_bytes(self) -> bool:
+        """Whether the client's bytes (or its close) wait unread in a plain TCP socket."""
+        fd = self._plain.fileno() if self._plain is not None else -1
+        return fd >= 0 and bool(select.select([fd], [], [], 0)[0])
 
     def _set_idle(self, idle: bool) -> None:
         self._idle = idle
         if idle:
             self._became_idle.set()
-        elif self._became_idle.is_set():
-            self._became_idle = trio.Event()
+        else:
+            self._grace_taken = False
+            if self._became_idle.is_set():
+                self._became_idle = trio.Event()
         if self._idle_timer is not None:
             self._idle_timer.deadline = trio.current_time() + self.config.keep_alive_timeout if idle else math.inf
 
