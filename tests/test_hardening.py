@@ -115,6 +115,33 @@ async def test_a_silent_control_connection_is_closed_after_the_idle_timeout(star
             assert await stream.receive_some(100) == b""
 
 
+async def test_a_control_connection_closes_exactly_idle_timeout_after_its_last_request(autojump_clock):
+    """The control socket's idle timer, in-process on trio's MockClock: each request line that
+    comes within ``idle_timeout`` of the last is read, and the connection ends exactly
+    ``idle_timeout`` after the last one (the daemon's wiring of ``control.idle_timeout`` is the
+    test above)."""
+    from routerd.ops.jsonrpc import Connection
+
+    ours, theirs = trio.socket.socketpair()
+    client = trio.SocketStream(theirs)
+    conn = Connection(trio.SocketStream(ours), idle_timeout=0.3)
+
+    async def send_requests() -> None:
+        for gap, line in ((0.2, b'{"id": 1}\n'), (0.29, b'{"id": 2}\n'), (0.25, b'\n{"id": 3}\n')):
+            await trio.sleep(gap)
+            await client.send_all(line)
+
+    read: list[tuple[bytes, float]] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_requests)
+        async for line in conn.lines():
+            read.append((line, trio.current_time()))
+    ended = trio.current_time()
+    assert [line for line, _ in read] == [b'{"id": 1}', b'{"id": 2}', b'{"id": 3}']  # a blank line is no request
+    assert ended - read[-1][1] == pytest.approx(0.3, abs=1e-6)
+    await client.aclose()
+
+
 # -- HTTP -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("body", [b'{"model": "a", "messages": ' + DEEP + b"}",
                                   b'{"model": "a", "n": ' + HUGE_NUMBER + b"}",
