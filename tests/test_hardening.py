@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +26,7 @@ import trio
 
 from routerd import client_json
 from routerd.errors import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_UNAVAILABLE
+from routerd.front import http_server
 from routerd.models import discovery
 from tests.conftest import isolated_env, make_config, spawn_routerd
 from tests.test_catalog import hf_repo
@@ -185,18 +187,14 @@ async def test_unfinished_headers_are_dropped_after_the_header_timeout(start_rou
         assert await raw_exchange(r.url, b"GET /health HTTP/1.1\r\nhost: x\r\n", wait=10) == b""
 
 
-async def test_a_kept_alive_connection_serves_again_and_closes_once_idle_for_the_header_timeout(autojump_clock):
-    """The front's keep-alive timer, in-process on trio's MockClock: each request that comes
-    within ``header_timeout`` of the last answer is served on the same connection, and the
-    connection is closed exactly ``header_timeout`` after its last answer (the wiring of
-    ``server.header_timeout`` through a real daemon is test_unfinished_headers_... above)."""
+def front_answering_ok(*, header_timeout: float) -> tuple[Any, Any]:
+    """routerd's HTTP front configuration and an app that answers every request ``"ok"``, for
+    driving the front's per-connection server in-process (``http_server._connection``)."""
     import hypercorn.utils
 
     from routerd.config import ServerConfig
-    from routerd.front import http_server
 
-    config = http_server.hypercorn_config(ServerConfig(header_timeout=0.5))
-    assert config.keep_alive_timeout == 0.5
+    config = http_server.hypercorn_config(ServerConfig(header_timeout=header_timeout))
 
     async def app(scope, receive, send):
         if scope["type"] != "http":
@@ -204,7 +202,26 @@ async def test_a_kept_alive_connection_serves_again_and_closes_once_idle_for_the
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"6")]})
         await send({"type": "http.response.body", "body": b'"ok"\r\n'})
 
-    wrapped = hypercorn.utils.wrap_app(app, config.wsgi_max_body_size, "asgi")
+    return config, hypercorn.utils.wrap_app(app, config.wsgi_max_body_size, "asgi")
+
+
+async def read_ok(client: trio.SocketStream, closed_means: str) -> None:
+    """Read one whole "ok" answer; the connection closing first fails with ``closed_means``."""
+    answer = b""
+    while b'"ok"' not in answer:
+        chunk = await client.receive_some(65536)
+        assert chunk, f"{closed_means} (answer so far: {answer!r})"
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_kept_alive_connection_serves_again_and_closes_once_idle_for_the_header_timeout(autojump_clock):
+    """The front's keep-alive timer, in-process on trio's MockClock: each request that comes
+    within ``header_timeout`` of the last answer is served on the same connection, and the
+    connection is closed exactly ``header_timeout`` after its last answer (the wiring of
+    ``server.header_timeout`` through a real daemon is test_unfinished_headers_... above)."""
+    config, wrapped = front_answering_ok(header_timeout=0.5)
+    assert config.keep_alive_timeout == 0.5
     ours, theirs = trio.socket.socketpair()
     client = trio.SocketStream(theirs)
     async with trio.open_nursery() as nursery:
@@ -213,12 +230,7 @@ async def test_a_kept_alive_connection_serves_again_and_closes_once_idle_for_the
         for gap in (0.3, 0.49, 0.0, 0.45):  # each within the timeout of the last answer
             await trio.sleep(gap)
             await client.send_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
-            answer = b""
-            while b'"ok"' not in answer:
-                chunk = await client.receive_some(65536)
-                assert chunk, "the connection was closed within the keep-alive timeout"
-                answer += chunk
-            assert answer.startswith(b"HTTP/1.1 200")
+            await read_ok(client, "the connection was closed within the keep-alive timeout")
             answered = trio.current_time()
         with trio.fail_after(5):  # then idle: closed once 0.5 s have passed, not before
             assert await client.receive_some(65536) == b""
@@ -231,20 +243,7 @@ async def test_a_request_still_unread_when_the_keep_alive_deadline_passes_is_ans
     passes (routerd's loop was busy: seen under load with a 0.1-s timeout) is answered, not
     closed under. trio wakes the reader and the timer in either order, so this tries often
     (each try ran both ways about half the time before the fix)."""
-    import hypercorn.utils
-
-    from routerd.config import ServerConfig
-    from routerd.front import http_server
-
-    config = http_server.hypercorn_config(ServerConfig(header_timeout=0.5))
-
-    async def app(scope, receive, send):
-        if scope["type"] != "http":
-            return
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"6")]})
-        await send({"type": "http.response.body", "body": b'"ok"\r\n'})
-
-    wrapped = hypercorn.utils.wrap_app(app, config.wsgi_max_body_size, "asgi")
+    config, wrapped = front_answering_ok(header_timeout=0.5)
     for _ in range(24):
         ours, theirs = socket.socketpair()
         async with trio.open_nursery() as nursery:
@@ -254,12 +253,7 @@ async def test_a_request_still_unread_when_the_keep_alive_deadline_passes_is_ans
             theirs.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")  # in time...
             mock_clock.jump(1.0)  # ...but the loop only gets to it after the deadline
             client = trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
-            answer = b""
-            while b'"ok"' not in answer:
-                chunk = await client.receive_some(65536)
-                assert chunk, f"closed under a request that arrived in time (answer so far: {answer!r})"
-                answer += chunk
-            assert answer.startswith(b"HTTP/1.1 200")
+            await read_ok(client, "closed under a request that arrived in time")
             await client.aclose()
             mock_clock.autojump_threshold = 0  # let the connection's own timers run out
         mock_clock.autojump_threshold = math.inf
@@ -476,7 +470,6 @@ class _FailingStream:
 async def test_a_failure_inside_the_http_server_closes_only_that_connection(caplog):
     import hypercorn.config
 
-    from routerd.front import http_server
 
     async def app(scope, receive, send):  # never reached: the connection fails first
         raise AssertionError("the app should not run")

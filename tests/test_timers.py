@@ -310,8 +310,9 @@ class RemoteServer:
                 await stream.send_all(b"HTTP/1.1 " + status + b"\r\ncontent-length: 2\r\n\r\nok")
 
 
-async def test_a_remote_is_checked_every_health_interval_and_backs_off_while_unreachable(
-        autojump_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
+async def checked_remote(nursery: trio.Nursery) -> tuple[RemoteServer, Remote, float]:
+    """A remote (``health_interval`` 10 s) in front of a ``RemoteServer``, started now: the
+    server, the remote, and the time its checks count from."""
     server = RemoteServer()
     await nursery.start(server.serve)
     config = config_mod.RemoteConfig(url=f"http://127.0.0.1:{server.port}", models=["x"], health_interval=10.0,
@@ -319,6 +320,12 @@ async def test_a_remote_is_checked_every_health_interval_and_backs_off_while_unr
     remote = Remote("r", config, "", bus=events.Bus(), on_change=lambda: None)
     start = trio.current_time()
     nursery.start_soon(remote.run, lambda: None)
+    return server, remote, start
+
+
+async def test_a_remote_is_checked_every_health_interval_and_backs_off_while_unreachable(
+        autojump_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
+    server, remote, start = await checked_remote(nursery)
     await trio.sleep(25)
     server.up = False  # the check at 30 fails: then 0.25, 0.5, 1, 2, 4, 8 s later, then every 10 s
     await trio.sleep(25)
@@ -334,13 +341,7 @@ async def test_a_remote_is_checked_every_health_interval_and_backs_off_while_unr
 
 async def test_a_broken_call_to_a_remote_makes_it_checked_at_once(
         autojump_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
-    server = RemoteServer()
-    await nursery.start(server.serve)
-    config = config_mod.RemoteConfig(url=f"http://127.0.0.1:{server.port}", models=["x"], health_interval=10.0,
-                                     health_path="/health")
-    remote = Remote("r", config, "", bus=events.Bus(), on_change=lambda: None)
-    start = trio.current_time()
-    nursery.start_soon(remote.run, lambda: None)
+    server, remote, start = await checked_remote(nursery)
     await trio.sleep(4)
     remote.distrust()  # a request to it failed: unreachable until a check answers, checked now
     assert not remote.accepting
