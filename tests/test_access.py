@@ -257,6 +257,31 @@ def chat(model: str) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/models"])
+async def test_a_refused_request_whose_body_comes_late_leaves_its_connection_usable(start_routerd, tmp_path,
+                                                                                    model_file, path):
+    """A keep-alive client sends a request's head, then its body, then its next request: the
+    refusal waits for the body, so the next request on the connection is answered (answering
+    first and then closing under the client failed its next request: a CI flake)."""
+    r = await start_routerd(make_config(tmp_path, {"alpha": {"path": model_file("alpha")}}))
+    r.daemon.operations.add_key("k", KeySettings())
+    host, port = r.url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps(chat("alpha")).encode()
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        head = b"POST %s HTTP/1.1\r\nhost: x\r\nauthorization: Bearer rk-wrong\r\ncontent-length: %d\r\n\r\n"
+        await stream.send_all(head % (path.encode(), len(body)))
+        await trio.sleep(0.3)
+        await stream.send_all(body + b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        received = b""
+        with trio.move_on_after(5):
+            while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b"}"):
+                chunk = await stream.receive_some(65536)
+                assert chunk, f"closed after the refusal, before the next answer: {received!r}"
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 401") and b"\r\n\r\nHTTP/1.1 " not in received[:20]
+    assert b"HTTP/1.1 200" in received.split(b"invalid_api_key", 1)[1]
+
+
 async def test_keys_made_with_routerctl_gate_every_route_but_health(start_routerd, tmp_path, model_file, capsys):
     r = await start_routerd(make_config(tmp_path, {"alpha": {"path": model_file("alpha")},
                                                    "beta": {"path": model_file("beta"), "aliases": ["b"]}}))

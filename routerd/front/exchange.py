@@ -104,6 +104,29 @@ class Exchange:
             await self.body(b"", more=False)
 
 
+#: How much of an unread request body a refusal reads first, and for how long (see ``drain_body``).
+DRAIN_LIMIT = 1 << 20
+DRAIN_SECONDS = 1.0
+
+
+async def drain_body(receive: ASGIReceiveCallable, limit: int = DRAIN_LIMIT) -> None:
+    """Read and drop a request body that will not be used, before answering it early (a refusal).
+
+    A server that answers while the body is still arriving must close the connection after the
+    answer (the unread rest would be taken for the next request), and a keep-alive client that
+    sent its next request in the meantime sees it fail. Up to ``limit`` bytes, read within
+    ``DRAIN_SECONDS``, keep the connection reusable; past that the close is the client's to see."""
+    size = 0
+    with trio.move_on_after(DRAIN_SECONDS):
+        while size <= limit:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+
 async def cancel_on_disconnect(receive: ASGIReceiveCallable, scope: trio.CancelScope,
                                client: Exchange | None = None) -> None:
     """Cancel ``scope`` when the client hangs up (noting it on ``client``, if given)."""

@@ -30,7 +30,7 @@ from routerd.backends.upstream import NotDelivered, Response, UpstreamError, fir
 from routerd.errors import PayloadTooLarge, RequestTimeout, RouterdError, UpstreamFailed
 from routerd.front import feedback
 from routerd.front.access import Gate, Receive, Scope, Send, caller_of, check_request, peer
-from routerd.front.exchange import Exchange, cancel_on_disconnect
+from routerd.front.exchange import Exchange, cancel_on_disconnect, drain_body
 from routerd.front.requested import forward_headers, read_request, renamed, split_model_path
 
 log = logging.getLogger("routerd.proxy")
@@ -61,6 +61,11 @@ class ProxyApp:
             try:
                 check_request(self.gate, scope, max_headers=config.server.max_headers,
                               metrics_open=config.metrics.open)
+            except RouterdError as exc:
+                await drain_body(receive)
+                await client.fail(exc)
+                return
+            try:
                 await self._handle(scope, receive, client, queued)
             except RouterdError as exc:
                 await client.fail(exc)

@@ -25,7 +25,7 @@ from routerd.backends.upstream import first_header
 from routerd.errors import RouterdError
 from routerd.front import access, admin, api, cors
 from routerd.front.access import Gate
-from routerd.front.exchange import Exchange
+from routerd.front.exchange import Exchange, drain_body
 from routerd.front.operations import Operations
 from routerd.front.proxy import ProxyApp
 
@@ -213,6 +213,7 @@ class Front:
         try:
             access.check_request(self.gate, scope, max_headers=server.max_headers, metrics_open=config.metrics.open)
         except RouterdError as exc:
+            await drain_body(receive)
             await Exchange(send).fail(exc)
             return
         if surface is Surface.METRICS or surface is Surface.EVENTS:
