@@ -73,6 +73,7 @@ class WrkRun:
     seconds: float
     errors: int  # non-2xx answers and socket errors
     cpu: float  # the generator's own CPU seconds
+    timeouts: int = 0  # answers wrk gave up waiting for (also counted in errors)
 
     @property
     def rate(self) -> float:
@@ -93,15 +94,19 @@ end
 
 
 def wrk(url: str, path: str, bodies: Sequence[bytes], *, connections: int, seconds: float,
-        headers: dict[str, str] | None = None) -> WrkRun:
-    """POST ``bodies`` (in turn) to ``url + path`` from ``connections`` keep-alive connections."""
+        headers: dict[str, str] | None = None, timeout: float = 30.0) -> WrkRun:
+    """POST ``bodies`` (in turn) to ``url + path`` from ``connections`` keep-alive connections.
+
+    ``timeout``: seconds wrk waits for one answer before it counts a timeout and reconnects
+    (wrk's own default is 2 s; a long one tells a slow server from a client that gives up)."""
     quoted = ", ".join("[==[" + body.decode() + "]==]" for body in bodies)
     extra = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in (headers or {}).items())
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(_LUA % (quoted, extra, path))
     try:
-        proc = subprocess.Popen(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
-                                 "-s", script.name, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", f"{timeout:g}s",
+                "-s", script.name, url]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         out = proc.stdout.read().decode() if proc.stdout else ""
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -114,7 +119,8 @@ def wrk(url: str, path: str, bodies: Sequence[bytes], *, connections: int, secon
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors += int(non_2xx[1]) if non_2xx else 0
-    return WrkRun(requests, elapsed, errors, usage.ru_utime + usage.ru_stime)
+    timeouts = re.search(r"timeout (\d+)", out)
+    return WrkRun(requests, elapsed, errors, usage.ru_utime + usage.ru_stime, int(timeouts[1]) if timeouts else 0)
 
 
 @attrs.frozen

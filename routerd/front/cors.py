@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hypercorn.typing import ASGISendCallable, ASGISendEvent
+from routerd.front.client_io import ResponseSink
 
 #: What a page may send: JSON bodies, keys both ways, routerd's own request headers.
 ALLOWED_HEADERS = b"authorization, content-type, x-api-key, x-request-priority, anthropic-version"
@@ -34,24 +34,11 @@ def response_headers(origin: bytes) -> list[tuple[bytes, bytes]]:
     return [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
 
 
-def with_headers(send: ASGISendCallable, origin: bytes) -> ASGISendCallable:
-    """``send`` with the CORS headers added to the response's start."""
-    extra = response_headers(origin)
-
-    async def sending(message: ASGISendEvent) -> None:
-        if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", []), *extra]}
-        await send(message)
-
-    return sending
-
-
-async def answer_preflight(send: ASGISendCallable, origin: bytes) -> None:
+async def answer_preflight(sink: ResponseSink, origin: bytes) -> None:
     """204 to a preflight: with the permissions for an allowed origin, bare for any other (the
     browser then blocks the page's request)."""
-    headers = [(b"content-length", b"0")]
+    headers = []
     if origin:
         headers += [*response_headers(origin), (b"access-control-allow-methods", ALLOWED_METHODS),
                     (b"access-control-allow-headers", ALLOWED_HEADERS), (b"access-control-max-age", MAX_AGE)]
-    await send({"type": "http.response.start", "status": 204, "headers": headers})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await sink.answer(204, headers, b"")

@@ -14,10 +14,11 @@ import json
 import time
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
+from hypercorn.typing import ASGIReceiveCallable
 
 from routerd.errors import RouterdError
 from routerd.front import usage
+from routerd.front.client_io import RequestBody, ResponseSink
 
 
 def sse_error(error: RouterdError) -> bytes:
@@ -29,8 +30,8 @@ class Exchange:
     """The client's side of one exchange: what has been sent decides how an error is told, and
     what the request's record (metrics, the request log) says."""
 
-    def __init__(self, send: ASGISendCallable) -> None:
-        self._send = send
+    def __init__(self, sink: ResponseSink) -> None:
+        self._sink = sink
         self.started = False
         self.event_stream = False
         self.finished = False
@@ -57,16 +58,32 @@ class Exchange:
         self.started = True
         self.event_stream = event_stream
         self.status = status
+        await self._sink.start(status, self._with_routing(headers))
+
+    def _with_routing(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         if self.routing_headers or self.endpoint:
             headers = headers + self.routing_headers
             if self.endpoint:
                 headers.append((b"x-routerd-endpoint", self.endpoint.encode()))
-        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+        return headers
+
+    async def send_whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """The whole answer at once (one write where the connection allows)."""
+        self.started = self.finished = True
+        self.status = status
+        self.bytes_out += len(body)
+        await self._sink.answer(status, self._with_routing(headers), body)
 
     async def body(self, chunk: bytes, *, more: bool = True) -> None:
         self.finished = not more
         self.bytes_out += len(chunk)
-        await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
+        await self._sink.body(chunk, more)
+
+    async def raw(self, framed: bytes, size: int, *, more: bool = True) -> None:
+        """Chunk-framed bytes passed through as they are; ``size`` is the data they carry."""
+        self.finished = not more
+        self.bytes_out += size
+        await self._sink.raw(framed, more)
 
     def answer_began(self) -> None:
         if self.first_byte is None:
@@ -88,16 +105,19 @@ class Exchange:
             return usage.from_stream_tail(b"".join(self.stream_tail))
         return None
 
+    def left(self) -> None:
+        """The client hung up (before the end of the answer: a cancelled request)."""
+        self.cancelled = not self.finished
+
     async def fail(self, error: RouterdError) -> None:
         self.error = error.code
         if self.finished:
             return
         if not self.started:
             payload = json.dumps(error.openai_body()).encode()
-            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
+            headers = [(b"content-type", b"application/json")]
             headers += [(k.lower().encode(), v.encode()) for k, v in error.http_headers()]
-            await self.start(error.status, headers)
-            await self.body(payload, more=False)
+            await self.send_whole(error.status, headers, payload)
         elif self.event_stream:  # the status line is sent: report in-band, as OpenAI streams do
             await self.body(sse_error(error), more=False)
         else:
@@ -109,7 +129,7 @@ DRAIN_LIMIT = 1 << 20
 DRAIN_SECONDS = 1.0
 
 
-async def drain_body(receive: ASGIReceiveCallable, limit: int = DRAIN_LIMIT) -> None:
+async def drain_body(body: RequestBody, limit: int = DRAIN_LIMIT) -> None:
     """Read and drop a request body that will not be used, before answering it early (a refusal).
 
     A server that answers while the body is still arriving must close the connection after the
@@ -119,12 +139,10 @@ async def drain_body(receive: ASGIReceiveCallable, limit: int = DRAIN_LIMIT) -> 
     size = 0
     with trio.move_on_after(DRAIN_SECONDS):
         while size <= limit:
-            message = await receive()
-            if message["type"] != "http.request":
+            piece = await body.receive()
+            if piece is None or not piece[1]:
                 return
-            size += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                return
+            size += len(piece[0])
 
 
 async def cancel_on_disconnect(receive: ASGIReceiveCallable, scope: trio.CancelScope,

@@ -1,7 +1,9 @@
 """Serving the HTTP front: listening sockets, one contained task per connection, shutdown.
 
-Owns hypercorn's settings (``hypercorn_config``, from ``[server]``) and the accept loop in front
-of hypercorn's HTTP/1.1 and HTTP/2 protocol code. hypercorn's own
+Owns the accept loop and which code serves each connection: routerd's own HTTP/1.1 handler
+(``h1_connection``) every plain connection, hypercorn's protocol code the TLS ones (HTTP/2 by
+ALPN, and HTTP/1.1 over TLS) and a plain connection that opens with HTTP/2's preface. Owns
+hypercorn's settings too (``hypercorn_config``, from ``[server]``), which both follow. hypercorn's own
 ``serve`` runs each connection in a task that lets any exception other than OSError escape (its
 issue #203: a protocol state it did not expect), and under trio that ends every connection and
 the daemon around them. Here each connection's task contains its failures: the connection is
@@ -33,6 +35,7 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from routerd.config import ServerConfig
+from routerd.front import h1_connection
 
 log = logging.getLogger("routerd.http")
 
@@ -54,14 +57,23 @@ def hypercorn_config(server: ServerConfig) -> hypercorn.config.Config:
 
 async def serve(app: Any, config: hypercorn.config.Config, *, shutdown_trigger: Callable[[], Awaitable[object]],
                 tls: Callable[[], ssl.SSLContext | None] = lambda: None, send_timeout: float = 60.0,
+                handler: h1_connection.Handler | None = None, plain_on_hypercorn: bool = False,
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` on ``config.bind`` until ``shutdown_trigger`` returns; reports the bound URLs
     to ``task_status``. Open connections then get ``config.graceful_timeout`` to finish.
 
     ``tls`` gives the TLS context for each new connection (None: plain HTTP); asking per
     connection is what lets a renewed certificate apply without a restart. A connection whose
-    client reads nothing for ``send_timeout`` s while routerd writes to it is closed."""
+    client reads nothing for ``send_timeout`` s while routerd writes to it is closed.
+
+    ``handler`` serves each request of a plain HTTP/1.1 connection (default: ``app`` through
+    the ASGI bridge); ``plain_on_hypercorn`` gives those connections to hypercorn instead (the
+    benchmark's reference)."""
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
+    front = _Front(handler if handler is not None else h1_connection.asgi_handler(app),
+                   h1_connection.Settings(header_timeout=config.keep_alive_timeout, send_timeout=send_timeout,
+                                          max_head_bytes=config.h11_max_incomplete_size),
+                   plain_on_hypercorn)
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
     context = WorkerContext(None)
@@ -78,25 +90,58 @@ async def serve(app: Any, config: hypercorn.config.Config, *, shutdown_trigger: 
             urls = [f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}"
                     for sock in sockets.insecure_sockets]
             task_status.started(urls)
-            handler = partial(_connection, wrapped, config, context, lifespan_state, tls, send_timeout)
+            serve_one = partial(_connection, wrapped, config, context, lifespan_state, tls, send_timeout, front)
             async with trio.open_nursery() as accepting:
-                accepting.start_soon(partial(trio.serve_listeners, handler, listeners, handler_nursery=connections))
+                accepting.start_soon(partial(trio.serve_listeners, serve_one, listeners, handler_nursery=connections))
                 await shutdown_trigger()
                 accepting.cancel_scope.cancel()
             await context.terminated.set()  # keep-alive connections close after their request
+            front.shutdown_began()
             connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
 
 
+class _Front:
+    """The plain connections routerd serves itself, and how (see ``serve``)."""
+
+    def __init__(self, handler: h1_connection.Handler, settings: h1_connection.Settings,
+                 plain_on_hypercorn: bool) -> None:
+        self.handler = handler
+        self.settings = settings
+        self.plain_on_hypercorn = plain_on_hypercorn
+        self.terminating = trio.Event()
+        self.open: set[h1_connection.Connection] = set()
+
+    def shutdown_began(self) -> None:
+        self.terminating.set()
+        for connection in self.open:
+            connection.shutdown_began()
+
+
 async def _connection(app: Any, config: hypercorn.config.Config, context: WorkerContext,
                       lifespan_state: dict[str, Any], tls: Callable[[], ssl.SSLContext | None],
-                      send_timeout: float, stream: trio.SocketStream) -> None:
-    """One client connection, from accept to close, whatever hypercorn raises on the way."""
+                      send_timeout: float, front: _Front | None, stream: trio.SocketStream) -> None:
+    """One client connection, from accept to close, whatever the server code raises on the way."""
     ssl_context = tls()
     served: Any = stream
     if ssl_context is not None:  # hypercorn's server does the handshake (bounded by its timeout)
         served = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
+    elif front is not None and not front.plain_on_hypercorn:
+        connection = h1_connection.Connection(stream, front.handler, front.settings, lifespan_state=lifespan_state,
+                                              terminating=front.terminating)
+        front.open.add(connection)
+        try:
+            await connection.serve()
+        except* Exception as group:
+            log.error("HTTP connection from %s failed inside the HTTP server and was closed",
+                      connection.peer, exc_info=group)
+            await trio.aclose_forcefully(stream)
+        finally:
+            front.open.discard(connection)
+        if not connection.upgrade:
+            return
+        served = _Replayed(stream, connection.first_bytes)  # HTTP/2 without TLS: hypercorn's
     try:
         await _Server(app, config, context, ConnectionState(lifespan_state.copy()), served,
                       send_timeout=send_timeout, peer=_peer(stream))
@@ -217,6 +262,33 @@ class _Server(TCPServer):
                      self._peer, self._send_timeout)
             await trio.aclose_forcefully(self.stream)
             await self.protocol.handle(Closed())
+
+
+class _Replayed(trio.abc.HalfCloseableStream):
+    """A socket stream whose first read gives back bytes already read from it."""
+
+    def __init__(self, stream: trio.SocketStream, first: bytes) -> None:
+        self.socket = stream.socket
+        self._stream = stream
+        self._first = first
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._first:
+            first, self._first = self._first, b""
+            return first
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 def _peer(stream: trio.SocketStream) -> str:

@@ -29,8 +29,9 @@ from routerd.backends.supervisor import Supervisor
 from routerd.backends.upstream import NotDelivered, Response, UpstreamError, first_header
 from routerd.errors import PayloadTooLarge, RequestTimeout, RouterdError, UpstreamFailed
 from routerd.front import feedback
-from routerd.front.access import Gate, Receive, Scope, Send, caller_of, check_request, peer
-from routerd.front.exchange import Exchange, cancel_on_disconnect, drain_body
+from routerd.front.access import Gate, Scope, caller_of, check_request, peer
+from routerd.front.client_io import RequestBody, ResponseSink
+from routerd.front.exchange import Exchange, drain_body
 from routerd.front.requested import forward_headers, read_request, renamed, split_model_path
 
 log = logging.getLogger("routerd.proxy")
@@ -52,21 +53,21 @@ class ProxyApp:
         self.supervisor = supervisor
         self.gate = gate
 
-    async def serve(self, scope: Scope, receive: Receive, send: Send, label: str, queued: bool) -> None:
-        """Relay one request (CORS already applied to ``send``): the access check, then the
+    async def serve(self, scope: Scope, body: RequestBody, sink: ResponseSink, label: str, queued: bool) -> None:
+        """Relay one request (CORS already added to ``sink``): the access check, then the
         relay; ``label`` is the route it is counted under, ``queued`` whether it takes a slot."""
-        client = Exchange(send)
+        client = Exchange(sink)
         try:
             config = self.supervisor.config
             try:
                 check_request(self.gate, scope, max_headers=config.server.max_headers,
                               metrics_open=config.metrics.open)
             except RouterdError as exc:
-                await drain_body(receive)
+                await drain_body(body)
                 await client.fail(exc)
                 return
             try:
-                await self._handle(scope, receive, client, queued)
+                await self._handle(scope, body, client, queued)
             except RouterdError as exc:
                 await client.fail(exc)
             except Exception:
@@ -90,13 +91,13 @@ class ProxyApp:
             cancelled=client.cancelled or not client.finished, stream=client.event_stream,
             error=client.error, selector=client.selector, endpoint=client.endpoint)
 
-    async def _handle(self, scope: Scope, receive: Receive, client: Exchange, queued: bool) -> None:
+    async def _handle(self, scope: Scope, body_in: RequestBody, client: Exchange, queued: bool) -> None:
         method, path = scope["method"], scope["path"]
         server = self.supervisor.config.server
         user = None
         if method == "POST":
             with trio.move_on_after(server.body_timeout) as reading:
-                body = await _read_body(scope, receive, server.max_body_bytes)
+                body = await _read_body(scope, body_in, server.max_body_bytes)
             if reading.cancelled_caught:
                 raise RequestTimeout(f"the request body did not arrive within {server.body_timeout:g} s "
                                      "(server.body_timeout)")
@@ -134,26 +135,25 @@ class ProxyApp:
         if entry is not None:
             client.routing_headers.append((MODEL_HEADER, entry.name.encode()))
         with self.gate.admit(caller):  # 429 over the key's rate or concurrency
-            await self._queue_and_relay(client, receive, model, priority, queued, stream, method,
+            await self._queue_and_relay(client, body_in, model, priority, queued, stream, method,
                                         target, headers, body, session)
 
-    async def _queue_and_relay(self, client: Exchange, receive: Receive, model: str, priority: int, queued: bool,
+    async def _queue_and_relay(self, client: Exchange, body_in: RequestBody, model: str, priority: int, queued: bool,
                                stream: bool, method: str, target: str, headers: Iterable[tuple[bytes, bytes]],
                                body: bytes, session: str | None) -> None:
         """Relay the request; one that takes a slot (``queued``) waits its turn in the model's
         queue, one that does not skips it (then it has no ticket)."""
         # 429 here, before anything is sent
         ticket = self.supervisor.enqueue(model, priority) if queued else None
-        async with trio.open_nursery() as nursery:  # lives as long as the request
-            nursery.start_soon(cancel_on_disconnect, receive, nursery.cancel_scope, client)
-            try:
-                await self._relay(client, model, ticket, stream, method, target, headers, body, session)
-            except RouterdError as exc:
-                await client.fail(exc)
-            finally:
-                if ticket is not None:
-                    self.supervisor.dequeue(ticket)
-            nursery.cancel_scope.cancel()
+        with trio.CancelScope() as request_scope:  # cancelled when the client leaves
+            async with body_in.watch(request_scope, client.left):
+                try:
+                    await self._relay(client, model, ticket, stream, method, target, headers, body, session)
+                except RouterdError as exc:
+                    await client.fail(exc)
+                finally:
+                    if ticket is not None:
+                        self.supervisor.dequeue(ticket)
 
     async def _relay(self, client: Exchange, model: str, ticket: scheduler.Ticket | None, stream: bool, method: str,
                      target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes, session: str | None) -> None:
@@ -294,9 +294,7 @@ async def _answer(client: Exchange, backend: Endpoint, upstream: Response) -> No
             if client.started:  # a waiting stream got a plain answer (an error): one event
                 await client.body(b"data: " + whole.strip() + b"\n\n", more=False)
                 return
-            headers = forward_headers(upstream.headers) + [(b"content-length", b"%d" % len(whole))]
-            await client.start(upstream.status, headers)
-            await client.body(whole, more=False)
+            await client.send_whole(upstream.status, forward_headers(upstream.headers), whole)
             return
         client.answer_began()
         if not client.started:
@@ -321,7 +319,7 @@ async def _failure(endpoint: Endpoint, exc: BaseException, when: str = "") -> Up
                           data={"exit_code": getattr(endpoint, "exit_code", None), "endpoint": endpoint.key})
 
 
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+async def _read_body(scope: Scope, body: RequestBody, limit: int) -> bytes | None:
     """The whole request body (413 past ``limit``), or None when the client disconnects."""
     declared = first_header(scope["headers"], b"content-length").decode("latin-1")
     if declared.isdigit() and int(declared) > limit:
@@ -329,13 +327,16 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None
     parts: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
-        if message["type"] != "http.request":  # the only other event of an HTTP request: http.disconnect
+        piece = await body.receive()
+        if piece is None:
             return None
-        chunk = message.get("body", b"")
+        chunk, more = piece
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes (server.max_body_bytes)")
-        parts.append(chunk)
-        if not message.get("more_body", False):
+        if not more:
+            if not parts:
+                return chunk
+            parts.append(chunk)
             return b"".join(parts)
+        parts.append(chunk)

@@ -15,9 +15,10 @@ imports the proxy. It must not serve anything itself.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 import attrs
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 from quart_trio import QuartTrio
 
 from routerd.backends.supervisor import Supervisor
@@ -25,7 +26,9 @@ from routerd.backends.upstream import first_header
 from routerd.errors import RouterdError
 from routerd.front import access, admin, api, cors
 from routerd.front.access import Gate
+from routerd.front.client_io import AsgiBody, AsgiSink, RequestBody, ResponseSink
 from routerd.front.exchange import Exchange, drain_body
+from routerd.front.h1_connection import Request
 from routerd.front.operations import Operations
 from routerd.front.proxy import ProxyApp
 
@@ -181,8 +184,9 @@ def _served_somehow(path: str) -> bool:
 
 
 class Front:
-    """ASGI: every request passes CORS, is routed by ``route``, passes the access check and
-    goes to its handler: the proxy, the observability endpoints or the Quart app."""
+    """Every request passes CORS, is routed by ``route``, passes the access check and goes to
+    its handler: the proxy, the observability endpoints or the Quart app. routerd's own HTTP/1.1
+    connections call ``handle``; hypercorn (HTTP/2) calls the ASGI entry, ``__call__``."""
 
     def __init__(self, supervisor: Supervisor, gate: Gate, proxy: ProxyApp, observability: api.Observability,
                  views: QuartTrio) -> None:
@@ -196,26 +200,36 @@ class Front:
         if scope["type"] != "http":  # lifespan: Quart's
             await self.views(scope, receive, send)
             return
+        sink = AsgiSink(send)
+        await self._serve(scope, AsgiBody(receive), sink, lambda: (receive, sink.asgi_send()))
+
+    async def handle(self, scope: HTTPScope, request: Request) -> None:
+        """One request on routerd's own HTTP/1.1 connection (``h1_connection``)."""
+        await self._serve(scope, request, request, request.asgi)
+
+    async def _serve(self, scope: HTTPScope, body: RequestBody, sink: ResponseSink,
+                     asgi: Callable[[], tuple[ASGIReceiveCallable, ASGISendCallable]]) -> None:
         config = self.supervisor.config
         server = config.server
         if server.cors_origins:
             allowed = cors.allowed_origin(first_header(scope["headers"], b"origin"), server.cors_origins)
             if scope["method"] == "OPTIONS" and first_header(scope["headers"], b"access-control-request-method"):
-                await cors.answer_preflight(send, allowed)
+                await cors.answer_preflight(sink, allowed)
                 return
             if allowed:
-                send = cors.with_headers(send, allowed)
+                sink.add_headers(cors.response_headers(allowed))
         found = route(scope["method"], scope["path"])
         surface = found.surface
         if surface is Surface.PROXY or surface is Surface.PASSTHROUGH:
-            await self.proxy.serve(scope, receive, send, found.label, found.queued)
+            await self.proxy.serve(scope, body, sink, found.label, found.queued)
             return
         try:
             access.check_request(self.gate, scope, max_headers=server.max_headers, metrics_open=config.metrics.open)
         except RouterdError as exc:
-            await drain_body(receive)
-            await Exchange(send).fail(exc)
+            await drain_body(body)
+            await Exchange(sink).fail(exc)
             return
+        receive, send = asgi()
         if surface is Surface.METRICS or surface is Surface.EVENTS:
             await self.observability(scope, receive, send)
         else:

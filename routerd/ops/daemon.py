@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Mapping
 from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -38,6 +39,9 @@ from routerd.ops import requestlog
 from routerd.ops.control import ControlServer
 from routerd.ops.metrics import BuildInfo, Metrics, build_info, llama_server_version
 from routerd.ops.sdnotify import Notifier
+
+if TYPE_CHECKING:
+    from routerd.front.routes import Front
 
 __all__ = ["Daemon", "listen_failure", "raise_open_file_limit", "serve"]
 
@@ -190,12 +194,13 @@ class Daemon:
         self.notifier.close()
         log.info("routerd stopped")
 
-    async def _serve_http(self, app: object, stopped: trio.Event,
+    async def _serve_http(self, app: Front, stopped: trio.Event,
                           *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             await http_server.serve(app, http_server.hypercorn_config(self.config.server),
                                     shutdown_trigger=self._http_stop.wait, tls=self.certificates.current,
-                                    send_timeout=self.config.server.send_timeout, task_status=task_status)
+                                    send_timeout=self.config.server.send_timeout, handler=app.handle,
+                                    task_status=task_status)
         finally:
             stopped.set()
 

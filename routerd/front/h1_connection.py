@@ -1,0 +1,455 @@
+"""routerd's own HTTP/1.1 connections on trio: one client connection from accept to close.
+
+Owns the I/O of a plain HTTP/1.1 connection: reading (one reader task per connection, which also
+notices the client leaving), the header timer (a connection must send a request's head within
+``header_timeout`` of opening or of its last answer), pipelined requests answered in order, the
+request body handed out as it arrives (``100 Continue`` first when asked), answers framed by
+Content-Length, chunks or the close, ``Connection: close`` when either side needs it, a body left
+unread drained or the connection closed, the send timeout (a client that reads nothing for
+``send_timeout`` s is dropped), and graceful shutdown (idle connections close, busy ones finish
+their request). Each request goes to ``handler(scope, request)``; ``request`` is both the
+request's body and its answer's sink (``client_io``) and gives ASGI callables for ASGI apps.
+
+It knows nothing of routes, keys or models, and parses nothing itself (``h1`` does). Why not
+hypercorn here: its per-request task, queues and h11 event objects cost ~0.2 ms of CPU per
+request on this machine kind, more than everything else routerd does for a proxied request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ConnectionState, HTTPScope
+
+from routerd.front import h1
+from routerd.front.client_io import asgi_receive, asgi_send
+from routerd.front.h1 import END_OF_REQUEST, RequestHead
+
+log = logging.getLogger("routerd.http")
+
+#: The reader stops reading while this much request body waits unread (flow control).
+READ_AHEAD = 256 * 1024
+#: A body the handler left unread is read and dropped, up to this much and for this long, to keep
+#: the connection; past either, the answer says ``Connection: close``.
+DRAIN_LIMIT = 1 << 20
+DRAIN_SECONDS = 1.0
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@attrs.frozen
+class Settings:
+    """What a connection needs from ``[server]``."""
+
+    header_timeout: float = 10.0
+    send_timeout: float = 60.0
+    max_head_bytes: int = 16 * 1024
+
+
+Handler = Callable[[HTTPScope, "Request"], Awaitable[None]]
+
+
+class ClientGone(Exception):
+    """Raised inside the connection only; a write to a client that left ends quietly."""
+
+
+class Connection:
+    """One client connection (see the module docstring). ``serve`` runs it to its close."""
+
+    def __init__(self, stream: trio.SocketStream, handler: Handler, settings: Settings, *,
+                 lifespan_state: dict[str, Any] | None = None, terminating: trio.Event | None = None) -> None:
+        self._stream = stream
+        self._fd_source = stream.socket
+        self._handler = handler
+        self._settings = settings
+        self._state = lifespan_state if lifespan_state is not None else {}
+        self._terminating = terminating if terminating is not None else trio.Event()
+        self._parser = h1.RequestParser(settings.max_head_bytes)
+        self._pieces: deque[RequestHead | bytes | None] = deque()
+        self._buffered = 0  # body bytes in _pieces
+        self._arrived = trio.Event()  # set when pieces come, the client leaves or shutdown begins
+        self._read_more = trio.Event()  # the reader waits on it while READ_AHEAD is buffered
+        self.client_gone = False
+        self.bad_request: h1.BadRequest | None = None
+        self.upgrade = False  # the client sent HTTP/2's preface: hypercorn takes the connection
+        self.first_bytes = b""  # what was read before telling that
+        self._until_first_head: bytearray | None = bytearray()  # kept for that hand-over
+        self._send_lock = trio.StrictFIFOLock()
+        self._broken = False  # a write did not finish: nothing more may be written
+        self._watchers: list[tuple[trio.CancelScope, Callable[[], None]]] = []
+        self.peer, self._client, self._server = _addresses(stream)
+
+    async def serve(self) -> None:
+        """Serve requests until either side ends the connection; the socket is closed after
+        (unless ``upgrade``: then the caller hands it over)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_loop)
+                await self._serve_requests()
+                nursery.cancel_scope.cancel()
+        finally:
+            if not self.upgrade:
+                await trio.aclose_forcefully(self._stream)
+
+    def shutdown_began(self) -> None:
+        """routerd is stopping: an idle connection closes now, a busy one after its answer."""
+        self._arrived.set()
+
+    # -- reading ------------------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        while True:
+            while self._buffered > READ_AHEAD:
+                self._read_more = trio.Event()
+                await self._read_more.wait()
+            try:
+                data = await self._stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+            if not data:
+                self._leave()
+                return
+            if self._until_first_head is not None:
+                self._until_first_head += data
+            try:
+                pieces = self._parser.feed(data)
+            except h1.BadRequest as exc:
+                self.bad_request = exc
+                self._arrived.set()
+                return
+            except h1.Upgrade:
+                self.upgrade, self.first_bytes = True, bytes(self._until_first_head or data)
+                self._arrived.set()
+                return
+            if pieces and self._until_first_head is not None:
+                self._until_first_head = None
+            for piece in pieces:
+                if isinstance(piece, bytes):
+                    self._buffered += len(piece)
+            self._pieces.extend(pieces)
+            self._arrived.set()
+
+    def _leave(self) -> None:
+        """The client closed or reset the connection."""
+        self.client_gone = True
+        self._arrived.set()
+        for scope, on_leave in self._watchers:
+            on_leave()
+            scope.cancel()
+
+    async def _next_piece(self) -> RequestHead | bytes | None:
+        """The next parsed piece (raises ClientGone once the client left with none waiting)."""
+        while not self._pieces:
+            if self.client_gone or self.bad_request is not None or self.upgrade:
+                raise ClientGone()
+            self._arrived = trio.Event()
+            await self._arrived.wait()
+        piece = self._pieces.popleft()
+        if isinstance(piece, bytes):
+            self._buffered -= len(piece)
+            if self._buffered <= READ_AHEAD:
+                self._read_more.set()
+        return piece
+
+    async def _next_head(self) -> RequestHead | None:
+        """The next request's head, or None when the connection should close: the client left
+        or sent nonsense, shutdown began while idle, or no whole head came within
+        ``header_timeout``. A head whose bytes are in the socket when the time is up was
+        routerd's lateness, not the client's: it gets one more ``header_timeout``."""
+        if self._pieces:
+            piece = self._pieces[0]
+            if isinstance(piece, RequestHead):
+                self._pieces.popleft()
+                return piece
+        grace = True
+        deadline = trio.current_time() + self._settings.header_timeout
+        while True:
+            if self._terminating.is_set() and self._parser.between_requests and not self._pieces:
+                return None
+            if self._pieces:
+                piece = await self._next_piece()
+                if isinstance(piece, RequestHead):
+                    return piece
+                continue  # the rest of a body no handler read (dropped)
+            if self.client_gone or self.bad_request is not None or self.upgrade:
+                return None
+            self._arrived = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._arrived.wait()
+                continue
+            if grace and self._unread_bytes():
+                grace, deadline = False, trio.current_time() + self._settings.header_timeout
+                continue
+            return None
+
+    def _unread_bytes(self) -> bool:
+        fd = self._fd_source.fileno()
+        return fd >= 0 and bool(select.select([fd], [], [], 0)[0])
+
+    # -- requests -----------------------------------------------------------------------------
+    async def _serve_requests(self) -> None:
+        while True:
+            head = await self._next_head()
+            if head is None:
+                if self.bad_request is not None and not self._broken:
+                    await self.write(h1.error_response(self.bad_request.status, str(self.bad_request)))
+                return
+            request = Request(self, head)
+            scope = self._scope(head)
+            try:
+                await self._handler(scope, request)
+            except Exception:
+                log.exception("unhandled error on %s %s from %s", head.method, head.path, self.peer)
+                if not request.started:
+                    await request.answer(500, [(b"content-type", b"application/json")],
+                                         b'{"error": {"message": "internal error", "type": "server_error", '
+                                         b'"code": "internal_error"}}')
+                self._broken = True
+            finally:
+                request.ended()
+            if self.bad_request is not None:  # in the body: the handler saw the client leave
+                if not request.started and not self._broken:
+                    await self.write(h1.error_response(self.bad_request.status, str(self.bad_request)))
+                return
+            if not request.finished or not request.keep_alive or self._broken or self.client_gone:
+                return
+            if not request.body_done and not await request.drain():
+                return
+
+    def _scope(self, head: RequestHead) -> HTTPScope:
+        return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+                "http_version": head.http_version, "method": head.method, "scheme": "http",
+                "path": head.path, "raw_path": head.target.partition(b"?")[0], "query_string": head.query,
+                "root_path": "", "headers": head.headers, "client": self._client, "server": self._server,
+                "extensions": {}, "state": ConnectionState(self._state.copy())}
+
+    # -- writing ------------------------------------------------------------------------------
+    async def write(self, data: bytes) -> None:
+        """Write ``data`` whole: at once when the socket's buffer takes it (nearly always), else
+        waiting for room for at most ``send_timeout`` s. A client that left is not an error
+        here: its request's watchers have been told."""
+        if self._broken or self.client_gone:
+            return
+        view: bytes | memoryview = data
+        if not self._send_lock.locked():
+            fd = self._fd_source.fileno()
+            try:
+                sent = os.write(fd, data) if fd >= 0 else 0
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # EPIPE, ECONNRESET: the client is gone
+                self._broken = True
+                self._leave()
+                return
+            if sent == len(data):
+                return
+            view = memoryview(data)[sent:]
+        await self._write_slowly(view)
+
+    async def _write_slowly(self, data: bytes | memoryview) -> None:
+        async with self._send_lock:  # another task's write waiting for room goes first
+            if self._broken or self.client_gone:
+                return
+            try:
+                with trio.move_on_after(self._settings.send_timeout) as waited:
+                    await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._broken = True
+                self._leave()
+            except BaseException:  # cancelled mid-write: the answer's framing is cut
+                self._broken = True
+                raise
+        if waited.cancelled_caught:
+            log.info("closing the connection of %s: it read nothing for %g s (server.send_timeout)",
+                     self.peer, self._settings.send_timeout)
+            self._broken = True
+            self._leave()
+
+    @asynccontextmanager
+    async def watching(self, scope: trio.CancelScope, on_leave: Callable[[], None]) -> AsyncIterator[None]:
+        if self.client_gone:
+            on_leave()
+            scope.cancel()
+        entry = (scope, on_leave)
+        self._watchers.append(entry)
+        try:
+            yield
+        finally:
+            self._watchers.remove(entry)
+
+
+class Request:
+    """One request on a ``Connection``: its body (``client_io.RequestBody``) and the sink of its
+    answer (``client_io.ResponseSink``)."""
+
+    passthrough_chunked = True
+
+    def __init__(self, connection: Connection, head: RequestHead) -> None:
+        self._connection = connection
+        self.head = head
+        self.body_done = not head.has_body
+        self.started = False
+        self.finished = False
+        self.keep_alive = head.keep_alive
+        self._chunked = False  # the answer's framing
+        self._no_body = head.method == "HEAD"
+        self._continued = False
+        self._extra: list[tuple[bytes, bytes]] = []
+        self._disconnected: trio.Event | None = None
+        self._disconnect_watch: tuple[trio.CancelScope, Callable[[], None]] | None = None
+
+    # -- the body -----------------------------------------------------------------------------
+    async def receive(self) -> tuple[bytes, bool] | None:
+        if self.body_done:
+            return b"", False
+        connection = self._connection
+        if self.head.expect_continue and not self._continued and not self.started:
+            self._continued = True
+            await connection.write(_CONTINUE)
+        try:
+            piece = await connection._next_piece()
+        except ClientGone:
+            return None
+        if piece is END_OF_REQUEST:
+            self.body_done = True
+            return b"", False
+        assert isinstance(piece, bytes), "a head inside a body: the parser's order is broken"
+        pieces = connection._pieces
+        if pieces and pieces[0] is END_OF_REQUEST:
+            pieces.popleft()
+            self.body_done = True
+        return piece, not self.body_done
+
+    def watch(self, scope: trio.CancelScope, on_leave: Callable[[], None]) -> Any:
+        return self._connection.watching(scope, on_leave)
+
+    async def drain(self) -> bool:
+        """Read and drop the rest of an unread body; whether the connection can go on."""
+        size = 0
+        with trio.move_on_after(DRAIN_SECONDS):
+            while size <= DRAIN_LIMIT:
+                piece = await self.receive()
+                if piece is None:
+                    return False
+                size += len(piece[0])
+                if not piece[1]:
+                    return True
+        return False
+
+    # -- the answer ---------------------------------------------------------------------------
+    def add_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self._extra += headers
+
+    def _head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> bytes:
+        """The answer's head, with the framing and ``connection`` lines routerd decides."""
+        self.started = True
+        if self._extra:
+            headers = headers + self._extra
+        extra = b""
+        declared = False
+        for name, _ in headers:
+            if name == b"content-length":
+                declared = True
+            elif name == b"transfer-encoding" or name == b"connection":
+                headers = [(n, v) for n, v in headers if n != b"transfer-encoding" and n != b"connection"]
+                break
+        bodiless = status < 200 or status in (204, 304)
+        if not declared and not bodiless:
+            if length is not None:
+                extra = b"content-length: %d\r\n" % length
+            elif self.head.http_version == "1.1":
+                self._chunked = True
+                extra = b"transfer-encoding: chunked\r\n"
+            else:
+                self.keep_alive = False  # an HTTP/1.0 client reads to the close
+        if not self.body_done and (self.head.expect_continue and not self._continued
+                                   or (self.head.content_length or 0) > DRAIN_LIMIT):
+            self.keep_alive = False  # the unread body will not be read: end after this answer
+        if self._connection._terminating.is_set():
+            self.keep_alive = False
+        if not self.keep_alive:
+            extra += b"connection: close\r\n"
+        elif self.head.http_version == "1.0":
+            extra += b"connection: keep-alive\r\n"
+        return h1.encode_head(status, headers, extra)
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        await self._connection.write(self._head(status, headers, None))
+
+    async def answer(self, status: int, headers: list[tuple[bytes, bytes]], data: bytes) -> None:
+        """The whole answer in one write."""
+        head = self._head(status, headers, len(data))
+        self.finished = True
+        await self._connection.write(head if self._no_body else head + data)
+
+    async def body(self, data: bytes, more: bool) -> None:
+        if self.finished:
+            return
+        self.finished = not more
+        if self._no_body:
+            return
+        if self._chunked:
+            data = h1.encode_chunk(data) if more else h1.encode_chunk(data) + h1.LAST_CHUNK
+        if data:
+            await self._connection.write(data)
+
+    async def raw(self, data: bytes, more: bool) -> None:
+        """The upstream's chunked bytes as they are; only for an answer sent chunked."""
+        if self.finished:
+            return
+        self.finished = not more
+        if not self._no_body and data:
+            await self._connection.write(data)
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the answer is framed in chunks (so an upstream's chunks may pass through)."""
+        return self._chunked
+
+    # -- for ASGI apps ------------------------------------------------------------------------
+    def asgi(self) -> tuple[ASGIReceiveCallable, ASGISendCallable]:
+        """ASGI callables over this request (the quart-trio app's routes, the do-nothing apps of
+        the benchmark): ``http.disconnect`` comes once the client left or the answer ended."""
+        return asgi_receive(self, self._disconnected_event), asgi_send(self)
+
+    def _disconnected_event(self) -> trio.Event:
+        if self._disconnected is None:
+            self._disconnected = event = trio.Event()
+            self._disconnect_watch = (trio.CancelScope(), event.set)
+            self._connection._watchers.append(self._disconnect_watch)
+            if self._connection.client_gone or self.finished:
+                event.set()
+        return self._disconnected
+
+    def ended(self) -> None:
+        """The handler returned: an ASGI app still listening hears ``http.disconnect``."""
+        if self._disconnect_watch is not None:
+            self._connection._watchers.remove(self._disconnect_watch)
+            self._disconnect_watch = None
+        if self._disconnected is not None:
+            self._disconnected.set()
+
+
+def _addresses(stream: trio.SocketStream) -> tuple[str, tuple[str, int] | None, tuple[str, int] | None]:
+    try:
+        peer = stream.socket.getpeername()
+        local = stream.socket.getsockname()
+    except OSError:
+        return "?", None, None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}", (peer[0], peer[1]), (local[0], local[1])
+    return str(peer) or "?", None, None  # a Unix socket
+
+
+def asgi_handler(app: Any) -> Handler:
+    """A ``Handler`` that runs a plain ASGI app (the benchmark's do-nothing apps)."""
+    async def handle(scope: HTTPScope, request: Request) -> None:
+        receive, send = request.asgi()
+        await app(scope, receive, send)
+    return handle
