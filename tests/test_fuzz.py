@@ -287,6 +287,6 @@ async def test_a_connection_failing_inside_the_http_server_is_a_bug_report(caplo
     hypercorn (a broken server object stands in for the race)."""
     ours, theirs = trio.socket.socketpair()
     with theirs:
-        await http_server._connection(None, None, None, {}, lambda: None, 1.0,  # type: ignore[arg-type]
+        await http_server._connection(None, None, None, {}, lambda: None, 1.0, None,  # type: ignore[arg-type]
                                       trio.SocketStream(ours))
     assert bug_reports(caplog.text), caplog.text

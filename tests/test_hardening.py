@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import trio
 
 from routerd import client_json
 from routerd.errors import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_UNAVAILABLE
-from routerd.front import http_server
+from routerd.front import h1_connection, http_server
 from routerd.models import discovery
 from tests.conftest import isolated_env, make_config, spawn_routerd
 from tests.test_catalog import hf_repo
@@ -187,22 +188,26 @@ async def test_unfinished_headers_are_dropped_after_the_header_timeout(start_rou
         assert await raw_exchange(r.url, b"GET /health HTTP/1.1\r\nhost: x\r\n", wait=10) == b""
 
 
-def front_answering_ok(*, header_timeout: float) -> tuple[Any, Any]:
-    """routerd's HTTP front configuration and an app that answers every request ``"ok"``, for
-    driving the front's per-connection server in-process (``http_server._connection``)."""
-    import hypercorn.utils
-
+def front_answering_ok(*, header_timeout: float) -> Any:
+    """routerd's HTTP front for plain connections, its settings from ``[server]``, with a handler
+    that answers every request ``"ok"``, for driving one connection in-process
+    (``http_server._connection``)."""
     from routerd.config import ServerConfig
 
     config = http_server.hypercorn_config(ServerConfig(header_timeout=header_timeout))
 
-    async def app(scope, receive, send):
-        if scope["type"] != "http":
-            return
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"6")]})
-        await send({"type": "http.response.body", "body": b'"ok"\r\n'})
+    async def ok(scope, request):
+        await request.answer(200, [], b'"ok"\r\n')
 
-    return config, hypercorn.utils.wrap_app(app, config.wsgi_max_body_size, "asgi")
+    settings = h1_connection.Settings(header_timeout=config.keep_alive_timeout,
+                                      max_head_bytes=config.h11_max_incomplete_size)
+    return config, http_server._Front(ok, settings, plain_on_hypercorn=False)
+
+
+def serve_one(config: Any, front: Any, stream: Any) -> Any:
+    """The front's task for one accepted connection."""
+    return partial(http_server._connection, None, config, http_server.WorkerContext(None), {}, lambda: None, 60.0,
+                   front, stream)
 
 
 async def read_ok(client: trio.SocketStream, closed_means: str) -> None:
@@ -220,13 +225,12 @@ async def test_a_kept_alive_connection_serves_again_and_closes_once_idle_for_the
     within ``header_timeout`` of the last answer is served on the same connection, and the
     connection is closed exactly ``header_timeout`` after its last answer (the wiring of
     ``server.header_timeout`` through a real daemon is test_unfinished_headers_... above)."""
-    config, wrapped = front_answering_ok(header_timeout=0.5)
-    assert config.keep_alive_timeout == 0.5
+    config, front = front_answering_ok(header_timeout=0.5)
+    assert front.settings.header_timeout == 0.5
     ours, theirs = trio.socket.socketpair()
     client = trio.SocketStream(theirs)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(http_server._connection, wrapped, config, http_server.WorkerContext(None), {},
-                           lambda: None, 60.0, trio.SocketStream(ours))
+        nursery.start_soon(serve_one(config, front, trio.SocketStream(ours)))
         for gap in (0.3, 0.49, 0.0, 0.45):  # each within the timeout of the last answer
             await trio.sleep(gap)
             await client.send_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -243,12 +247,11 @@ async def test_a_request_still_unread_when_the_keep_alive_deadline_passes_is_ans
     passes (routerd's loop was busy: seen under load with a 0.1-s timeout) is answered, not
     closed under. trio wakes the reader and the timer in either order, so this tries often
     (each try ran both ways about half the time before the fix)."""
-    config, wrapped = front_answering_ok(header_timeout=0.5)
+    config, front = front_answering_ok(header_timeout=0.5)
     for _ in range(24):
         ours, theirs = socket.socketpair()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(http_server._connection, wrapped, config, http_server.WorkerContext(None), {},
-                               lambda: None, 60.0, trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+            nursery.start_soon(serve_one(config, front, trio.SocketStream(trio.socket.from_stdlib_socket(ours))))
             await trio.testing.wait_all_tasks_blocked()  # reading, its timer armed
             theirs.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")  # in time...
             mock_clock.jump(1.0)  # ...but the loop only gets to it after the deadline
@@ -468,19 +471,14 @@ class _FailingStream:
 
 
 async def test_a_failure_inside_the_http_server_closes_only_that_connection(caplog):
-    import hypercorn.config
-
-
-    async def app(scope, receive, send):  # never reached: the connection fails first
-        raise AssertionError("the app should not run")
-
-    config = hypercorn.config.Config()
+    config, front = front_answering_ok(header_timeout=5.0)
     ours, theirs = trio.socket.socketpair()
     stream = _FailingStream(trio.SocketStream(ours))
     with trio.fail_after(5):
-        await http_server._connection(app, config, http_server.WorkerContext(None), {}, lambda: None, 60.0, stream)
+        await serve_one(config, front, stream)()
     assert stream.socket.fileno() == -1  # closed
     assert any("failed inside the HTTP server" in rec.getMessage() for rec in caplog.records)
+    assert not front.open, "the failed connection is still counted as open"
     theirs.close()
 
 

@@ -29,6 +29,7 @@ from routerd.backends.remote import Remote
 from routerd.backends.supervisor import Supervisor
 from routerd.errors import LoadFailed, Unavailable
 from routerd.front import proxy
+from routerd.front.client_io import AsgiSink
 from routerd.front.exchange import Exchange
 from routerd.front.proxy import keep_informed
 from routerd.models.catalog import Catalog
@@ -371,7 +372,7 @@ class RecordingClient:
 async def test_a_waiting_stream_gets_a_keep_alive_comment_every_keepalive_interval_until_served(
         autojump_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
     send = RecordingClient()
-    client = Exchange(send)
+    client = Exchange(AsgiSink(send))
     done = trio.Event()
     start = trio.current_time()
 
@@ -392,7 +393,7 @@ async def test_a_waiting_stream_gets_a_keep_alive_comment_every_keepalive_interv
 async def test_a_stream_served_before_the_first_interval_gets_no_headers_from_the_wait(
         autojump_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
     send = RecordingClient()
-    client = Exchange(send)
+    client = Exchange(AsgiSink(send))
     done = trio.Event()
 
     async def served_soon() -> None:
@@ -407,7 +408,7 @@ async def test_a_stream_served_before_the_first_interval_gets_no_headers_from_th
 async def test_loading_feedback_is_said_when_it_changes_or_every_keepalive_interval(
         autojump_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
     send = RecordingClient()
-    client = Exchange(send)
+    client = Exchange(AsgiSink(send))
     client.model = "m"
     done = trio.Event()
     start = trio.current_time()

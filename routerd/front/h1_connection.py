@@ -183,6 +183,8 @@ class Connection:
             with trio.move_on_at(deadline):
                 await self._arrived.wait()
                 continue
+            if self._pieces:  # the reader ran at the deadline too: the head is here
+                continue
             if grace and self._unread_bytes():
                 grace, deadline = False, trio.current_time() + self._settings.header_timeout
                 continue
@@ -353,12 +355,16 @@ class Request:
             headers = headers + self._extra
         extra = b""
         declared = False
-        for name, _ in headers:
+        hop_by_hop = False
+        for name, value in headers:
             if name == b"content-length":
                 declared = True
-            elif name == b"transfer-encoding" or name == b"connection":
-                headers = [(n, v) for n, v in headers if n != b"transfer-encoding" and n != b"connection"]
-                break
+            elif name == b"transfer-encoding" or name == b"connection":  # framing is the connection's
+                hop_by_hop = True
+                if name == b"connection" and value.lower() == b"close":
+                    self.keep_alive = False  # the handler knows the connection cannot go on
+        if hop_by_hop:
+            headers = [(n, v) for n, v in headers if n != b"transfer-encoding" and n != b"connection"]
         bodiless = status < 200 or status in (204, 304)
         if not declared and not bodiless:
             if length is not None:
