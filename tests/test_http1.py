@@ -194,3 +194,73 @@ def test_a_request_head_is_written_as_given():
 def test_a_request_that_would_split_is_refused(method, target, headers):
     with pytest.raises(ValueError):
         encode_request(method, target, headers)
+
+
+# -- chunks passed through as they came (the proxy's relay when both sides are chunked) ---------
+CHUNKED = {case: wire for case, (method, wire) in VALID.items() if b"Transfer-Encoding: chunked" in wire}
+
+
+def passed_through(pieces: list[bytes]) -> tuple[bytes, list[bytes], list[bytes]]:
+    """What ``whole_chunks`` hands on, fed ``pieces`` one read at a time: the bytes, the data,
+    and each call's bytes."""
+    reader = ResponseReader()
+    reader.expect("GET")
+    feed = iter(pieces)
+    while (head := reader.head()) is None:
+        reader.feed(next(feed))
+    assert reader.chunked
+    calls, data = [], []
+    while True:
+        framed, carried = reader.whole_chunks()
+        calls.append(framed)
+        data += carried
+        if reader.done:
+            break
+        reader.feed(next(feed))
+    assert list(feed) == [], "read past the end of the response"
+    return b"".join(calls), data, calls
+
+
+@pytest.mark.parametrize("case", CHUNKED)
+def test_whole_chunks_pass_on_the_body_byte_for_byte_and_carry_what_h11_decodes(case):
+    wire = CHUNKED[case]
+    body_on_the_wire = wire[wire.index(b"\r\n\r\n") + 4:]
+    decoded = with_h11("GET", wire)[2]
+    rng = random.Random(case)
+    for pieces in ([wire], [bytes([b]) for b in wire], *(cut(wire, rng) for _ in range(50))):
+        framed, data, calls = passed_through(pieces)
+        assert framed == body_on_the_wire and b"".join(data) == decoded
+        for call in calls:  # each hand-over ends on a chunk's boundary: it can be written on at once
+            assert call == b"" or call.endswith(b"\r\n")
+
+
+def test_a_chunk_is_handed_on_only_once_it_is_whole():
+    reader = ResponseReader()
+    reader.expect("POST")
+    head_end = LLAMA_SSE.index(b"\r\n\r\n") + 4
+    reader.feed(LLAMA_SSE[:head_end + 10])  # the head and part of the first chunk
+    assert reader.head() is not None
+    assert reader.whole_chunks() == (b"", [])
+    reader.feed(LLAMA_SSE[head_end + 10:])
+    framed, data = reader.whole_chunks()
+    assert data == list(SSE_EVENTS) and reader.done and reader.reusable
+
+
+@pytest.mark.parametrize("wire", [LLAMA_SSE.replace(b"\r\n0\r\n", b"\r\nzz\r\n"),
+                                  LLAMA_SSE.replace(b'"Hi"}\n\n\r\n', b'"Hi"}\n\nXY')],
+                         ids=["bad size", "data longer than its size"])
+def test_bad_framing_is_refused_when_passing_chunks_through(wire):
+    with pytest.raises(ProtocolError):
+        passed_through([wire])
+
+
+def test_a_close_mid_chunk_is_an_error_when_passing_chunks_through():
+    reader = ResponseReader()
+    reader.expect("GET")
+    reader.feed(LLAMA_SSE[:-8])
+    reader.feed(b"")
+    assert reader.head() is not None
+    framed, _ = reader.whole_chunks()  # what was whole is handed on first
+    assert framed
+    with pytest.raises(ProtocolError):
+        reader.whole_chunks()

@@ -194,6 +194,57 @@ class ResponseReader:
             raise ProtocolError("the server closed the connection before the end of the response body")
         return b"".join(out)
 
+    @property
+    def chunked(self) -> bool:
+        """The body of the response being read is chunked and none of it has been read yet
+        by ``body`` (so ``whole_chunks`` may pass it on as it is)."""
+        return self._state == _CHUNK_SIZE and not self.done
+
+    def whole_chunks(self) -> tuple[bytes, list[bytes]]:
+        """The complete chunks the bytes fed so far hold, exactly as they came (size lines,
+        extensions, the last chunk and trailers included), and the data they carry. A chunk
+        still arriving stays for the next call, so what is returned can be passed on as it is
+        and ends on a chunk's boundary. Only for a chunked body, and only if ``body`` has not
+        read from it; raises ProtocolError on bad framing or a close before the end."""
+        buffer = self._buffer
+        position = 0
+        data: list[bytes] = []
+        while self._state == _CHUNK_SIZE:
+            line_end = buffer.find(b"\r\n", position)
+            if line_end < 0:
+                if len(buffer) - position > MAX_CHUNK_LINE_BYTES:
+                    raise ProtocolError("chunk-size line too long")
+                break
+            size = bytes(buffer[position:line_end]).split(b";", 1)[0].strip(b" \t")
+            if not _HEX.fullmatch(size):
+                raise ProtocolError(f"invalid chunk size {size[:20]!r}")
+            start = line_end + 2
+            length = int(size, 16)
+            if length == 0:  # the last chunk: then trailer fields, if any, and a blank line
+                if buffer[start:start + 2] == b"\r\n":
+                    position = start + 2
+                else:
+                    trailers_end = buffer.find(b"\r\n\r\n", start)
+                    if trailers_end < 0:
+                        if len(buffer) - start > MAX_HEAD_BYTES:
+                            raise ProtocolError("trailers too long")
+                        break
+                    position = trailers_end + 4
+                self._state = self._finish()
+                break
+            stop = start + length
+            if len(buffer) < stop + 2:
+                break
+            if buffer[stop:stop + 2] != b"\r\n":
+                raise ProtocolError("chunk data longer than its size says")
+            data.append(bytes(buffer[start:stop]))
+            position = stop + 2
+        framed = bytes(buffer[:position])
+        del buffer[:position]
+        if self._eof and self._state != _DONE and not framed:
+            raise ProtocolError("the server closed the connection before the end of the response body")
+        return framed, data
+
     def _frame_body(self, head: Head) -> None:
         """Decide how this response's body ends (RFC 9112, section 6.3)."""
         connection = head.values(b"connection")

@@ -118,6 +118,33 @@ class Response:
             return data
         raise StopAsyncIteration
 
+    @property
+    def chunked(self) -> bool:
+        """The body is chunked and unread: ``next_chunks`` can pass it on as it came."""
+        return not self._done and self._conn.reader.chunked
+
+    async def next_chunks(self) -> tuple[bytes, list[bytes]] | None:
+        """The next whole chunks of a chunked body exactly as they came, and the data they
+        carry; None after the last (see ``http1.ResponseReader.whole_chunks``)."""
+        if self._done:
+            return None
+        reader = self._conn.reader
+        try:
+            framed, data = reader.whole_chunks()
+            while not framed and not reader.done:
+                await self._conn.receive(self._read_timeout)
+                framed, data = reader.whole_chunks()
+        except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.aclose_now()
+            raise UpstreamError(_describe(exc)) from None
+        except BaseException:
+            self.aclose_now()
+            raise
+        if reader.done:
+            self._end()
+            self._pool.give_back(self._conn)
+        return framed, data
+
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self])
 

@@ -40,8 +40,11 @@ class RequestBody(Protocol):
 class ResponseSink(Protocol):
     """Where the answer goes: its start, then its body in order."""
 
-    #: Whether ``raw`` takes an upstream's chunked bytes as they are (framing included).
-    passthrough_chunked: bool
+    @property
+    def chunked(self) -> bool:
+        """Whether the answer goes out in HTTP/1.1 chunks (known once started): then ``raw``
+        takes an upstream's chunks as they came, framing included."""
+        ...
 
     def add_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
         """Headers sent with the answer's start whatever the handler says (CORS)."""
@@ -58,7 +61,7 @@ class ResponseSink(Protocol):
         ...
 
     async def raw(self, data: bytes, more: bool) -> None:
-        """Bytes already framed in the chunked coding (only where ``passthrough_chunked``)."""
+        """Bytes already framed in the chunked coding (only where ``chunked``)."""
         ...
 
 
@@ -93,7 +96,7 @@ class AsgiBody:
 class AsgiSink:
     """``ResponseSink`` over an ASGI ``send``."""
 
-    passthrough_chunked = False
+    chunked = False
 
     def __init__(self, send: ASGISendCallable) -> None:
         self._send = send

@@ -85,6 +85,11 @@ class Exchange:
         self.bytes_out += size
         await self._sink.raw(framed, more)
 
+    @property
+    def chunked(self) -> bool:
+        """The answer goes out in HTTP/1.1 chunks: an upstream's chunks may pass as they are."""
+        return self._sink.chunked
+
     def answer_began(self) -> None:
         if self.first_byte is None:
             self.first_byte = time.monotonic()

@@ -290,8 +290,6 @@ class Request:
     """One request on a ``Connection``: its body (``client_io.RequestBody``) and the sink of its
     answer (``client_io.ResponseSink``)."""
 
-    passthrough_chunked = True
-
     def __init__(self, connection: Connection, head: RequestHead) -> None:
         self._connection = connection
         self.head = head

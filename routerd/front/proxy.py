@@ -302,6 +302,13 @@ async def _answer(client: Exchange, backend: Endpoint, upstream: Response) -> No
             await client.start(upstream.status, headers + _EVENT_STREAM_HEADERS[1:], event_stream=True)
         elif client.status != upstream.status:  # a waiting stream's status was sent as 200
             client.status = upstream.status
+        if client.chunked and upstream.chunked:  # both sides chunked: the chunks pass as they came
+            while (chunks := await upstream.next_chunks()) is not None:
+                framed, data = chunks
+                for piece in data:
+                    client.keep_for_usage(piece)
+                await client.raw(framed, sum(map(len, data)), more=upstream.chunked)
+            return
         async for chunk in upstream:
             client.keep_for_usage(chunk)
             await client.body(chunk)
