@@ -206,7 +206,7 @@ def passed_through(pieces: list[bytes]) -> tuple[bytes, list[bytes], list[bytes]
     reader = ResponseReader()
     reader.expect("GET")
     feed = iter(pieces)
-    while (head := reader.head()) is None:
+    while reader.head() is None:
         reader.feed(next(feed))
     assert reader.chunked
     calls, data = [], []
