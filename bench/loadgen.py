@@ -97,8 +97,8 @@ def wrk(url: str, path: str, bodies: Sequence[bytes], *, connections: int, secon
         headers: dict[str, str] | None = None, timeout: float = 30.0) -> WrkRun:
     """POST ``bodies`` (in turn) to ``url + path`` from ``connections`` keep-alive connections.
 
-    ``timeout``: seconds wrk waits for one answer before it counts a timeout and reconnects
-    (wrk's own default is 2 s; a long one tells a slow server from a client that gives up)."""
+    ``timeout``: seconds wrk waits for one answer before it counts it as a timeout (it keeps the
+    connection and the request; its own default is 2 s, which counts slow answers as errors)."""
     quoted = ", ".join("[==[" + body.decode() + "]==]" for body in bodies)
     extra = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in (headers or {}).items())
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:

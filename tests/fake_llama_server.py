@@ -45,6 +45,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--fake-tokens", type=int, default=8)
     p.add_argument("--fake-silent-load", action="store_true")
     p.add_argument("--fake-hang-after", type=float, default=None)
+    # an embedding takes this long and, like llama-server's batch, does not stop for a client that left
+    p.add_argument("--fake-batch-seconds", type=float, default=0.0)
     p.add_argument("--metrics", action="store_true")
     p.add_argument("--ctx-size", "-c", type=int, default=4096)
     args, _unknown = p.parse_known_args()  # accept every real llama-server flag
@@ -53,7 +55,7 @@ def parse() -> argparse.Namespace:
 
 ARGS = parse()
 READY_AT = time.monotonic() + ARGS.fake_load_seconds
-STATE = {"in_flight": 0, "prompt_tokens": 0, "predicted": 0}
+STATE = {"in_flight": 0, "prompt_tokens": 0, "predicted": 0, "peak_in_flight": 0}
 LOCK = threading.Lock()
 
 
@@ -107,7 +109,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/health":
             self._json(200, {"status": "ok"})
         elif self.path == "/props":
-            self._json(200, {"total_slots": ARGS.parallel, "model_path": ARGS.model, "fake": True})
+            self._json(200, {"total_slots": ARGS.parallel, "model_path": ARGS.model, "fake": True,
+                             "fake_peak_in_flight": STATE["peak_in_flight"]})
         elif self.path == "/slots":
             busy = STATE["in_flight"]
             self._json(200, [{"id": i, "n_ctx": ARGS.ctx_size, "is_processing": i < busy,
@@ -141,6 +144,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         with LOCK:
             STATE["in_flight"] += 1
+            STATE["peak_in_flight"] = max(STATE["peak_in_flight"], STATE["in_flight"])
         try:
             self._post(body)
         except (BrokenPipeError, ConnectionResetError):
@@ -156,6 +160,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/detokenize":
             self._json(200, {"content": "".join(chr(t) for t in body.get("tokens", []))})
         elif path in ("/v1/embeddings", "/embeddings", "/embedding"):
+            time.sleep(ARGS.fake_batch_seconds)
             self._json(200, {"object": "list", "model": ARGS.alias,
                              "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}]})
         elif path in ("/v1/chat/completions", "/v1/completions", "/completion", "/chat/completions"):

@@ -118,6 +118,32 @@ async def test_client_leaving_a_non_streamed_completion_frees_the_slot_and_stops
             await trio.sleep(0.05)
 
 
+async def test_clients_giving_up_on_embeddings_never_send_the_backend_more_than_its_slots(
+        start_routerd, tmp_path, model_file):
+    """llama-server computes an embedding whole even when its client has gone. A client that
+    gives up must not free the slot before the backend is done: the next request would be sent
+    into a busy backend, and under load work piled up there until nothing finished in time."""
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a"), "args": [
+        "--parallel", "1", "--fake-batch-seconds", "0.6"]}}))
+    embed = {"model": "a", "input": "hello"}
+    assert (await r.http.post("/v1/embeddings", json=embed)).status_code == 200  # loaded
+    backend = r.supervisor.running("a")
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):  # each gives up after 0.2 s, long before its answer
+            async def give_up() -> None:
+                with trio.move_on_after(0.2):
+                    await r.http.post("/v1/embeddings", json=embed)
+            nursery.start_soon(give_up)
+        with trio.fail_after(10):
+            while not backend.in_flight:  # the first of them holds the slot
+                await r.supervisor.wait_changed()
+            patient = await r.http.post("/v1/embeddings", json=embed)
+    assert patient.status_code == 200
+    props = (await r.http.get("/a/props")).json()
+    assert props["fake_peak_in_flight"] == 1, "a request was sent while the backend was still busy"
+    assert backend.in_flight == 0
+
+
 async def test_backend_failing_to_start_gives_503_with_exit_code_and_log(start_routerd, tmp_path, model_file):
     r = await start_routerd(make_config(
         tmp_path, {"bad": {"path": model_file("bad"), "args": ["--fake-exit-during-load", "3"]}}))

@@ -25,7 +25,6 @@ import trio
 
 from routerd import events, llama_args
 from routerd.backends.child import spawn
-from routerd.backends.endpoints import Abandoned
 from routerd.backends.health import HealthPolicy, Trust, healthy, watch
 from routerd.backends.logring import LogRing
 from routerd.backends.upstream import ConnectionPool
@@ -39,9 +38,6 @@ LOG_TAIL_LINES = 15
 #: (sequential 1-token chats 17.7 -> 13.0 ms, routerd CPU -28%). While loading, every line counts
 #: (readiness and the stall timeout), so reads stay immediate.
 OUTPUT_BATCH_INTERVAL = 0.02
-#: Seconds an answer whose client left is still read to its end, its slot held, before its
-#: connection is closed anyway (see ``Backend.finish_abandoned``).
-ABANDONED_READ_LIMIT = 10.0
 #: Seconds one /health check may take while loading (a loading llama-server answers 503 at once).
 READY_CHECK_TIMEOUT = 2.0
 #: How long a failed call waits for its backend's exit to be noticed (the exit watcher reads
@@ -194,7 +190,6 @@ class Backend:
         self._last_output = trio.current_time()
         self._output_done = trio.Event()
         self._trust = Trust()
-        self._abandoned_in, self._abandoned_out = trio.open_memory_channel[Abandoned](math.inf)
 
     # -- what the supervisor and proxy use -------------------------------------------------
     @property
@@ -272,35 +267,6 @@ class Backend:
         self.in_flight -= 1
         self.last_used = trio.current_time()
         self._touch()
-
-    def finish_abandoned(self, answer: Abandoned) -> None:
-        """The client of a one-shot answer (not a stream) left before its end: read the rest in
-        the background and free the slot when llama-server has finished it, instead of closing.
-
-        Closing frees routerd's slot at once, but llama-server notices a closed connection only
-        when it next looks and never stops a batch it has begun (an embedding or a rerank is
-        one batch), so the next request routerd sends finds every slot still busy: llama-server
-        defers it, clients that give up leave more work behind, and on a busy machine the
-        backend ends up computing only answers nobody waits for. Reading to the end keeps
-        routerd's count of busy slots equal to llama-server's. An answer still unfinished after
-        ``ABANDONED_READ_LIMIT`` s is closed (a long completion llama-server would stop)."""
-        if self.state is not State.READY:
-            answer.aclose_now()
-            return
-        self._abandoned_in.send_nowait(answer)
-
-    async def _finish_abandoned(self) -> None:
-        """Read abandoned answers to their end (see ``finish_abandoned``), each in its own task."""
-        try:
-            async with trio.open_nursery() as nursery:
-                async for answer in self._abandoned_out:
-                    nursery.start_soon(_read_to_end, answer)
-        finally:  # stopping: the rest is closed (and its slots freed) at once
-            while True:
-                try:
-                    self._abandoned_out.receive_nowait().aclose_now()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
 
     def set_idle_ttl(self, ttl: float) -> None:
         self.idle_ttl = ttl
@@ -381,7 +347,6 @@ class Backend:
             self._settled.set()
             self._on_change()
             nursery.start_soon(self._idle_timer)
-            nursery.start_soon(self._finish_abandoned)
             nursery.start_soon(self._watch_health, pool)
             nursery.start_soon(self._trust.keep, pool, self.health.timeout, self.name, self._touch)
             await self._stop_requested.wait()
@@ -485,16 +450,3 @@ class Backend:
             left = self.idle_ttl_left()
             self._idle_deadline.deadline = math.inf if left is None else trio.current_time() + left
         self._on_change()
-
-
-async def _read_to_end(answer: Abandoned) -> None:
-    """Read what is left of ``answer`` and drop it; close it after ``ABANDONED_READ_LIMIT`` s or
-    a broken read (ending it either way frees its slot)."""
-    try:
-        with trio.move_on_after(ABANDONED_READ_LIMIT):
-            async for _ in answer:
-                pass
-    except Exception:  # noqa: BLE001 (a broken answer nobody waits for: closed below, nothing to report)
-        pass
-    finally:
-        answer.aclose_now()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import attrs
@@ -21,15 +21,6 @@ from routerd.backends.upstream import ConnectionPool
 
 #: The request header that names a conversation (else the body's ``user`` field does).
 SESSION_HEADER = "X-Session-Id"
-
-
-class Abandoned(Protocol):
-    """An upstream answer whose client left before its end (``upstream.Response``): iterating it
-    reads the rest; ``aclose_now`` drops the connection. Either ends it and frees its slot."""
-
-    def __aiter__(self) -> AsyncIterator[bytes]: ...
-
-    def aclose_now(self) -> None: ...
 
 
 class Endpoint(Protocol):
@@ -52,10 +43,6 @@ class Endpoint(Protocol):
     def acquire(self) -> None: ...
 
     def release(self) -> None: ...
-
-    def finish_abandoned(self, answer: Abandoned) -> None:
-        """End an answer whose client left before its end; its slot is freed when it ends."""
-        ...
 
     def distrust(self) -> None: ...
 

@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 import trio
 
 from routerd import events
-from routerd.backends.endpoints import Abandoned
 from routerd.backends.upstream import ConnectionPool, UpstreamError
 from routerd.config import Config, RemoteConfig
 from routerd.errors import ConfigError
@@ -137,11 +136,6 @@ class Remote:
     def release(self) -> None:
         self.in_flight -= 1
         self._on_change()
-
-    def finish_abandoned(self, answer: Abandoned) -> None:
-        """A remote's answer whose client left is closed at once: the remote server counts its
-        own slots (see ``Backend.finish_abandoned`` for a local one)."""
-        answer.aclose_now()
 
     def distrust(self) -> None:
         """A call broke before an answer: unreachable until a check answers again."""

@@ -118,6 +118,11 @@ class Supervisor:
         ``dequeue``."""
         return await self.pools.acquire_ticket(name, ticket, session)
 
+    def acquire_now(self, name: str, ticket: scheduler.Ticket | None, session: str | None = None) -> Lease | None:
+        """The lease ``acquire_ticket`` (no ticket: ``acquire_unqueued``) gives at once when
+        nothing has to wait, else None (see ``Pools.acquire_now``)."""
+        return self.pools.acquire_now(name, ticket, session)
+
     async def acquire_unqueued(self, name: str, session: str | None = None) -> Lease:
         """An endpoint of ``name``'s pool for a request that takes no slot there (llama-server
         answers /tokenize and the like on its HTTP threads): no queue and no wait for a free

@@ -32,8 +32,8 @@ class RequestBody(Protocol):
         """The next piece of the body and whether more follows; None once the client left."""
         ...
 
-    def watch(self, scope: trio.CancelScope, on_leave: Callable[[], None]) -> AbstractAsyncContextManager[None]:
-        """Within the block, the client leaving calls ``on_leave`` and cancels ``scope``."""
+    def watch(self, on_leave: Callable[[], None]) -> AbstractAsyncContextManager[None]:
+        """Within the block, the client leaving calls ``on_leave`` (at once if it has left)."""
         ...
 
 
@@ -78,19 +78,18 @@ class AsgiBody:
         return message.get("body", b""), message.get("more_body", False)
 
     @asynccontextmanager
-    async def watch(self, scope: trio.CancelScope, on_leave: Callable[[], None]) -> AsyncIterator[None]:
+    async def watch(self, on_leave: Callable[[], None]) -> AsyncIterator[None]:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._until_disconnect, scope, on_leave)
+            nursery.start_soon(self._until_disconnect, on_leave)
             try:
                 yield
             finally:
                 nursery.cancel_scope.cancel()
 
-    async def _until_disconnect(self, scope: trio.CancelScope, on_leave: Callable[[], None]) -> None:
+    async def _until_disconnect(self, on_leave: Callable[[], None]) -> None:
         while (await self._receive())["type"] != "http.disconnect":
             pass
         on_leave()
-        scope.cancel()
 
 
 class AsgiSink:

@@ -52,6 +52,8 @@ class Exchange:
         #: Said with the answer: which model served (``x-routerd-model``).
         self.routing_headers: list[tuple[bytes, bytes]] = []
         self.answer: bytes = b""
+        #: The backend finishes this request's work even if the client leaves (a batch).
+        self.runs_to_end = False
         self.stream_tail: list[bytes] = []
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]], *, event_stream: bool = False) -> None:

@@ -83,7 +83,7 @@ class Connection:
         self._until_first_head: bytearray | None = bytearray()  # kept for that hand-over
         self._send_lock = trio.StrictFIFOLock()
         self._broken = False  # a write did not finish: nothing more may be written
-        self._watchers: list[tuple[trio.CancelScope, Callable[[], None]]] = []
+        self._watchers: list[Callable[[], None]] = []  # told when the client leaves
         self.peer, self._client, self._server = _addresses(stream)
 
     async def serve(self) -> None:
@@ -139,9 +139,8 @@ class Connection:
         """The client closed or reset the connection."""
         self.client_gone = True
         self._arrived.set()
-        for scope, on_leave in self._watchers:
+        for on_leave in list(self._watchers):
             on_leave()
-            scope.cancel()
 
     async def _next_piece(self) -> RequestHead | bytes | None:
         """The next parsed piece (raises ClientGone once the client left with none waiting)."""
@@ -274,16 +273,14 @@ class Connection:
             self._leave()
 
     @asynccontextmanager
-    async def watching(self, scope: trio.CancelScope, on_leave: Callable[[], None]) -> AsyncIterator[None]:
+    async def watching(self, on_leave: Callable[[], None]) -> AsyncIterator[None]:
         if self.client_gone:
             on_leave()
-            scope.cancel()
-        entry = (scope, on_leave)
-        self._watchers.append(entry)
+        self._watchers.append(on_leave)
         try:
             yield
         finally:
-            self._watchers.remove(entry)
+            self._watchers.remove(on_leave)
 
 
 class Request:
@@ -302,7 +299,7 @@ class Request:
         self._continued = False
         self._extra: list[tuple[bytes, bytes]] = []
         self._disconnected: trio.Event | None = None
-        self._disconnect_watch: tuple[trio.CancelScope, Callable[[], None]] | None = None
+        self._disconnect_watch: Callable[[], None] | None = None
 
     # -- the body -----------------------------------------------------------------------------
     async def receive(self) -> tuple[bytes, bool] | None:
@@ -326,8 +323,8 @@ class Request:
             self.body_done = True
         return piece, not self.body_done
 
-    def watch(self, scope: trio.CancelScope, on_leave: Callable[[], None]) -> Any:
-        return self._connection.watching(scope, on_leave)
+    def watch(self, on_leave: Callable[[], None]) -> Any:
+        return self._connection.watching(on_leave)
 
     async def drain(self) -> bool:
         """Read and drop the rest of an unread body; whether the connection can go on."""
@@ -425,7 +422,7 @@ class Request:
     def _disconnected_event(self) -> trio.Event:
         if self._disconnected is None:
             self._disconnected = event = trio.Event()
-            self._disconnect_watch = (trio.CancelScope(), event.set)
+            self._disconnect_watch = event.set
             self._connection._watchers.append(self._disconnect_watch)
             if self._connection.client_gone or self.finished:
                 event.set()

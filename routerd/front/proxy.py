@@ -38,6 +38,9 @@ log = logging.getLogger("routerd.proxy")
 
 #: Seconds between two looks at what a request waits for, when its client gets loading feedback.
 FEEDBACK_INTERVAL = 1.0
+#: How long routerd waits for the end of an answer whose client left, when the backend cannot
+#: stop that work midway (embeddings, reranking: one batch each), before giving up its slot.
+ABANDONED_WORK_LIMIT = 10.0
 #: Tries to deliver one request; only a request no backend received is tried again.
 MAX_DELIVERY_ATTEMPTS = 3
 #: Response headers naming the model that served (a selector's choice) and its endpoint.
@@ -53,10 +56,13 @@ class ProxyApp:
         self.supervisor = supervisor
         self.gate = gate
 
-    async def serve(self, scope: Scope, body: RequestBody, sink: ResponseSink, label: str, queued: bool) -> None:
+    async def serve(self, scope: Scope, body: RequestBody, sink: ResponseSink, label: str, queued: bool,
+                    runs_to_end: bool = False) -> None:
         """Relay one request (CORS already added to ``sink``): the access check, then the
-        relay; ``label`` is the route it is counted under, ``queued`` whether it takes a slot."""
+        relay; ``label`` is the route it is counted under, ``queued`` whether it takes a slot,
+        ``runs_to_end`` whether llama-server finishes its work even for a client that left."""
         client = Exchange(sink)
+        client.runs_to_end = runs_to_end
         try:
             config = self.supervisor.config
             try:
@@ -146,7 +152,18 @@ class ProxyApp:
         # 429 here, before anything is sent
         ticket = self.supervisor.enqueue(model, priority) if queued else None
         with trio.CancelScope() as request_scope:  # cancelled when the client leaves
-            async with body_in.watch(request_scope, client.left):
+            def left() -> None:
+                client.left()
+                if client.runs_to_end and client.endpoint is not None:
+                    # Sent (or being sent) to a backend that cannot stop this work midway: its
+                    # slot stays taken until the answer ends, so no other request is sent into a
+                    # busy backend (which piled work up when clients gave up under load).
+                    request_scope.deadline = min(request_scope.deadline,
+                                                 trio.current_time() + ABANDONED_WORK_LIMIT)
+                else:
+                    request_scope.cancel()
+
+            async with body_in.watch(left):
                 try:
                     await self._relay(client, model, ticket, stream, method, target, headers, body, session)
                 except RouterdError as exc:
@@ -215,6 +232,9 @@ class ProxyApp:
         has to wait gets its event-stream headers now and an SSE comment every keep-alive
         interval (clients and proxies drop silent connections), or, with loading feedback, a
         chunk saying what it waits for."""
+        lease = self.supervisor.acquire_now(model, ticket, session)
+        if lease is not None:
+            return lease
         if ticket is None:
             return await self.supervisor.acquire_unqueued(model, session)
         if not stream:

@@ -67,6 +67,9 @@ class Route:
     #: Whether a proxied request takes one of the backend's slots (and so waits its turn in the
     #: model's queue) or is answered beside them (reads, the tokenizer routes).
     queued: bool = False
+    #: Whether llama-server finishes the request's work even when its client has left (one
+    #: batch per request, nothing to stop between tokens).
+    runs_to_end: bool = False
 
     @property
     def proxied(self) -> bool:
@@ -82,6 +85,9 @@ PROXIED_POST = frozenset({
 #: POST routes llama-server answers on its HTTP threads, without a slot: they skip the queue
 #: (a /tokenize never waits behind a long generation).
 SLOT_FREE_POST = frozenset({"/tokenize", "/detokenize", "/apply-template", "/v1/messages/count_tokens"})
+#: POST routes whose work llama-server does in one batch, which a client leaving cannot stop.
+BATCH_POST = frozenset({"/v1/embeddings", "/embedding", "/embeddings", "/v1/rerank", "/rerank", "/v1/reranking",
+                        "/reranking"})
 #: GET endpoints of a backend reachable as /{model}/{endpoint} (the seed's convention).
 SHORT_UPSTREAM_GET = frozenset({"health", "props", "slots", "metrics"})
 #: Fixed paths served on GET (and HEAD, but for /metrics and /events) by the views.
@@ -91,7 +97,7 @@ _MODEL_VIEW_PREFIX = "/v1/models/"
 _ADMIN_MODELS_PREFIX = "/admin/models/"
 
 # One value per outcome, made once: routing a request allocates nothing.
-_PROXIED = {path: Route(Surface.PROXY, path, path not in SLOT_FREE_POST) for path in PROXIED_POST}
+_PROXIED = {path: Route(Surface.PROXY, path, path not in SLOT_FREE_POST, path in BATCH_POST) for path in PROXIED_POST}
 _UPSTREAM = Route(Surface.PASSTHROUGH, "/upstream")
 _SHORT_UPSTREAM = {endpoint: Route(Surface.PASSTHROUGH, "/{model}/" + endpoint) for endpoint in SHORT_UPSTREAM_GET}
 _VIEWS = Route(Surface.VIEWS)
@@ -221,7 +227,7 @@ class Front:
         found = route(scope["method"], scope["path"])
         surface = found.surface
         if surface is Surface.PROXY or surface is Surface.PASSTHROUGH:
-            await self.proxy.serve(scope, body, sink, found.label, found.queued)
+            await self.proxy.serve(scope, body, sink, found.label, found.queued, found.runs_to_end)
             return
         try:
             access.check_request(self.gate, scope, max_headers=server.max_headers, metrics_open=config.metrics.open)

@@ -108,6 +108,8 @@ class Metrics:
                                registry=r)
         self.reloads = Counter("routerd_reloads", "Config reloads by outcome", ["outcome"], registry=r)
         r.register(_Snapshot(self))
+        #: Each (model, route)'s children of the request metrics: found by label once, not per request.
+        self._series: dict[tuple[str, str], _RequestSeries] = {}
 
     # -- events -------------------------------------------------------------------------------
     def observe(self, event: events.Event) -> None:
@@ -118,21 +120,28 @@ class Metrics:
 
     def _request(self, model: str, data: dict[str, Any]) -> None:
         route = data["route"]
-        self.requests.labels(model, route, str(data["status"])).inc()
-        self.duration.labels(model, route).observe(data["duration"])
-        if data.get("ttfb") is not None:
-            self.ttfb.labels(model, route).observe(data["ttfb"])
-        if data.get("queue_wait") is not None:
-            self.queue_wait.labels(model).observe(data["queue_wait"])
-        if data.get("error") and data["status"] != 502:
+        series = self._series.get((model, route))
+        if series is None:  # a model and route seen for the first time: its children, once
+            series = self._series[(model, route)] = _RequestSeries(self, model, route)
+        status = data["status"]
+        counter = series.by_status.get(status)
+        if counter is None:
+            counter = series.by_status[status] = self.requests.labels(model, route, str(status))
+        counter.inc()
+        series.duration.observe(data["duration"])
+        if data["ttfb"] is not None:
+            series.ttfb.observe(data["ttfb"])
+        if data["queue_wait"] is not None:
+            series.queue_wait.observe(data["queue_wait"])
+        if data["error"] and status != 502:
             self.rejected.labels(model, data["error"]).inc()
-        if data.get("cancelled"):
-            self.cancelled.labels(model).inc()
-        if data.get("prompt_tokens"):
-            self.prompt_tokens.labels(model).inc(data["prompt_tokens"])
-        if data.get("completion_tokens"):
-            self.completion_tokens.labels(model).inc(data["completion_tokens"])
-        self.response_bytes.labels(model).inc(data.get("bytes_out", 0))
+        if data["cancelled"]:
+            series.cancelled.inc()
+        if data["prompt_tokens"]:
+            series.prompt_tokens.inc(data["prompt_tokens"])
+        if data["completion_tokens"]:
+            series.completion_tokens.inc(data["completion_tokens"])
+        series.response_bytes.inc(data["bytes_out"])
 
     def _loading(self, model: str, data: dict[str, Any]) -> None:
         if data.get("restart"):
@@ -287,6 +296,20 @@ class _Families:
 
     def collect(self) -> list[Metric]:
         return self.families
+
+
+class _RequestSeries:
+    """The children of the request metrics for one model and route."""
+
+    def __init__(self, metrics: Metrics, model: str, route: str) -> None:
+        self.by_status: dict[int, Any] = {}
+        self.duration = metrics.duration.labels(model, route)
+        self.ttfb = metrics.ttfb.labels(model, route)
+        self.queue_wait = metrics.queue_wait.labels(model)
+        self.cancelled = metrics.cancelled.labels(model)
+        self.prompt_tokens = metrics.prompt_tokens.labels(model)
+        self.completion_tokens = metrics.completion_tokens.labels(model)
+        self.response_bytes = metrics.response_bytes.labels(model)
 
 
 class _Snapshot:
