@@ -102,7 +102,8 @@ async def main(args: argparse.Namespace) -> None:
     server = ServerConfig(host="127.0.0.1", port=args.port)  # routerd's defaults, as bench/cost.py runs it
     app = front_app(args.interval) if args.app == "front" else relay_app(args.upstream_port)
     await http_server.serve(_with_lifespan(app), http_server.hypercorn_config(server),
-                            shutdown_trigger=trio.sleep_forever, send_timeout=server.send_timeout)
+                            shutdown_trigger=trio.sleep_forever, send_timeout=server.send_timeout,
+                            plain_on_hypercorn=args.server == "hypercorn")
 
 
 if __name__ == "__main__":
@@ -111,4 +112,6 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--interval", type=float, default=0.01, help="seconds between two events of a stream")
     parser.add_argument("--upstream-port", type=int, default=0, help="the stand-in's port (--app relay)")
+    parser.add_argument("--server", choices=("routerd", "hypercorn"), default="routerd",
+                        help="who serves plain HTTP/1.1: routerd's own handler, or hypercorn (the reference)")
     trio.run(main, parser.parse_args())

@@ -115,7 +115,8 @@ class Pools:
                               and not owner.models.yielding(b)]
         if not pool:
             return None
-        self.scale(entry)
+        if len(state.replicas) < entry.replicas:  # a free slot now: only the floor can want more
+            self.scale(entry)
         return self._take(entry, pool, session, needs_slot=ticket is not None)
 
     async def _pool(self, entry: ModelEntry) -> list[Member]:

@@ -13,6 +13,7 @@ backend is one known HTTP/1.1 server, so the whole client is a few dozen lines.
 from __future__ import annotations
 
 import math
+import os
 import select
 import ssl
 from collections.abc import Callable, Iterable
@@ -40,11 +41,19 @@ class _Connection:
         self.socket = sock
         self.reader = ResponseReader()
         self.idle_since = 0.0
+        #: Writes may go to the socket directly (no TLS layer in between).
+        self.plain = isinstance(stream, trio.SocketStream)
 
     async def send(self, method: str, head: bytes, body: bytes) -> None:
         self.reader.expect(method)
         if len(body) < READ_SIZE:
-            await self.stream.send_all(head + body)  # one write, one packet
+            data = head + body  # one write, one packet
+            if self.plain:  # nearly always taken whole by the socket's buffer: no trip through trio
+                sent = _write_now(self.socket, data)
+                if sent == len(data):
+                    return
+                data = data[sent:]
+            await self.stream.send_all(data)
         else:  # a long prompt is not copied just to be joined to its head
             await self.stream.send_all(head)
             await self.stream.send_all(body)
@@ -275,6 +284,14 @@ class ConnectionPool:
             reason = getattr(attempts[-1], "strerror", None) or str(attempts[-1])
             raise NotDelivered(f"cannot reach the backend on {where}: {reason}") from None
         return _Connection(stream, tcp.socket)
+
+
+def _write_now(sock: trio.socket.SocketType, data: bytes) -> int:
+    """Write what the socket's buffer takes now, without waiting; how much (OSError: broken)."""
+    try:
+        return os.write(sock.fileno(), data)
+    except BlockingIOError:
+        return 0
 
 
 def first_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes:

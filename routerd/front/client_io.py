@@ -36,6 +36,10 @@ class RequestBody(Protocol):
         """Within the block, the client leaving calls ``on_leave`` (at once if it has left)."""
         ...
 
+    def received(self) -> bytes | None:
+        """The whole body if all of it has arrived already (taken: no wait), else None."""
+        ...
+
 
 class ResponseSink(Protocol):
     """Where the answer goes: its start, then its body in order."""
@@ -76,6 +80,9 @@ class AsgiBody:
         if message["type"] != "http.request":  # the only other event of an HTTP request: http.disconnect
             return None
         return message.get("body", b""), message.get("more_body", False)
+
+    def received(self) -> bytes | None:
+        return None
 
     @asynccontextmanager
     async def watch(self, on_leave: Callable[[], None]) -> AsyncIterator[None]:

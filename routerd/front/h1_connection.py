@@ -18,11 +18,11 @@ request on this machine kind, more than everything else routerd does for a proxi
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -84,6 +84,9 @@ class Connection:
         self._send_lock = trio.StrictFIFOLock()
         self._broken = False  # a write did not finish: nothing more may be written
         self._watchers: list[Callable[[], None]] = []  # told when the client leaves
+        self._header_timer: trio.CancelScope | None = None  # the reader's (see _read_loop)
+        self._header_deadline = trio.current_time() + settings.header_timeout
+        self.timed_out = False
         self.peer, self._client, self._server = _addresses(stream)
 
     async def serve(self) -> None:
@@ -104,6 +107,29 @@ class Connection:
 
     # -- reading ------------------------------------------------------------------------------
     async def _read_loop(self) -> None:
+        """Read and parse until the client leaves or sends nonsense, or the header timer fires.
+
+        The header timer is this task's cancel scope, made once per idle spell at most: while
+        the connection waits for a request's head its deadline is ``header_timeout`` away, and
+        inf while a request is served (see ``_arm_header_timer``). Moving a deadline costs far
+        less than a scope per request."""
+        grace = True
+        while True:
+            with trio.CancelScope(deadline=self._header_deadline) as timer:
+                self._header_timer = timer
+                await self._read_until_done(timer)
+                return
+            # The header timer fired. Bytes already waiting in the socket were routerd's
+            # lateness (a busy loop), not the client's: they get one more header_timeout.
+            if self._pieces or (grace and self._unread_bytes()):
+                grace = False
+                self._header_deadline = trio.current_time() + self._settings.header_timeout
+                continue
+            self.timed_out = True
+            self._arrived.set()
+            return
+
+    async def _read_until_done(self, timer: trio.CancelScope) -> None:
         while True:
             while self._buffered > READ_AHEAD:
                 self._read_more = trio.Event()
@@ -127,13 +153,21 @@ class Connection:
                 self.upgrade, self.first_bytes = True, bytes(self._until_first_head or data)
                 self._arrived.set()
                 return
-            if pieces and self._until_first_head is not None:
+            if pieces:
                 self._until_first_head = None
-            for piece in pieces:
-                if isinstance(piece, bytes):
-                    self._buffered += len(piece)
-            self._pieces.extend(pieces)
-            self._arrived.set()
+                for piece in pieces:
+                    if isinstance(piece, bytes):
+                        self._buffered += len(piece)
+                    elif piece.__class__ is RequestHead:  # a head is here: the timer rests
+                        self._header_deadline = timer.deadline = math.inf
+                self._pieces.extend(pieces)
+                self._arrived.set()
+
+    def _arm_header_timer(self) -> None:
+        """The connection now waits for a request's head: it must come within header_timeout."""
+        self._header_deadline = trio.current_time() + self._settings.header_timeout
+        if self._header_timer is not None:
+            self._header_timer.deadline = self._header_deadline
 
     def _leave(self) -> None:
         """The client closed or reset the connection."""
@@ -159,35 +193,23 @@ class Connection:
     async def _next_head(self) -> RequestHead | None:
         """The next request's head, or None when the connection should close: the client left
         or sent nonsense, shutdown began while idle, or no whole head came within
-        ``header_timeout``. A head whose bytes are in the socket when the time is up was
-        routerd's lateness, not the client's: it gets one more ``header_timeout``."""
-        if self._pieces:
-            piece = self._pieces[0]
-            if isinstance(piece, RequestHead):
-                self._pieces.popleft()
-                return piece
-        grace = True
-        deadline = trio.current_time() + self._settings.header_timeout
+        ``header_timeout`` (the reader's header timer)."""
+        pieces = self._pieces
+        if pieces and pieces[0].__class__ is RequestHead:  # pipelined: already here
+            return pieces.popleft()  # type: ignore[return-value]
+        self._arm_header_timer()
         while True:
-            if self._terminating.is_set() and self._parser.between_requests and not self._pieces:
-                return None
-            if self._pieces:
+            if pieces:
                 piece = await self._next_piece()
                 if isinstance(piece, RequestHead):
                     return piece
                 continue  # the rest of a body no handler read (dropped)
-            if self.client_gone or self.bad_request is not None or self.upgrade:
+            if self.client_gone or self.bad_request is not None or self.upgrade or self.timed_out:
+                return None
+            if self._terminating.is_set() and self._parser.between_requests:
                 return None
             self._arrived = trio.Event()
-            with trio.move_on_at(deadline):
-                await self._arrived.wait()
-                continue
-            if self._pieces:  # the reader ran at the deadline too: the head is here
-                continue
-            if grace and self._unread_bytes():
-                grace, deadline = False, trio.current_time() + self._settings.header_timeout
-                continue
-            return None
+            await self._arrived.wait()
 
     def _unread_bytes(self) -> bool:
         fd = self._fd_source.fileno()
@@ -272,15 +294,11 @@ class Connection:
             self._broken = True
             self._leave()
 
-    @asynccontextmanager
-    async def watching(self, on_leave: Callable[[], None]) -> AsyncIterator[None]:
-        if self.client_gone:
-            on_leave()
-        self._watchers.append(on_leave)
-        try:
-            yield
-        finally:
-            self._watchers.remove(on_leave)
+    def took(self, size: int) -> None:
+        """``size`` bytes of body were taken from the pieces at once (``Request.received``)."""
+        self._buffered -= size
+        if self._buffered <= READ_AHEAD:
+            self._read_more.set()
 
 
 class Request:
@@ -323,8 +341,28 @@ class Request:
             self.body_done = True
         return piece, not self.body_done
 
-    def watch(self, on_leave: Callable[[], None]) -> Any:
-        return self._connection.watching(on_leave)
+    def watch(self, on_leave: Callable[[], None]) -> _Watch:
+        return _Watch(self._connection, on_leave)
+
+    def received(self) -> bytes | None:
+        if self.body_done:
+            return b""
+        pieces = self._connection._pieces
+        parts: list[bytes] = []
+        for piece in pieces:
+            if piece is END_OF_REQUEST:
+                break
+            if not isinstance(piece, bytes):
+                return None
+            parts.append(piece)
+        else:
+            return None  # not all here yet
+        for _ in range(len(parts) + 1):
+            pieces.popleft()
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._connection.took(len(body))
+        self.body_done = True
+        return body
 
     async def drain(self) -> bool:
         """Read and drop the rest of an unread body; whether the connection can go on."""
@@ -435,6 +473,24 @@ class Request:
             self._disconnect_watch = None
         if self._disconnected is not None:
             self._disconnected.set()
+
+
+class _Watch:
+    """While entered, the client leaving calls ``on_leave`` (at once if it has left already)."""
+
+    __slots__ = ("_connection", "_on_leave")
+
+    def __init__(self, connection: Connection, on_leave: Callable[[], None]) -> None:
+        self._connection = connection
+        self._on_leave = on_leave
+
+    async def __aenter__(self) -> None:
+        if self._connection.client_gone:
+            self._on_leave()
+        self._connection._watchers.append(self._on_leave)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._connection._watchers.remove(self._on_leave)
 
 
 def _addresses(stream: trio.SocketStream) -> tuple[str, tuple[str, int] | None, tuple[str, int] | None]:

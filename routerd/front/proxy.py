@@ -102,11 +102,7 @@ class ProxyApp:
         server = self.supervisor.config.server
         user = None
         if method == "POST":
-            with trio.move_on_after(server.body_timeout) as reading:
-                body = await _read_body(scope, body_in, server.max_body_bytes)
-            if reading.cancelled_caught:
-                raise RequestTimeout(f"the request body did not arrive within {server.body_timeout:g} s "
-                                     "(server.body_timeout)")
+            body = await _read_body(scope, body_in, server.max_body_bytes, server.body_timeout)
             if body is None:
                 client.cancelled = True
                 return  # the client left while sending
@@ -346,11 +342,23 @@ async def _failure(endpoint: Endpoint, exc: BaseException, when: str = "") -> Up
                           data={"exit_code": getattr(endpoint, "exit_code", None), "endpoint": endpoint.key})
 
 
-async def _read_body(scope: Scope, body: RequestBody, limit: int) -> bytes | None:
-    """The whole request body (413 past ``limit``), or None when the client disconnects."""
+async def _read_body(scope: Scope, body: RequestBody, limit: int, within: float) -> bytes | None:
+    """The whole request body (413 past ``limit``, 408 if it takes over ``within`` s), or None
+    when the client disconnects."""
     declared = first_header(scope["headers"], b"content-length").decode("latin-1")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body is {int(declared)} bytes; the limit is {limit} (server.max_body_bytes)")
+    here = body.received()
+    if here is not None and len(here) <= limit:  # nearly always: it came with the head
+        return here
+    with trio.move_on_after(within):
+        return await _read_rest(body, limit, here)
+    raise RequestTimeout(f"the request body did not arrive within {within:g} s (server.body_timeout)")
+
+
+async def _read_rest(body: RequestBody, limit: int, here: bytes | None) -> bytes | None:
+    if here is not None:
+        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes (server.max_body_bytes)")
     parts: list[bytes] = []
     size = 0
     while True:
