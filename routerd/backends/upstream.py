@@ -16,7 +16,7 @@ import math
 import os
 import select
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
@@ -61,9 +61,20 @@ class _Connection:
     async def receive(self, read_timeout: float) -> None:
         """Feed the reader the next bytes the server sends (UpstreamError if none come in time)."""
         with trio.move_on_after(read_timeout) as scope:
-            data = await self.stream.receive_some(READ_SIZE)
+            await self.receive_untimed()
         if scope.cancelled_caught:
-            raise UpstreamError(f"no data from the backend for {read_timeout:g} s (server.upstream_read_timeout)")
+            raise _gap(read_timeout)
+
+    async def receive_untimed(self) -> None:
+        """Feed the reader the next bytes the server sends, however long they take. On a plain
+        socket: wait until it is readable, then read once (the answer is rarely there yet when
+        asked for, and trying first costs a failed read each time)."""
+        data: bytes | bytearray
+        if self.plain:
+            await trio.lowlevel.wait_readable(self.socket)
+            data = os.read(self.socket.fileno(), READ_SIZE)
+        else:
+            data = await self.stream.receive_some(READ_SIZE)
         self.reader.feed(data)  # b"" is EOF: the reader then reports the early close
 
     async def read_head(self, read_timeout: float) -> Head:
@@ -129,30 +140,38 @@ class Response:
 
     @property
     def chunked(self) -> bool:
-        """The body is chunked and unread: ``next_chunks`` can pass it on as it came."""
+        """The body is chunked and unread: ``pass_chunks`` can pass it on as it came."""
         return not self._done and self._conn.reader.chunked
 
-    async def next_chunks(self) -> tuple[bytes, list[bytes]] | None:
-        """The next whole chunks of a chunked body exactly as they came, and the data they
-        carry; None after the last (see ``http1.ResponseReader.whole_chunks``)."""
-        if self._done:
-            return None
-        reader = self._conn.reader
+    async def pass_chunks(self, deliver: Callable[[bytes, list[bytes], bool], Awaitable[None]]) -> None:
+        """Hand each run of whole chunks of a chunked body, exactly as they came, to ``deliver``
+        (the bytes, the data they carry, whether more follows) as they arrive, to the last. A
+        gap of ``read_timeout`` s in the backend's bytes is an UpstreamError. One timer serves
+        the whole body, its deadline moved at each read: a stream of thousands of events makes
+        no scope per event."""
+        conn = self._conn
+        reader = conn.reader
         try:
-            framed, data = reader.whole_chunks()
-            while not framed and not reader.done:
-                await self._conn.receive(self._read_timeout)
-                framed, data = reader.whole_chunks()
+            with trio.CancelScope() as gap:
+                while not self._done:
+                    framed, data = reader.whole_chunks()
+                    if not framed and not reader.done:
+                        gap.deadline = trio.current_time() + self._read_timeout
+                        await conn.receive_untimed()
+                        gap.deadline = math.inf
+                        continue
+                    if reader.done:
+                        self._end()
+                        self._pool.give_back(conn)
+                    await deliver(framed, data, not reader.done)
+            if gap.cancelled_caught:
+                raise _gap(self._read_timeout)
         except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.aclose_now()
             raise UpstreamError(_describe(exc)) from None
         except BaseException:
             self.aclose_now()
             raise
-        if reader.done:
-            self._end()
-            self._pool.give_back(self._conn)
-        return framed, data
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self])
@@ -284,6 +303,10 @@ class ConnectionPool:
             reason = getattr(attempts[-1], "strerror", None) or str(attempts[-1])
             raise NotDelivered(f"cannot reach the backend on {where}: {reason}") from None
         return _Connection(stream, tcp.socket)
+
+
+def _gap(read_timeout: float) -> UpstreamError:
+    return UpstreamError(f"no data from the backend for {read_timeout:g} s (server.upstream_read_timeout)")
 
 
 def _write_now(sock: trio.socket.SocketType, data: bytes) -> int:

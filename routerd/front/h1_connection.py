@@ -67,6 +67,8 @@ class Connection:
                  lifespan_state: dict[str, Any] | None = None, terminating: trio.Event | None = None) -> None:
         self._stream = stream
         self._fd_source = stream.socket
+        #: Read from the socket directly (a SocketStream itself, not a wrapper around one).
+        self._plain = type(stream) is trio.SocketStream
         self._handler = handler
         self._settings = settings
         self._state = lifespan_state if lifespan_state is not None else {}
@@ -135,7 +137,11 @@ class Connection:
                 self._read_more = trio.Event()
                 await self._read_more.wait()
             try:
-                data = await self._stream.receive_some(65536)
+                if self._plain:  # wait, then read once: the next request is rarely there already
+                    await trio.lowlevel.wait_readable(self._fd_source)
+                    data = os.read(self._fd_source.fileno(), 65536)
+                else:
+                    data = await self._stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
             if not data:

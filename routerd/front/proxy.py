@@ -319,11 +319,12 @@ async def _answer(client: Exchange, backend: Endpoint, upstream: Response) -> No
         elif client.status != upstream.status:  # a waiting stream's status was sent as 200
             client.status = upstream.status
         if client.chunked and upstream.chunked:  # both sides chunked: the chunks pass as they came
-            while (chunks := await upstream.next_chunks()) is not None:
-                framed, data = chunks
+            async def deliver(framed: bytes, data: list[bytes], more: bool) -> None:
                 for piece in data:
                     client.keep_for_usage(piece)
-                await client.raw(framed, sum(map(len, data)), more=upstream.chunked)
+                await client.raw(framed, sum(map(len, data)), more=more)
+
+            await upstream.pass_chunks(deliver)
             return
         async for chunk in upstream:
             client.keep_for_usage(chunk)
