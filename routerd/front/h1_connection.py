@@ -2,13 +2,11 @@
 
 Owns the I/O of a plain HTTP/1.1 connection: reading (one reader task per connection, which also
 notices the client leaving), the header timer (a connection must send a request's head within
-``header_timeout`` of opening or of its last answer), pipelined requests answered in order, the
-request body handed out as it arrives (``100 Continue`` first when asked), answers framed by
-Content-Length, chunks or the close, ``Connection: close`` when either side needs it, a body left
-unread drained or the connection closed, the send timeout (a client that reads nothing for
-``send_timeout`` s is dropped), and graceful shutdown (idle connections close, busy ones finish
-their request). Each request goes to ``handler(scope, request)``; ``request`` is both the
-request's body and its answer's sink (``client_io``) and gives ASGI callables for ASGI apps.
+``header_timeout`` of opening or of its last answer), pipelined requests served in order, the
+send timeout (a client that reads nothing for ``send_timeout`` s is dropped), and graceful
+shutdown (idle connections close, busy ones finish their request). Each request goes to
+``handler(scope, request)``; ``request`` (``h1_request.Request``) is both its body and its
+answer's sink, and frames the answer.
 
 It knows nothing of routes, keys or models, and parses nothing itself (``h1`` does). Why not
 hypercorn here: its per-request task, queues and h11 event objects cost ~0.2 ms of CPU per
@@ -27,21 +25,16 @@ from typing import Any
 
 import attrs
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ConnectionState, HTTPScope
+from hypercorn.typing import ConnectionState, HTTPScope
 
 from routerd.front import h1
-from routerd.front.client_io import asgi_receive, asgi_send
-from routerd.front.h1 import END_OF_REQUEST, RequestHead
+from routerd.front.h1 import RequestHead
+from routerd.front.h1_request import ClientGone, Request
 
 log = logging.getLogger("routerd.http")
 
 #: The reader stops reading while this much request body waits unread (flow control).
 READ_AHEAD = 256 * 1024
-#: A body the handler left unread is read and dropped, up to this much and for this long, to keep
-#: the connection; past either, the answer says ``Connection: close``.
-DRAIN_LIMIT = 1 << 20
-DRAIN_SECONDS = 1.0
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 @attrs.frozen
@@ -53,11 +46,7 @@ class Settings:
     max_head_bytes: int = 16 * 1024
 
 
-Handler = Callable[[HTTPScope, "Request"], Awaitable[None]]
-
-
-class ClientGone(Exception):
-    """Raised inside the connection only; a write to a client that left ends quietly."""
+Handler = Callable[[HTTPScope, Request], Awaitable[None]]
 
 
 class Connection:
@@ -74,7 +63,7 @@ class Connection:
         self._state = lifespan_state if lifespan_state is not None else {}
         self._terminating = terminating if terminating is not None else trio.Event()
         self._parser = h1.RequestParser(settings.max_head_bytes)
-        self._pieces: deque[RequestHead | bytes | None] = deque()
+        self.pieces: deque[RequestHead | bytes | None] = deque()
         self._buffered = 0  # body bytes in _pieces
         self._arrived = trio.Event()  # set when pieces come, the client leaves or shutdown begins
         self._read_more = trio.Event()  # the reader waits on it while READ_AHEAD is buffered
@@ -85,7 +74,7 @@ class Connection:
         self._until_first_head: bytearray | None = bytearray()  # kept for that hand-over
         self._send_lock = trio.StrictFIFOLock()
         self._broken = False  # a write did not finish: nothing more may be written
-        self._watchers: list[Callable[[], None]] = []  # told when the client leaves
+        self.watchers: list[Callable[[], None]] = []  # told when the client leaves
         self._header_timer: trio.CancelScope | None = None  # the reader's (see _read_loop)
         self._header_deadline = trio.current_time() + settings.header_timeout
         self.timed_out = False
@@ -102,6 +91,11 @@ class Connection:
         finally:
             if not self.upgrade:
                 await trio.aclose_forcefully(self._stream)
+
+    @property
+    def closing(self) -> bool:
+        """routerd is shutting down: the answer in progress is the connection's last."""
+        return self._terminating.is_set()
 
     def shutdown_began(self) -> None:
         """routerd is stopping: an idle connection closes now, a busy one after its answer."""
@@ -123,7 +117,7 @@ class Connection:
                 return
             # The header timer fired. Bytes already waiting in the socket were routerd's
             # lateness (a busy loop), not the client's: they get one more header_timeout.
-            if self._pieces or (grace and self._unread_bytes()):
+            if self.pieces or (grace and self._unread_bytes()):
                 grace = False
                 self._header_deadline = trio.current_time() + self._settings.header_timeout
                 continue
@@ -166,7 +160,7 @@ class Connection:
                         self._buffered += len(piece)
                     elif piece.__class__ is RequestHead:  # a head is here: the timer rests
                         self._header_deadline = timer.deadline = math.inf
-                self._pieces.extend(pieces)
+                self.pieces.extend(pieces)
                 self._arrived.set()
 
     def _arm_header_timer(self) -> None:
@@ -179,17 +173,17 @@ class Connection:
         """The client closed or reset the connection."""
         self.client_gone = True
         self._arrived.set()
-        for on_leave in list(self._watchers):
+        for on_leave in list(self.watchers):
             on_leave()
 
-    async def _next_piece(self) -> RequestHead | bytes | None:
+    async def next_piece(self) -> RequestHead | bytes | None:
         """The next parsed piece (raises ClientGone once the client left with none waiting)."""
-        while not self._pieces:
+        while not self.pieces:
             if self.client_gone or self.bad_request is not None or self.upgrade:
                 raise ClientGone()
             self._arrived = trio.Event()
             await self._arrived.wait()
-        piece = self._pieces.popleft()
+        piece = self.pieces.popleft()
         if isinstance(piece, bytes):
             self._buffered -= len(piece)
             if self._buffered <= READ_AHEAD:
@@ -200,13 +194,13 @@ class Connection:
         """The next request's head, or None when the connection should close: the client left
         or sent nonsense, shutdown began while idle, or no whole head came within
         ``header_timeout`` (the reader's header timer)."""
-        pieces = self._pieces
+        pieces = self.pieces
         if pieces and pieces[0].__class__ is RequestHead:  # pipelined: already here
             return pieces.popleft()  # type: ignore[return-value]
         self._arm_header_timer()
         while True:
             if pieces:
-                piece = await self._next_piece()
+                piece = await self.next_piece()
                 if isinstance(piece, RequestHead):
                     return piece
                 continue  # the rest of a body no handler read (dropped)
@@ -305,198 +299,6 @@ class Connection:
         self._buffered -= size
         if self._buffered <= READ_AHEAD:
             self._read_more.set()
-
-
-class Request:
-    """One request on a ``Connection``: its body (``client_io.RequestBody``) and the sink of its
-    answer (``client_io.ResponseSink``)."""
-
-    def __init__(self, connection: Connection, head: RequestHead) -> None:
-        self._connection = connection
-        self.head = head
-        self.body_done = not head.has_body
-        self.started = False
-        self.finished = False
-        self.keep_alive = head.keep_alive
-        self._chunked = False  # the answer's framing
-        self._no_body = head.method == "HEAD"
-        self._continued = False
-        self._extra: list[tuple[bytes, bytes]] = []
-        self._disconnected: trio.Event | None = None
-        self._disconnect_watch: Callable[[], None] | None = None
-
-    # -- the body -----------------------------------------------------------------------------
-    async def receive(self) -> tuple[bytes, bool] | None:
-        if self.body_done:
-            return b"", False
-        connection = self._connection
-        if self.head.expect_continue and not self._continued and not self.started:
-            self._continued = True
-            await connection.write(_CONTINUE)
-        try:
-            piece = await connection._next_piece()
-        except ClientGone:
-            return None
-        if piece is END_OF_REQUEST:
-            self.body_done = True
-            return b"", False
-        assert isinstance(piece, bytes), "a head inside a body: the parser's order is broken"
-        pieces = connection._pieces
-        if pieces and pieces[0] is END_OF_REQUEST:
-            pieces.popleft()
-            self.body_done = True
-        return piece, not self.body_done
-
-    def watch(self, on_leave: Callable[[], None]) -> _Watch:
-        return _Watch(self._connection, on_leave)
-
-    def received(self) -> bytes | None:
-        if self.body_done:
-            return b""
-        pieces = self._connection._pieces
-        parts: list[bytes] = []
-        for piece in pieces:
-            if piece is END_OF_REQUEST:
-                break
-            if not isinstance(piece, bytes):
-                return None
-            parts.append(piece)
-        else:
-            return None  # not all here yet
-        for _ in range(len(parts) + 1):
-            pieces.popleft()
-        body = parts[0] if len(parts) == 1 else b"".join(parts)
-        self._connection.took(len(body))
-        self.body_done = True
-        return body
-
-    async def drain(self) -> bool:
-        """Read and drop the rest of an unread body; whether the connection can go on."""
-        size = 0
-        with trio.move_on_after(DRAIN_SECONDS):
-            while size <= DRAIN_LIMIT:
-                piece = await self.receive()
-                if piece is None:
-                    return False
-                size += len(piece[0])
-                if not piece[1]:
-                    return True
-        return False
-
-    # -- the answer ---------------------------------------------------------------------------
-    def add_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
-        self._extra += headers
-
-    def _head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> bytes:
-        """The answer's head, with the framing and ``connection`` lines routerd decides."""
-        self.started = True
-        if self._extra:
-            headers = headers + self._extra
-        extra = b""
-        declared = False
-        hop_by_hop = False
-        for name, value in headers:
-            if name == b"content-length":
-                declared = True
-            elif name == b"transfer-encoding" or name == b"connection":  # framing is the connection's
-                hop_by_hop = True
-                if name == b"connection" and value.lower() == b"close":
-                    self.keep_alive = False  # the handler knows the connection cannot go on
-        if hop_by_hop:
-            headers = [(n, v) for n, v in headers if n != b"transfer-encoding" and n != b"connection"]
-        bodiless = status < 200 or status in (204, 304)
-        if not declared and not bodiless:
-            if length is not None:
-                extra = b"content-length: %d\r\n" % length
-            elif self.head.http_version == "1.1":
-                self._chunked = True
-                extra = b"transfer-encoding: chunked\r\n"
-            else:
-                self.keep_alive = False  # an HTTP/1.0 client reads to the close
-        if not self.body_done and (self.head.expect_continue and not self._continued
-                                   or (self.head.content_length or 0) > DRAIN_LIMIT):
-            self.keep_alive = False  # the unread body will not be read: end after this answer
-        if self._connection._terminating.is_set():
-            self.keep_alive = False
-        if not self.keep_alive:
-            extra += b"connection: close\r\n"
-        elif self.head.http_version == "1.0":
-            extra += b"connection: keep-alive\r\n"
-        return h1.encode_head(status, headers, extra)
-
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        await self._connection.write(self._head(status, headers, None))
-
-    async def answer(self, status: int, headers: list[tuple[bytes, bytes]], data: bytes) -> None:
-        """The whole answer in one write."""
-        head = self._head(status, headers, len(data))
-        self.finished = True
-        await self._connection.write(head if self._no_body else head + data)
-
-    async def body(self, data: bytes, more: bool) -> None:
-        if self.finished:
-            return
-        self.finished = not more
-        if self._no_body:
-            return
-        if self._chunked:
-            data = h1.encode_chunk(data) if more else h1.encode_chunk(data) + h1.LAST_CHUNK
-        if data:
-            await self._connection.write(data)
-
-    async def raw(self, data: bytes, more: bool) -> None:
-        """The upstream's chunked bytes as they are; only for an answer sent chunked."""
-        if self.finished:
-            return
-        self.finished = not more
-        if not self._no_body and data:
-            await self._connection.write(data)
-
-    @property
-    def chunked(self) -> bool:
-        """Whether the answer is framed in chunks (so an upstream's chunks may pass through)."""
-        return self._chunked
-
-    # -- for ASGI apps ------------------------------------------------------------------------
-    def asgi(self) -> tuple[ASGIReceiveCallable, ASGISendCallable]:
-        """ASGI callables over this request (the quart-trio app's routes, the do-nothing apps of
-        the benchmark): ``http.disconnect`` comes once the client left or the answer ended."""
-        return asgi_receive(self, self._disconnected_event), asgi_send(self)
-
-    def _disconnected_event(self) -> trio.Event:
-        if self._disconnected is None:
-            self._disconnected = event = trio.Event()
-            self._disconnect_watch = event.set
-            self._connection._watchers.append(self._disconnect_watch)
-            if self._connection.client_gone or self.finished:
-                event.set()
-        return self._disconnected
-
-    def ended(self) -> None:
-        """The handler returned: an ASGI app still listening hears ``http.disconnect``."""
-        if self._disconnect_watch is not None:
-            self._connection._watchers.remove(self._disconnect_watch)
-            self._disconnect_watch = None
-        if self._disconnected is not None:
-            self._disconnected.set()
-
-
-class _Watch:
-    """While entered, the client leaving calls ``on_leave`` (at once if it has left already)."""
-
-    __slots__ = ("_connection", "_on_leave")
-
-    def __init__(self, connection: Connection, on_leave: Callable[[], None]) -> None:
-        self._connection = connection
-        self._on_leave = on_leave
-
-    async def __aenter__(self) -> None:
-        if self._connection.client_gone:
-            self._on_leave()
-        self._connection._watchers.append(self._on_leave)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._connection._watchers.remove(self._on_leave)
 
 
 def _addresses(stream: trio.SocketStream) -> tuple[str, tuple[str, int] | None, tuple[str, int] | None]:

@@ -28,7 +28,7 @@ from routerd.front import access, admin, api, cors
 from routerd.front.access import Gate
 from routerd.front.client_io import AsgiBody, AsgiSink, RequestBody, ResponseSink
 from routerd.front.exchange import Exchange, drain_body
-from routerd.front.h1_connection import Request
+from routerd.front.h1_request import Request
 from routerd.front.operations import Operations
 from routerd.front.proxy import ProxyApp
 
