@@ -3,16 +3,19 @@
 - Cheap requests: ``/tokenize`` and ``/v1/embeddings`` (one short input) from ``wrk`` at
   concurrency 16 and 64, interleaved over direct llama-server, router mode and routerd; the
   CPU each proxy process spends per request (router mode's router process, routerd).
-- Paced streams: 64 SSE streams from a fast stand-in backend (bench/standin.py) that emits one
+- Paced streams: 128 SSE streams from a fast stand-in backend (bench/standin.py) that emits one
   event per stream every 10 ms, read directly and through routerd: delivered vs offered rate,
   routerd's CPU per event.
 - Scale: routerd's CPU per request and per event at concurrency 1/16/64/256 with 1/4/16
   resident stand-in backends.
-- The design's floor: the same two CPU figures for routerd's HTTP front serving a do-nothing
-  app, and a bare relay on that front (bench/floor.py), interleaved with routerd: what the design
-  (hypercorn + trio) costs before routerd's own logic.
+- The design's floor: the same two CPU figures for hypercorn's front serving a do-nothing app
+  (the reference issue 26 keeps), routerd's own HTTP/1.1 front serving it, and a bare relay on
+  routerd's front (bench/floor.py), interleaved with routerd: what the front costs before
+  routerd's own logic.
 
-Figures only; nothing here asserts a timing.
+Issue 26's targets are ratios within one run; each row that measures one hands its figure to a
+``Goals`` list, which bench/run.py prints after the table. Figures only; nothing here asserts a
+timing.
 """
 
 from __future__ import annotations
@@ -41,8 +44,28 @@ FLOOR = BENCH / "floor.py"
 #: Seconds between two events of one stand-in stream: 100 events/s, a fast GPU's token rate.
 EVENT_INTERVAL = 0.01
 
+#: Paced streams of row 11 (issue 26: 128 at 100 events/s each) and of row 12's per-event figure.
+PACED_STREAMS = 128
+FLOOR_STREAMS = 64
+
 Row = Callable[[str, dict[str, str]], None]
 T = TypeVar("T")
+
+
+class Goals:
+    """Issue 26's targets as measured in this run: what, the figure, met (None: no figure)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str, bool | None]] = []
+
+    def add(self, target: str, figure: str, met: bool | None) -> None:
+        self.items.append((target, figure, met))
+
+    def table(self) -> list[str]:
+        lines = ["| target | this run | met |", "|---|---|---|"]
+        verdict = {True: "yes", False: "**no**", None: "no figure"}
+        lines += [f"| {target} | {figure} | {verdict[met]} |" for target, figure, met in self.items]
+        return lines
 
 
 def _body(model: str, route: str) -> bytes:
@@ -75,11 +98,20 @@ async def _with_cpu(pid: int | None, generate: Callable[[], T]) -> tuple[T, floa
     return result, (process_cpu(pid) - before) if pid else None
 
 
-async def cheap_requests(row: Row, targets: Sequence[Any], quick: bool) -> None:
+#: Seconds wrk waits for one answer: long, so a slow server is not read as clients giving up.
+WRK_TIMEOUT = 30.0
+
+
+async def cheap_requests(row: Row, targets: Sequence[Any], quick: bool, goals: Goals | None = None) -> None:
     """Rows 9-10: cheap-request throughput at c=16/64 and each proxy's CPU per 1000 requests.
 
-    ``targets`` are (direct, router mode, routerd) serving the small model with --embeddings."""
+    ``targets`` are (direct, router mode, routerd) serving the small model with --embeddings.
+    Issue 26: /tokenize >= 2x router mode's throughput; /v1/embeddings >= 1x router mode's in
+    every round (rounds are interleaved, so round i of both ran side by side); routerd's CPU per
+    proxied request <= 0.5x router mode's process CPU per request."""
+    goals = goals if goals is not None else Goals()
     seconds, rounds = (1, 1) if quick else (5, 3)
+    router_name, routerd_name = targets[1].name, targets[2].name
     proxies = {t.name for t in targets[1:]}
     cpu_per_request: dict[str, list[float]] = {name: [] for name in proxies}
     async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
@@ -90,37 +122,70 @@ async def cheap_requests(row: Row, targets: Sequence[Any], quick: bool) -> None:
         for connections in (16, 64):
             rates: dict[str, list[float]] = {t.name: [] for t in targets}
             cpus: dict[str, list[float]] = {t.name: [] for t in targets}
-            generator, errors = [], {t.name: 0 for t in targets}
+            generator = []
+            errors, timeouts = {t.name: 0 for t in targets}, {t.name: 0 for t in targets}
             rng = random.Random(connections)
             for _ in range(rounds):
                 for t in rng.sample(list(targets), len(targets)):
                     pid = t.proc.pid if t.name in proxies else None
                     bodies = [_body(t.models["smollm2"], route)]
-                    run, cpu = await _with_cpu(pid, functools.partial(wrk, t.url, route, bodies,
-                                                                      connections=connections, seconds=seconds))
+                    generate = functools.partial(wrk, t.url, route, bodies, connections=connections,
+                                                 seconds=seconds, timeout=WRK_TIMEOUT)
+                    run, cpu = await _with_cpu(pid, generate)
                     rates[t.name].append(run.rate)
                     errors[t.name] += run.errors
+                    timeouts[t.name] += run.timeouts
                     generator.append(run.cpu / run.seconds)
                     if cpu is not None and run.requests:
                         cpus[t.name].append(cpu / run.requests)
                         cpu_per_request[t.name].append(cpu / run.requests)
-            router_rate = statistics.median(rates[targets[1].name])
+            router_rate = statistics.median(rates[router_name])
             cells = {}
             for t in targets:
                 rate = statistics.median(rates[t.name])
                 text = f"{rate:.0f} req/s (runs " + ", ".join(f"{r:.0f}" for r in rates[t.name]) + ")"
                 if cpus[t.name]:
                     text += f", its CPU {statistics.median(cpus[t.name]) * 1000:.2f} ms/req"
-                if t is targets[2]:
+                if t.name == routerd_name:
                     text += f", **{_times(rate, router_rate, 'router mode')}**"
                 if errors[t.name]:
                     text += f", {errors[t.name]} errors"
+                    text += f" ({timeouts[t.name]} timeouts)" if timeouts[t.name] else ""
                 cells[t.name] = text
+            routerd_rate = statistics.median(rates[routerd_name])
+            if route == "/tokenize":
+                ratio = _times(routerd_rate, router_rate, "router mode")
+                goals.add(f"/tokenize c={connections}: routerd >= 2x router mode's throughput",
+                          f"{routerd_rate:.0f} vs {router_rate:.0f} req/s, {ratio}",
+                          routerd_rate >= 2 * router_rate if router_rate > 0 else None)
+            else:
+                # a round held: routerd answered something and at least router mode's rate; a
+                # round where both answered nothing says nothing about routerd (None)
+                pairs = list(zip(rates[routerd_name], rates[router_name], strict=True))
+                held = [None if ours == theirs == 0 else ours > 0 and ours >= theirs for ours, theirs in pairs]
+                marks = {True: ">=", False: "<", None: "both 0"}
+                per_round = ", ".join(f"{ours:.0f} vs {theirs:.0f} ({marks[ok]})"
+                                      for (ours, theirs), ok in zip(pairs, held, strict=True))
+                cells[routerd_name] += f"; per round vs router mode: {per_round}"
+                judged = [ok for ok in held if ok is not None]
+                goals.add(f"/v1/embeddings c={connections}: routerd >= 1x router mode's throughput, every round",
+                          f"{sum(judged)} of {len(held)} rounds (routerd vs router mode req/s: {per_round})",
+                          all(judged) if judged else None)
             cells["direct"] += f" (wrk used {statistics.median(generator):.2f} of a core)"
-            row(f"9. {route} throughput, concurrency {connections} (wrk, 1 thread)", cells)
-    row("10. proxy process CPU per 1000 proxied requests (all runs of row 9)",
-        {name: f"{statistics.median(values) * 1000:.2f} s (median; {min(values) * 1000:.2f}-{max(values) * 1000:.2f})"
-         for name, values in cpu_per_request.items() if values})
+            row(f"9. {route} throughput, concurrency {connections} (wrk, 1 thread, {WRK_TIMEOUT:g} s timeout)", cells)
+    cells = {name: f"{statistics.median(values) * 1000:.2f} s "
+                   f"(median; {min(values) * 1000:.2f}-{max(values) * 1000:.2f})"
+             for name, values in cpu_per_request.items() if values}
+    cpu_goal = "routerd CPU per proxied request <= 0.5x router mode's process CPU per request (row 10)"
+    if cpu_per_request[routerd_name] and cpu_per_request[router_name]:
+        ours, theirs = (statistics.median(cpu_per_request[n]) for n in (routerd_name, router_name))
+        ratio = _times(ours, theirs, "router mode's")
+        cells[routerd_name] += f", **{ratio}**"
+        goals.add(cpu_goal, f"{ours * 1000:.3f} vs {theirs * 1000:.3f} ms/req, {ratio}",
+                  ours <= 0.5 * theirs if theirs > 0 else None)
+    else:
+        goals.add(cpu_goal, "no proxied request measured", None)
+    row("10. proxy process CPU per 1000 proxied requests (all runs of row 9)", cells)
 
 
 class StandinRouterd:
@@ -152,6 +217,12 @@ class StandinRouterd:
         self.proc.wait()
 
 
+def _delivered(run: StreamRun) -> float:
+    """The share of the offered event rate (streams x 100 events/s) that was delivered."""
+    offered = run.streams / EVENT_INTERVAL
+    return run.events / run.seconds / offered if run.seconds else 0.0
+
+
 def _delivery(run: StreamRun, events_per_stream: int) -> str:
     offered = run.streams / EVENT_INTERVAL
     ideal = events_per_stream * EVENT_INTERVAL
@@ -161,8 +232,12 @@ def _delivery(run: StreamRun, events_per_stream: int) -> str:
     return text + (f", {run.failed} streams broken" if run.failed else "")
 
 
-async def paced_events(row: Row, work: Path, quick: bool) -> None:
-    """Row 11: 64 paced streams read directly from the stand-in and through routerd."""
+async def paced_events(row: Row, work: Path, quick: bool, goals: Goals | None = None) -> None:
+    """Row 11: 128 paced streams read directly from the stand-in and through routerd.
+
+    Issue 26: delivered >= 0.99 of the offered rate (128 x 100 events/s) through routerd; the
+    median over the rounds, none broken, is the figure (the direct stand-in's is the machine's)."""
+    goals = goals if goals is not None else Goals()
     events, rounds = (50, 1) if quick else (300, 3)
     direct_port = free_port()
     direct = subprocess.Popen(_standin_argv(direct_port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -172,48 +247,69 @@ async def paced_events(row: Row, work: Path, quick: bool) -> None:
         await wait_http(routerd.url)
         async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
             await routerd.load(client, routerd.names)
-        bodies = [_stream_body(routerd.names[0], events)] * 64
+        bodies = [_stream_body(routerd.names[0], events)] * PACED_STREAMS
         runs: dict[str, list[tuple[StreamRun, float | None]]] = {"direct": [], "routerd": []}
         for _ in range(rounds):
             for name in random.sample(list(runs), 2):
                 port, pid = (direct_port, None) if name == "direct" else (routerd.port, routerd.proc.pid)
                 runs[name].append(await _with_cpu(pid, functools.partial(paced_streams, "127.0.0.1", port, bodies)))
         cells = {}
+        shares = {}
         for name, results in runs.items():
             run = min(results, key=lambda r: r[0].seconds)  # the least disturbed round
-            text = _delivery(run[0], events)
+            shares[name] = [_delivered(r) for r, _ in results]
+            text = (_delivery(run[0], events) + "; delivered/offered per round "
+                    + ", ".join(f"{share:.3f}" for share in shares[name]))
             per_event = [cpu / r.events for r, cpu in results if cpu is not None and r.events]
             if per_event:
                 text += (f"; **routerd CPU {statistics.median(per_event) * 1000:.3f} ms/event** (runs "
                          + ", ".join(f"{v * 1000:.3f}" for v in per_event) + ")")
             cells[name] = text
-        row(f"11. 64 paced SSE streams, 100 events/s each, {events} events (stand-in backend)", cells)
+        share, broken = statistics.median(shares["routerd"]), sum(r.failed for r, _ in runs["routerd"])
+        goals.add(f"{PACED_STREAMS} paced streams at 100 events/s each delivered at >= 0.99 of the offered rate "
+                  "(row 11)",
+                  f"{share:.3f} through routerd (median of {rounds}; direct stand-in "
+                  f"{statistics.median(shares['direct']):.3f})" + (f", {broken} streams broken" if broken else ""),
+                  share >= 0.99 and not broken)
+        row(f"11. {PACED_STREAMS} paced SSE streams, 100 events/s each, {events} events (stand-in backend)", cells)
     finally:
         direct.terminate()
         direct.wait()
         routerd.close()
 
 
-async def design_floor(row: Row, work: Path, quick: bool) -> None:
-    """Row 12: CPU per request (/tokenize, c=16) and per event (64 paced streams) of routerd's
-    HTTP front alone and of a bare relay on it, interleaved with routerd, all on the stand-in."""
+#: Row 12's servers besides routerd: bench/floor.py's arguments, and what the row calls them.
+FLOORS = {"hypercorn front": ("front", "hypercorn"), "routerd front": ("front", "routerd"),
+          "bare relay": ("relay", "routerd")}
+FLOOR_LABELS = {"hypercorn front": "hypercorn's do-nothing front (the reference)",
+                "routerd front": "routerd's front, do-nothing app", "bare relay": "bare relay on routerd's front"}
+
+
+async def design_floor(row: Row, work: Path, quick: bool, goals: Goals | None = None) -> None:
+    """Row 12: CPU per request (/tokenize, c=16) and per event (64 paced streams) of hypercorn's
+    front with a do-nothing app (the reference), routerd's own front with it, a bare relay on
+    routerd's front, and routerd, interleaved in shuffled order each round, all on the stand-in.
+
+    Issue 26: routerd's CPU per relayed event <= 0.5x hypercorn's do-nothing front's."""
+    goals = goals if goals is not None else Goals()
     seconds, events, rounds = (1, 50, 1) if quick else (4, 200, 5)
-    standin_port, front_port, relay_port = free_port(), free_port(), free_port()
-    floors = [_standin_argv(standin_port),
-              [sys.executable, str(FLOOR), "--app", "front", "--port", str(front_port),
-               "--interval", str(EVENT_INTERVAL)],
-              [sys.executable, str(FLOOR), "--app", "relay", "--port", str(relay_port), "--upstream-port",
-               str(standin_port)]]
-    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for argv in floors]
+    standin_port = free_port()
+    ports = {name: free_port() for name in FLOORS}
+    argvs = [_standin_argv(standin_port)]
+    for name, (app, server) in FLOORS.items():
+        argvs.append([sys.executable, str(FLOOR), "--app", app, "--server", server, "--port", str(ports[name]),
+                      "--interval", str(EVENT_INTERVAL), "--upstream-port", str(standin_port)])
+    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for argv in argvs]
     routerd = StandinRouterd(work / "floor", 1)
-    targets = {"front alone": (front_port, procs[1].pid), "bare relay": (relay_port, procs[2].pid),
-               "routerd": (routerd.port, routerd.proc.pid)}
+    targets = {name: (ports[name], proc.pid) for name, proc in zip(FLOORS, procs[1:], strict=True)}
+    targets["routerd"] = (routerd.port, routerd.proc.pid)
     try:
         for port, _ in [(standin_port, 0), *targets.values()]:
             await wait_http(f"http://127.0.0.1:{port}")
         async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
             await routerd.load(client, routerd.names)
-        body, stream_bodies = _body(routerd.names[0], "/tokenize"), [_stream_body(routerd.names[0], events)] * 64
+        body = _body(routerd.names[0], "/tokenize")
+        stream_bodies = [_stream_body(routerd.names[0], events)] * FLOOR_STREAMS
         per_request: dict[str, list[float]] = {name: [] for name in targets}
         per_event: dict[str, list[float]] = {name: [] for name in targets}
         for _ in range(rounds):
@@ -233,15 +329,21 @@ async def design_floor(row: Row, work: Path, quick: bool) -> None:
             proc.wait()
     request = {name: statistics.median(values) for name, values in per_request.items()}
     event = {name: statistics.median(values) for name, values in per_event.items()}
-    floor = "; ".join(f"{name}: {request[name] * 1000:.2f} ms/req, {event[name] * 1000:.3f} ms/event"
-                      for name in ("front alone", "bare relay"))
-    row("12. the design's floor: routerd's HTTP front with a do-nothing app, and a bare relay on it (stand-in; "
-        f"CPU per /tokenize at c=16 and per event of 64 paced streams, median of {rounds})",
+    floor = "; ".join(f"{FLOOR_LABELS[name]}: {request[name] * 1000:.3f} ms/req, {event[name] * 1000:.3f} ms/event"
+                      for name in FLOORS)
+    vs_hypercorn = _times(event["routerd"], event["hypercorn front"], "hypercorn's do-nothing front")
+    row("12. the design's floor: hypercorn's front and routerd's own front with a do-nothing app, and a bare relay "
+        f"on routerd's front (stand-in; CPU per /tokenize at c=16 and per event of {FLOOR_STREAMS} paced streams, "
+        f"median of {rounds})",
         {"direct": floor,
-         "routerd": f"{request['routerd'] * 1000:.2f} ms/req "
-                    f"({_times(request['routerd'], request['bare relay'], 'the bare relay')}), "
+         "routerd": f"{request['routerd'] * 1000:.3f} ms/req "
+                    f"({_times(request['routerd'], request['bare relay'], 'the bare relay')}, "
+                    f"{_times(request['routerd'], request['hypercorn front'], 'the hypercorn front')}), "
                     f"{event['routerd'] * 1000:.3f} ms/event "
-                    f"({_times(event['routerd'], event['bare relay'], 'the bare relay')})"})
+                    f"(**{vs_hypercorn}**, {_times(event['routerd'], event['bare relay'], 'the bare relay')})"})
+    goals.add("routerd CPU per relayed event <= 0.5x hypercorn's do-nothing front's (row 12)",
+              f"{event['routerd'] * 1000:.3f} vs {event['hypercorn front'] * 1000:.3f} ms/event, {vs_hypercorn}",
+              event["routerd"] <= 0.5 * event["hypercorn front"] if event["hypercorn front"] > 0 else None)
 
 
 async def scale(work: Path, quick: bool) -> list[str]:

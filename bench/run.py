@@ -3,7 +3,9 @@
 
 All three run side by side on the demo models and are measured interleaved (the machine is
 noisy), so every figure is a ratio within one run. Prints a markdown table; with --write it
-also writes docs/benchmarks.md. Figures never fail anything: this is not a test.
+also writes docs/benchmarks.md. After the tables it prints issue 26's targets, each with this
+run's figure and whether it was met (computed from the rows; printed, not written). Figures never
+fail anything: this is not a test.
 
     .venv/bin/python bench/run.py [--quick] [--write]
 """
@@ -118,6 +120,7 @@ class Bench:
     def __init__(self, targets: list[Target], quick: bool) -> None:
         self.targets = targets
         self.quick = quick
+        self.goals = cost.Goals()
         self.client = httpx.AsyncClient(timeout=120, trust_env=False, limits=httpx.Limits(max_connections=200))
         self.rows: list[tuple[str, str, str, str]] = []  # figure, direct, router, routerd
         #: Requests a server answered by closing a kept-alive connection; each is retried once.
@@ -128,18 +131,35 @@ class Bench:
                           values.get("routerd", "-")))
         print(f"{figure}: {values}", flush=True)
 
-    def stats_rows(self, figure: str, results: dict[str, list[float]], baseline: str = "direct") -> None:
+    def stats_rows(self, figure: str, results: dict[str, list[float]], baseline: str = "direct",
+                   goal: str | None = None) -> None:
+        """A row of medians and spreads. With ``goal``: routerd's added latency over ``baseline``
+        as a multiple of router mode's, in routerd's cell and as an issue 26 target (<= 0.5x)."""
         base = statistics.median(results[baseline]) if results.get(baseline) else None
         cells = {}
         for name, values in results.items():
             if not values:
                 continue
             median = statistics.median(values)
-            added = f", +{ms(median - base)}" if base is not None and name != baseline else ""
+            added = f", {(median - base) * 1000:+.2f} ms" if base is not None and name != baseline else ""
             ratio = f", {median / base:.2f}x" if base and name != baseline else ""
             spread = (f"p90 {ms(pct(values, 0.9))}, p99 {ms(pct(values, 0.99))}" if len(values) >= 20
                       else "each " + ", ".join(f"{v * 1000:.0f}" for v in sorted(values)) + " ms")
             cells[name] = f"{ms(median)} ({spread}{added}{ratio})"
+        if goal is not None:
+            router, routerd = self.targets[1].name, self.targets[2].name
+            if base is None or not results.get(router) or not results.get(routerd):
+                self.goals.add(goal, "no figure", None)
+            else:
+                ours, theirs = (statistics.median(results[n]) - base for n in (routerd, router))
+                if theirs > 0:
+                    times = f"{ours / theirs:.2f}x router mode's added latency"
+                    cells[routerd] += f", **{times}**"
+                    self.goals.add(goal, f"{ours * 1000:+.2f} vs {theirs * 1000:+.2f} ms, {times}",
+                                   ours <= 0.5 * theirs)
+                else:
+                    self.goals.add(goal, f"{ours * 1000:+.2f} vs {theirs * 1000:+.2f} ms: router mode added nothing "
+                                   "over direct in this run, no ratio", None)
         self.row(figure, cells)
 
     async def timed(self, method: str, target: Target, path: str, body: dict) -> float:
@@ -172,8 +192,10 @@ class Bench:
                                     {"model": t.models[SMALL], "messages": CHAT, "max_tokens": 1})
         for t in self.targets:  # warm: every target has SMALL loaded
             await one_token(t)
-        self.stats_rows("1. POST /tokenize", await interleaved(self.targets, n, tokenize))
-        self.stats_rows("1. chat, 1 token", await interleaved(self.targets, n // 2, one_token))
+        self.stats_rows("1. POST /tokenize", await interleaved(self.targets, n, tokenize),
+                        goal="added latency, /tokenize: routerd <= 0.5x router mode's (row 1)")
+        self.stats_rows("1. chat, 1 token", await interleaved(self.targets, n // 2, one_token),
+                        goal="added latency, 1-token chat: routerd <= 0.5x router mode's (row 1)")
 
     async def stream_once(self, t: Target, tokens: int) -> tuple[float, list[float], int]:
         """Time to first byte, gaps between chunks, chunk count, for one streamed chat."""
@@ -471,13 +493,13 @@ async def main(quick: bool, write: bool, routerd_log: Path | None, only: set[str
             try:
                 for t in cheap:
                     await wait_http(t.url)
-                await cost.cheap_requests(bench.row, cheap, quick)
+                await cost.cheap_requests(bench.row, cheap, quick, bench.goals)
             finally:
                 stop_all(cheap)
         if "events" in only:
-            await cost.paced_events(bench.row, work / "events", quick)
+            await cost.paced_events(bench.row, work / "events", quick, bench.goals)
         if "floor" in only:
-            await cost.design_floor(bench.row, work, quick)
+            await cost.design_floor(bench.row, work, quick, bench.goals)
         scale_table = await cost.scale(work, quick) if "scale" in only else []
         catalog = await catalog_scale(work, binary, quick) if "catalog" in only else []
     lines = ["| figure | direct llama-server | llama.cpp router mode | routerd |", "|---|---|---|---|"]
@@ -487,6 +509,10 @@ async def main(quick: bool, write: bool, routerd_log: Path | None, only: set[str
     print("\n" + table)
     if scale_table:
         print("\nrouterd CPU per request and per relayed event (stand-in backends):\n" + "\n".join(scale_table))
+    if bench.goals.items:
+        met = sum(1 for *_, ok in bench.goals.items if ok)
+        print(f"\nissue 26 targets: {met} of {len(bench.goals.items)} met in this run (ratios within it):\n"
+              + "\n".join(bench.goals.table()))
     if write:
         out = ROOT / "docs" / "benchmarks.md"
         text = out.read_text() if out.exists() else ""
