@@ -75,8 +75,9 @@ class RequestParser:
     """Parses the requests a client sends on one connection, pipelined ones included.
 
     ``feed`` what the socket reads; it returns the pieces parsed from it, in order (see
-    ``END_OF_REQUEST``). Raises ``BadRequest`` for malformed bytes or a head over
-    ``max_head_bytes``; after that the connection is done.
+    ``END_OF_REQUEST``). Malformed bytes, or a head over ``max_head_bytes``, set ``error``
+    (the pieces before them are still returned: a request that came whole before the bad bytes
+    is answered first); after that the connection is done.
     """
 
     def __init__(self, max_head_bytes: int) -> None:
@@ -84,9 +85,12 @@ class RequestParser:
         self._parser = httptools.HttpRequestParser(self)
         self._pieces: list[RequestHead | bytes | None] = []
         self._in_head = False  # a request line has begun and its head has not ended
-        self._head_bytes = 0  # bytes fed since the request line began (approximate, for the limit)
+        self._head_bytes = 0  # the head's bytes parsed so far (request line, whole fields)
+        self._raw_head_bytes = 0  # bytes of reads that began inside an unfinished head
         self._target = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        #: Why the bytes fed are refused, once they are.
+        self.error: BadRequest | None = None
 
     @property
     def between_requests(self) -> bool:
@@ -95,8 +99,10 @@ class RequestParser:
 
     def feed(self, data: bytes) -> list[RequestHead | bytes | None]:
         pieces = self._pieces = []
+        if self.error is not None:
+            return pieces
         if self._in_head:
-            self._head_bytes += len(data)
+            self._raw_head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -110,18 +116,19 @@ class RequestParser:
                 self._pieces = pieces
         except httptools.HttpParserError as exc:
             if isinstance(exc.__context__, BadRequest):  # raised by a callback below
-                raise exc.__context__ from None
-            if "PRI" in str(exc):  # llhttp stops at HTTP/2's preface, "PRI * HTTP/2.0"
+                self.error = exc.__context__
+            elif "PRI" in str(exc) and not pieces:  # llhttp stops at HTTP/2's preface, "PRI * HTTP/2.0"
                 raise Upgrade() from None
-            raise BadRequest(400, f"malformed request: {exc}") from None
-        if self._in_head and self._head_bytes > self._max_head_bytes:
-            raise BadRequest(431, f"request head longer than {self._max_head_bytes} bytes (server.max_header_bytes)")
+            else:
+                self.error = BadRequest(400, f"malformed request: {exc}")
+        if self._in_head and max(self._head_bytes, self._raw_head_bytes) > self._max_head_bytes:
+            self.error = _head_too_large(self._max_head_bytes)
         return pieces
 
     # llhttp's callbacks
     def on_message_begin(self) -> None:
         self._in_head = True
-        self._head_bytes = 0
+        self._head_bytes = self._raw_head_bytes = 0
         self._target = b""
         self._headers = []
 
@@ -130,18 +137,35 @@ class RequestParser:
         self._head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        if not self._in_head:  # a chunked body's trailer fields: not the request's headers
+            return
+        self._headers.append((name.lower(), value.rstrip(b" \t")))
         self._head_bytes += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         if self._head_bytes > self._max_head_bytes:
-            raise BadRequest(431, f"request head longer than {self._max_head_bytes} bytes (server.max_header_bytes)")
+            raise _head_too_large(self._max_head_bytes)
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
             raise BadRequest(400, f"HTTP/{version} is not spoken here (HTTP/1.1 or HTTP/1.0)")
-        if version == "1.1" and not any(name == b"host" for name, _ in self._headers):
-            raise BadRequest(400, "an HTTP/1.1 request needs a Host header")
+        hosts = 0
+        codings: list[bytes] = []
+        for name, value in self._headers:
+            if name == b"host":
+                hosts += 1
+            elif name == b"transfer-encoding":
+                codings.append(value)
+        if hosts > 1 or (version == "1.1" and not hosts):
+            raise BadRequest(400, "an HTTP/1.1 request needs one Host header (RFC 9112, section 3.2)")
+        if codings:
+            tokens = [token.strip(b" \t").lower() for token in b",".join(codings).split(b",")]
+            if tokens[-1] != b"chunked" or tokens.count(b"chunked") > 1:  # RFC 9112, sections 6.3 and 7
+                raise BadRequest(400, "the request's length cannot be known: Transfer-Encoding must end in "
+                                      "chunked, once")
+            if len(tokens) > 1:
+                raise BadRequest(501, f"transfer coding {tokens[0].decode('latin-1')[:40]!r} is not supported "
+                                      "(only chunked)")
         self._in_head = False
         self._pieces.append(RequestHead(parser.get_method().decode("ascii"), self._target, self._headers,
                                         version, parser.should_keep_alive()))
@@ -151,6 +175,10 @@ class RequestParser:
 
     def on_message_complete(self) -> None:
         self._pieces.append(END_OF_REQUEST)
+
+
+def _head_too_large(limit: int) -> BadRequest:
+    return BadRequest(431, f"request head longer than {limit} bytes (server.max_header_bytes)")
 
 
 def _reason(status: int) -> bytes:
@@ -203,7 +231,8 @@ def encode_chunk(data: bytes) -> bytes:
 
 LAST_CHUNK = b"0\r\n\r\n"
 
-_ERROR_TYPES = {400: "bad_request", 408: "request_timeout", 413: "request_too_large", 431: "headers_too_large"}
+_ERROR_TYPES = {400: "bad_request", 408: "request_timeout", 413: "request_too_large", 431: "headers_too_large",
+                501: "not_implemented"}
 
 
 def error_response(status: int, message: str) -> bytes:

@@ -28,7 +28,7 @@ import trio
 from hypercorn.typing import ConnectionState, HTTPScope
 
 from routerd.front import h1
-from routerd.front.h1 import RequestHead
+from routerd.front.h1 import END_OF_REQUEST, RequestHead
 from routerd.front.h1_request import ClientGone, Request
 
 log = logging.getLogger("routerd.http")
@@ -78,6 +78,7 @@ class Connection:
         self._header_timer: trio.CancelScope | None = None  # the reader's (see _read_loop)
         self._header_deadline = trio.current_time() + settings.header_timeout
         self.timed_out = False
+        self._current: Request | None = None  # the request being served
         self.peer, self._client, self._server = _addresses(stream)
 
     async def serve(self) -> None:
@@ -145,10 +146,6 @@ class Connection:
                 self._until_first_head += data
             try:
                 pieces = self._parser.feed(data)
-            except h1.BadRequest as exc:
-                self.bad_request = exc
-                self._arrived.set()
-                return
             except h1.Upgrade:
                 self.upgrade, self.first_bytes = True, bytes(self._until_first_head or data)
                 self._arrived.set()
@@ -162,6 +159,34 @@ class Connection:
                         self._header_deadline = timer.deadline = math.inf
                 self.pieces.extend(pieces)
                 self._arrived.set()
+            if self._parser.error is not None:
+                # What came whole before the bad bytes is still served. A request whose body
+                # they cut short is refused now (as hypercorn does): the 400 goes out at once and
+                # its handler is told the client left.
+                self.bad_request = error = self._parser.error
+                self._arrived.set()
+                current = self._current
+                if current is not None and not current.body_done and current.refused():
+                    await self.write(h1.error_response(error.status, str(error)))
+                    self._broken = True  # nothing more is written on this connection
+                    self._leave()
+                else:
+                    self._drop_unfinished_request()  # the 400 answers it when its turn comes
+                return
+
+    def _drop_unfinished_request(self) -> None:
+        """Take back the last parsed request if its body was cut short by bad bytes."""
+        pieces = self.pieces
+        for index in range(len(pieces) - 1, -1, -1):
+            piece = pieces[index]
+            if piece is END_OF_REQUEST:
+                return
+            if isinstance(piece, RequestHead):
+                for _ in range(len(pieces) - index):
+                    dropped = pieces.pop()
+                    if isinstance(dropped, bytes):
+                        self._buffered -= len(dropped)
+                return
 
     def _arm_header_timer(self) -> None:
         """The connection now waits for a request's head: it must come within header_timeout."""
@@ -170,7 +195,9 @@ class Connection:
             self._header_timer.deadline = self._header_deadline
 
     def _leave(self) -> None:
-        """The client closed or reset the connection."""
+        """The client closed (or half-closed) its side, or reset the connection: the request in
+        progress is told, and no new one is read. Answers are still written until a write
+        fails (a half-closed client reads them)."""
         self.client_gone = True
         self._arrived.set()
         for on_leave in list(self.watchers):
@@ -223,7 +250,7 @@ class Connection:
                 if self.bad_request is not None and not self._broken:
                     await self.write(h1.error_response(self.bad_request.status, str(self.bad_request)))
                 return
-            request = Request(self, head)
+            request = self._current = Request(self, head)
             scope = self._scope(head)
             try:
                 await self._handler(scope, request)
@@ -236,11 +263,11 @@ class Connection:
                 self._broken = True
             finally:
                 request.ended()
-            if self.bad_request is not None:  # in the body: the handler saw the client leave
-                if not request.started and not self._broken:
-                    await self.write(h1.error_response(self.bad_request.status, str(self.bad_request)))
+                self._current = None
+            if self.bad_request is not None and not request.started:  # its body was bad
+                await self.write(h1.error_response(self.bad_request.status, str(self.bad_request)))
                 return
-            if not request.finished or not request.keep_alive or self._broken or self.client_gone:
+            if not request.finished or not request.keep_alive or self._broken:
                 return
             if not request.body_done and not await request.drain():
                 return
@@ -255,9 +282,9 @@ class Connection:
     # -- writing ------------------------------------------------------------------------------
     async def write(self, data: bytes) -> None:
         """Write ``data`` whole: at once when the socket's buffer takes it (nearly always), else
-        waiting for room for at most ``send_timeout`` s. A client that left is not an error
+        waiting for room for at most ``send_timeout`` s. A client that is gone is not an error
         here: its request's watchers have been told."""
-        if self._broken or self.client_gone:
+        if self._broken:
             return
         view: bytes | memoryview = data
         if not self._send_lock.locked():
@@ -277,7 +304,7 @@ class Connection:
 
     async def _write_slowly(self, data: bytes | memoryview) -> None:
         async with self._send_lock:  # another task's write waiting for room goes first
-            if self._broken or self.client_gone:
+            if self._broken:
                 return
             try:
                 with trio.move_on_after(self._settings.send_timeout) as waited:

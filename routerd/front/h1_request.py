@@ -61,6 +61,7 @@ class Request:
         self.head = head
         self.body_done = not head.has_body
         self.started = False
+        self._refused = False
         self.finished = False
         self.keep_alive = head.keep_alive
         self._chunked = False  # the answer's framing
@@ -169,11 +170,24 @@ class Request:
             extra += b"connection: keep-alive\r\n"
         return h1.encode_head(status, headers, extra)
 
+    def refused(self) -> bool:
+        """Whether the connection refused the request (bad bytes in its body) before the handler
+        answered: the 400 is sent, whatever the handler sends after it is dropped. Says whether
+        it was (an answer already begun cannot be taken back)."""
+        if self.started:
+            return False
+        self.started = self.finished = self._refused = True
+        return True
+
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if self._refused:
+            return
         await self._connection.write(self._head(status, headers, None))
 
     async def answer(self, status: int, headers: list[tuple[bytes, bytes]], data: bytes) -> None:
         """The whole answer in one write."""
+        if self._refused:
+            return
         head = self._head(status, headers, len(data))
         self.finished = True
         await self._connection.write(head if self._no_body else head + data)
