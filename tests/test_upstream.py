@@ -81,6 +81,33 @@ async def test_sequential_requests_reuse_one_connection(server_for):
     assert server.connections == 1
 
 
+async def test_requests_beyond_max_open_wait_for_a_connection_instead_of_opening_more(server_for):
+    """llama-server serves as many requests at once as it has HTTP threads; a request beyond them
+    waits in routerd for a connection to come back, and reuses it."""
+    busy, peak = 0, 0
+
+    async def slow(stream, conn, request):
+        nonlocal busy, peak
+        busy += 1
+        peak = max(peak, busy)
+        await trio.sleep(0.05)
+        busy -= 1
+        await answer(stream, conn, request.target)
+        return True
+    server = await server_for(slow)
+    pool = ConnectionPool(server.port, max_idle=2, max_open=2)
+    answers = []
+
+    async def one(i: int) -> None:
+        response = await pool.request("POST", f"/n{i}", body=b"{}")
+        answers.append(await response.read())
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(one, i)
+    assert sorted(answers) == sorted(f"/n{i}".encode() for i in range(8))
+    assert server.connections == 2 and peak == 2
+
+
 async def test_an_idle_socket_the_server_closed_is_replaced_transparently(server_for):
     async def once(stream, conn, request):
         await answer(stream, conn)

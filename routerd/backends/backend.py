@@ -80,6 +80,17 @@ class BackendSpec:
         except ValueError:
             return 4
 
+    @property
+    def http_threads(self) -> int:
+        """HTTP requests llama-server serves at once: ``--threads-http``, else at least its
+        default, the larger of slots + 2 and the machine's cores - 1 (newer builds add more)."""
+        value = llama_args.flag_value(self.flags, "--threads-http") or llama_args.flag_value(self.flags, "-tht")
+        try:
+            threads = int(value) if value is not None else 0
+        except ValueError:
+            threads = 0
+        return threads if threads > 0 else max(self.slots + 2, (os.cpu_count() or 1) - 1)
+
 
 #: The /health watch a backend gets unless the supervisor passes the configured one.
 DEFAULT_HEALTH = HealthPolicy()
@@ -322,8 +333,10 @@ class Backend:
             return
         self.pid, self.port = process.pid, port
         # One idle connection per slot, plus one for health checks: more are never busy at once.
+        # No more open at once than llama-server has HTTP threads: a request beyond them would
+        # wait in its accept queue anyway, after paying for a connection of its own.
         pool = ConnectionPool(port, max_idle=self.spec.slots + 1, read_timeout=self._upstream_read_timeout,
-                              authorization=b"Bearer " + api_key.encode())
+                              authorization=b"Bearer " + api_key.encode(), max_open=self.spec.http_threads)
         async with process:
             try:
                 await self._serve(process, pool)

@@ -36,9 +36,11 @@ class NotDelivered(UpstreamError):
 
 
 class _Connection:
-    def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
+    def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType,
+                 on_close: Callable[[], None] = lambda: None) -> None:
         self.stream = stream
         self.socket = sock
+        self._on_close = on_close
         self.reader = ResponseReader()
         self.idle_since = 0.0
         #: Writes may go to the socket directly (no TLS layer in between).
@@ -90,7 +92,9 @@ class _Connection:
         return bool(poller.poll(0))
 
     def close(self) -> None:
-        self.socket.close()
+        if self.socket.fileno() >= 0:
+            self.socket.close()
+            self._on_close()
 
 
 class Response:
@@ -195,7 +199,7 @@ class ConnectionPool:
     def __init__(self, port: int, *, max_idle: int, read_timeout: float = math.inf,
                  connect_timeout: float = 10.0, idle_timeout: float = 4.0, authorization: bytes = b"",
                  host: str = "127.0.0.1", tls: ssl.SSLContext | None = None, prefix: str = "",
-                 fixed_headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+                 fixed_headers: Iterable[tuple[bytes, bytes]] = (), max_open: int | None = None) -> None:
         self.port = port
         self.host = host
         self._tls = tls
@@ -212,6 +216,11 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self._idle: list[_Connection] = []
         self._closed = False
+        #: At most this many connections at once (None: no limit); a request beyond it waits for
+        #: one to come back instead of opening a connection the server has no thread to serve.
+        self.max_open = max_open
+        self._open = 0
+        self._returned = trio.lowlevel.ParkingLot()  # requests waiting for a connection
 
     async def request(self, method: str, target: str, *, headers: Iterable[tuple[bytes, bytes]] = (),
                       body: bytes = b"", read_timeout: float | None = None) -> Response:
@@ -224,6 +233,9 @@ class ConnectionPool:
         encoded = encode_request(method, self._prefix + target, head)
         while True:
             conn, reused = self._take_idle(), True
+            while conn is None and self.max_open is not None and self._open >= self.max_open and not self._closed:
+                await self._returned.park()
+                conn = self._take_idle()
             if conn is None:
                 conn, reused = await self._connect(), False
             try:
@@ -263,12 +275,14 @@ class ConnectionPool:
             return
         conn.idle_since = trio.current_time()
         self._idle.append(conn)
+        self._returned.unpark()
 
     def close(self) -> None:
         """Close idle connections; ones in use close as their responses end."""
         self._closed = True
         while self._idle:
             self._idle.pop().close()
+        self._returned.unpark_all()
 
     def _take_idle(self) -> _Connection | None:
         now = trio.current_time()
@@ -282,6 +296,15 @@ class ConnectionPool:
     async def _connect(self) -> _Connection:
         if self._closed:
             raise NotDelivered("the backend's connections are closed (it is stopping)")
+        self._open += 1  # counted from the start: others waiting on max_open see it at once
+        try:
+            stream, sock = await self._open_stream()
+        except BaseException:
+            self._connection_closed()
+            raise
+        return _Connection(stream, sock, self._connection_closed)
+
+    async def _open_stream(self) -> tuple[trio.abc.Stream, trio.socket.SocketType]:
         where = f"port {self.port}" if self.host == "127.0.0.1" else f"{self.host}:{self.port}"
         try:
             with trio.fail_after(self.connect_timeout):
@@ -302,7 +325,11 @@ class ConnectionPool:
             attempts = cause.exceptions if isinstance(cause, BaseExceptionGroup) else [cause or exc]
             reason = getattr(attempts[-1], "strerror", None) or str(attempts[-1])
             raise NotDelivered(f"cannot reach the backend on {where}: {reason}") from None
-        return _Connection(stream, tcp.socket)
+        return stream, tcp.socket
+
+    def _connection_closed(self) -> None:
+        self._open -= 1
+        self._returned.unpark()
 
 
 def _gap(read_timeout: float) -> UpstreamError:
