@@ -161,3 +161,29 @@ def asgi_receive(body: RequestBody, disconnected: Callable[[], trio.Event]) -> A
         await disconnected().wait()
         return {"type": "http.disconnect"}
     return receive
+
+
+#: How much of a request body no one will use is read and dropped, and for how long, to keep its
+#: connection usable (see ``drain``).
+DRAIN_LIMIT = 1 << 20
+DRAIN_SECONDS = 1.0
+
+
+async def drain(body: RequestBody) -> bool:
+    """Read and drop a request body that will not be used (a refusal, or a handler that did not
+    read it); whether it was read to its end.
+
+    A server that answers while the body is still arriving must close the connection after the
+    answer (the unread rest would be taken for the next request), and a keep-alive client that
+    sent its next request in the meantime sees it fail. Up to ``DRAIN_LIMIT`` bytes, read within
+    ``DRAIN_SECONDS``, keep the connection; past that it is closed after the answer."""
+    size = 0
+    with trio.move_on_after(DRAIN_SECONDS):
+        while size <= DRAIN_LIMIT:
+            piece = await body.receive()
+            if piece is None:
+                return False
+            size += len(piece[0])
+            if not piece[1]:
+                return True
+    return False

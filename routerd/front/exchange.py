@@ -18,7 +18,7 @@ from hypercorn.typing import ASGIReceiveCallable
 
 from routerd.errors import RouterdError
 from routerd.front import usage
-from routerd.front.client_io import RequestBody, ResponseSink
+from routerd.front.client_io import ResponseSink
 
 
 def sse_error(error: RouterdError) -> bytes:
@@ -129,27 +129,6 @@ class Exchange:
             await self.body(sse_error(error), more=False)
         else:
             await self.body(b"", more=False)
-
-
-#: How much of an unread request body a refusal reads first, and for how long (see ``drain_body``).
-DRAIN_LIMIT = 1 << 20
-DRAIN_SECONDS = 1.0
-
-
-async def drain_body(body: RequestBody, limit: int = DRAIN_LIMIT) -> None:
-    """Read and drop a request body that will not be used, before answering it early (a refusal).
-
-    A server that answers while the body is still arriving must close the connection after the
-    answer (the unread rest would be taken for the next request), and a keep-alive client that
-    sent its next request in the meantime sees it fail. Up to ``limit`` bytes, read within
-    ``DRAIN_SECONDS``, keep the connection reusable; past that the close is the client's to see."""
-    size = 0
-    with trio.move_on_after(DRAIN_SECONDS):
-        while size <= limit:
-            piece = await body.receive()
-            if piece is None or not piece[1]:
-                return
-            size += len(piece[0])
 
 
 async def cancel_on_disconnect(receive: ASGIReceiveCallable, scope: trio.CancelScope,

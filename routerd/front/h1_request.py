@@ -19,13 +19,9 @@ import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
 from routerd.front import h1
-from routerd.front.client_io import asgi_receive, asgi_send
+from routerd.front.client_io import DRAIN_LIMIT, asgi_receive, asgi_send, drain
 from routerd.front.h1 import END_OF_REQUEST, RequestHead
 
-#: A body the handler left unread is read and dropped, up to this much and for this long, to keep
-#: the connection; past either, the answer says ``Connection: close``.
-DRAIN_LIMIT = 1 << 20
-DRAIN_SECONDS = 1.0
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -118,16 +114,7 @@ class Request:
 
     async def drain(self) -> bool:
         """Read and drop the rest of an unread body; whether the connection can go on."""
-        size = 0
-        with trio.move_on_after(DRAIN_SECONDS):
-            while size <= DRAIN_LIMIT:
-                piece = await self.receive()
-                if piece is None:
-                    return False
-                size += len(piece[0])
-                if not piece[1]:
-                    return True
-        return False
+        return await drain(self)
 
     # -- the answer ---------------------------------------------------------------------------
     def add_headers(self, headers: list[tuple[bytes, bytes]]) -> None:

@@ -30,8 +30,8 @@ from routerd.backends.upstream import NotDelivered, Response, UpstreamError, fir
 from routerd.errors import PayloadTooLarge, RequestTimeout, RouterdError, UpstreamFailed
 from routerd.front import feedback
 from routerd.front.access import Gate, Scope, caller_of, check_request, peer
-from routerd.front.client_io import RequestBody, ResponseSink
-from routerd.front.exchange import Exchange, drain_body
+from routerd.front.client_io import RequestBody, ResponseSink, drain
+from routerd.front.exchange import Exchange
 from routerd.front.requested import forward_headers, read_request, renamed, split_model_path
 
 log = logging.getLogger("routerd.proxy")
@@ -69,7 +69,7 @@ class ProxyApp:
                 check_request(self.gate, scope, max_headers=config.server.max_headers,
                               metrics_open=config.metrics.open)
             except RouterdError as exc:
-                await drain_body(body)
+                await drain(body)
                 await client.fail(exc)
                 return
             try:

@@ -26,8 +26,8 @@ from routerd.backends.upstream import first_header
 from routerd.errors import RouterdError
 from routerd.front import access, admin, api, cors
 from routerd.front.access import Gate
-from routerd.front.client_io import AsgiBody, AsgiSink, RequestBody, ResponseSink
-from routerd.front.exchange import Exchange, drain_body
+from routerd.front.client_io import AsgiBody, AsgiSink, RequestBody, ResponseSink, drain
+from routerd.front.exchange import Exchange
 from routerd.front.h1_request import Request
 from routerd.front.operations import Operations
 from routerd.front.proxy import ProxyApp
@@ -232,7 +232,7 @@ class Front:
         try:
             access.check_request(self.gate, scope, max_headers=server.max_headers, metrics_open=config.metrics.open)
         except RouterdError as exc:
-            await drain_body(body)
+            await drain(body)
             await Exchange(sink).fail(exc)
             return
         receive, send = asgi()
