@@ -129,15 +129,12 @@ class Response:
             while not data and not reader.done:
                 await self._conn.receive(self._read_timeout)
                 data = reader.body()
-        except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self.aclose_now()
-            raise UpstreamError(_describe(exc)) from None
+        except _BROKEN as exc:
+            raise self._broke(exc) from None
         except BaseException:
             self.aclose_now()
             raise
-        if reader.done:
-            self._end()
-            self._pool.give_back(self._conn)
+        self._give_back_if_done()
         if data:
             return data
         raise StopAsyncIteration
@@ -164,21 +161,29 @@ class Response:
                         await conn.receive_untimed()
                         gap.deadline = math.inf
                         continue
-                    if reader.done:
-                        self._end()
-                        self._pool.give_back(conn)
+                    self._give_back_if_done()
                     await deliver(framed, data, not reader.done)
             if gap.cancelled_caught:
                 raise _gap(self._read_timeout)
-        except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self.aclose_now()
-            raise UpstreamError(_describe(exc)) from None
+        except _BROKEN as exc:
+            raise self._broke(exc) from None
         except BaseException:
             self.aclose_now()
             raise
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self])
+
+    def _give_back_if_done(self) -> None:
+        """The body was read to its end: the connection goes back to the pool."""
+        if self._conn.reader.done and not self._done:
+            self._end()
+            self._pool.give_back(self._conn)
+
+    def _broke(self, exc: BaseException) -> UpstreamError:
+        """The connection failed mid-body: closed, and the error the caller sees."""
+        self.aclose_now()
+        return UpstreamError(_describe(exc))
 
     def aclose_now(self) -> None:
         """Stop reading: an unfinished response's connection is closed, not reused."""
@@ -330,6 +335,10 @@ class ConnectionPool:
     def _connection_closed(self) -> None:
         self._open -= 1
         self._returned.unpark()
+
+
+#: How a connection breaks under a read: the server's bytes, or the socket.
+_BROKEN = (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 def _gap(read_timeout: float) -> UpstreamError:
