@@ -488,7 +488,7 @@ async def main(quick: bool, write: bool, routerd_log: Path | None, only: set[str
         finally:
             stop_all(targets)
         if "cheap" in only:  # a model started with --embeddings, one short input per request
-            cheap = start_all(work / "cheap", binary, {k: v for k, v in models.items() if k != COLD}, None,
+            cheap = start_all(work / "cheap", binary, {k: v for k, v in models.items() if k != COLD}, routerd_log,
                               extra_args=("--embeddings", "--pooling", "mean"))
             try:
                 for t in cheap:
