@@ -262,6 +262,26 @@ async def test_a_request_still_unread_when_the_keep_alive_deadline_passes_is_ans
         mock_clock.autojump_threshold = math.inf
 
 
+async def test_a_kept_alive_connection_late_at_every_deadline_keeps_serving(mock_clock):
+    """routerd's loop reaches each request of a long-lived connection only after its header
+    deadline (the request itself came in time): every one is answered and the connection goes
+    on. A head parsed just as the timer fired used to be answered and the connection then
+    closed, the timer's firing taken for an idle client (fails without the fix at the second
+    request). The extra header_timeout for unread bytes is per idle spell as well."""
+    config, front = front_answering_ok(header_timeout=0.5)
+    ours, theirs = socket.socketpair()
+    client = trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_one(config, front, trio.SocketStream(trio.socket.from_stdlib_socket(ours))))
+        for _ in range(16):  # trio runs the reader or the timer first, in either order
+            await trio.testing.wait_all_tasks_blocked()  # idle, its timer armed
+            theirs.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")  # in time...
+            mock_clock.jump(0.6)  # ...but the loop gets to it after the deadline
+            await read_ok(client, "closed under a request that arrived in time")
+        await client.aclose()
+        mock_clock.autojump_threshold = 0
+
+
 async def test_a_request_that_outlasts_the_header_timeout_is_answered_whole(start_routerd, tmp_path, model_file):
     r = await start_routerd(make_config(
         tmp_path, {"a": {"path": model_file("a"), "args": ["--fake-token-delay", "0.2"]}},

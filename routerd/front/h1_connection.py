@@ -78,6 +78,7 @@ class Connection:
         self._header_timer: trio.CancelScope | None = None  # the reader's (see _read_loop)
         self._header_deadline = trio.current_time() + settings.header_timeout
         self.timed_out = False
+        self._grace = True  # this idle spell may still get one more header_timeout
         self._current: Request | None = None  # the request being served
         self.peer, self._client, self._server = _addresses(stream)
 
@@ -110,16 +111,18 @@ class Connection:
         the connection waits for a request's head its deadline is ``header_timeout`` away, and
         inf while a request is served (see ``_arm_header_timer``). Moving a deadline costs far
         less than a scope per request."""
-        grace = True
         while True:
             with trio.CancelScope(deadline=self._header_deadline) as timer:
                 self._header_timer = timer
                 await self._read_until_done(timer)
                 return
-            # The header timer fired. Bytes already waiting in the socket were routerd's
-            # lateness (a busy loop), not the client's: they get one more header_timeout.
-            if self.pieces or (grace and self._unread_bytes()):
-                grace = False
+            # The header timer fired. A head parsed as it fired has moved the deadline on
+            # already. Bytes still waiting in the socket were routerd's lateness (a busy loop),
+            # not the client's: they get one more header_timeout.
+            if self._header_deadline > trio.current_time():
+                continue
+            if self.pieces or (self._grace and self._unread_bytes()):
+                self._grace = False  # once per idle spell: a client cannot drip past the limit
                 self._header_deadline = trio.current_time() + self._settings.header_timeout
                 continue
             self.timed_out = True
@@ -157,6 +160,7 @@ class Connection:
                         self._buffered += len(piece)
                     elif piece.__class__ is RequestHead:  # a head is here: the timer rests
                         self._header_deadline = timer.deadline = math.inf
+                        self._grace = True
                 self.pieces.extend(pieces)
                 self._arrived.set()
             if self._parser.error is not None:
