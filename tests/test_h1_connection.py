@@ -120,7 +120,9 @@ async def test_head_gets_the_headers_and_no_body(start_routerd, tmp_path, model_
             while received.count(b"HTTP/1.1 200") < 2 or not received.endswith(b"}"):
                 received += await stream.receive_some(65536)
     head_answer, get_answer = received.split(b"HTTP/1.1 200", 2)[1:]
-    assert head_answer.endswith(b"\r\n\r\n"), "a HEAD answer carried a body"
+    head_lines, after_head = head_answer.split(b"\r\n\r\n", 1)
+    assert after_head == b"", f"a HEAD answer carried a body: {after_head[:60]!r}"
+    assert b"content-length" in head_lines.lower()  # the GET's length, as HTTP says
     assert b'"status"' in get_answer
 
 
@@ -163,3 +165,20 @@ async def test_http2_without_tls_is_served_by_hypercorn_on_the_same_port(start_r
         health = await h2_client.get("/health")
     assert answer.http_version == "HTTP/2" and answer.status_code == 200
     assert answer.json()["object"] == "chat.completion" and health.json()["status"] == "ok"
+
+
+async def test_a_refused_request_that_expects_100_continue_is_not_asked_for_its_body(start_routerd, tmp_path,
+                                                                                   model_file):
+    """RFC 9110 section 10.1.1: the final status instead of 100 Continue when the body will not
+    be used; the connection then ends (the body never came)."""
+    r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
+    r.daemon.operations.add_key("k", KeySettings())
+    async with await connect(r.url) as stream:
+        await stream.send_all(b"POST %s HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 500\r\n\r\n"
+                              % CHAT.encode())
+        received = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 401"), received[:80]
+    assert b"100 Continue" not in received and b"connection: close" in received.lower()

@@ -329,6 +329,14 @@ STRICTER_THAN_H11 = {
         _request(b"POST /p HTTP/1.1\nhost: x\ntransfer-encoding: gzip\n"),
         400, "h11 says 501; RFC 9112 section 6.3 says a request whose final coding is not chunked MUST be "
              "answered 400 and the connection closed (both close)"),
+    "upgrade_with_a_body": (
+        _request(b"POST /p HTTP/1.1\nhost: x\nconnection: upgrade\nupgrade: foo\ncontent-length: 38\n",
+                 b"GET /hidden HTTP/1.1\r\nhost: x\r\n\r\n"),
+        400, "llhttp stops at the head of an Upgrade request and leaves its body unparsed: taken as the "
+             "next request, it would be one that nothing in front of routerd saw; h11 reads it as a body"),
+    "connect_method": (
+        _request(b"CONNECT example.com:443 HTTP/1.1\nhost: example.com:443\n"),
+        400, "routerd is not a tunnel; llhttp hands over the connection after CONNECT's head"),
     "chunked_twice": (
         _request(b"POST /p HTTP/1.1\nhost: x\ntransfer-encoding: chunked, chunked\n", b"0\r\n\r\n"),
         400, "h11 says 501; RFC 9112 section 7 forbids chunked twice, so the framing is unknown: 400 and close"),

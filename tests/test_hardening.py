@@ -24,6 +24,7 @@ import httpx
 import pytest
 import tomli_w
 import trio
+import trio.testing
 
 from routerd import client_json
 from routerd.errors import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_UNAVAILABLE
@@ -280,6 +281,39 @@ async def test_a_kept_alive_connection_late_at_every_deadline_keeps_serving(mock
             await read_ok(client, "closed under a request that arrived in time")
         await client.aclose()
         mock_clock.autojump_threshold = 0
+
+
+async def test_a_client_pipelining_without_reading_answers_is_not_read_without_bound():
+    """Requests sent behind one that is still being answered are read ahead only up to
+    MAX_PIPELINED: a client that floods requests and reads no answers holds a bounded queue,
+    and the requests it sent are all answered, in order, once it reads."""
+    release = trio.Event()
+    seen: list[str] = []
+
+    async def slow_first(scope, request):
+        seen.append(scope["path"])
+        if scope["path"] == "/0":
+            await release.wait()
+        await request.answer(200, [], scope["path"].encode())
+
+    ours, theirs = trio.socket.socketpair()
+    connection = h1_connection.Connection(trio.SocketStream(ours), slow_first,
+                                          h1_connection.Settings(header_timeout=30))
+    client = trio.SocketStream(theirs)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.serve)
+        for i in range(200):  # one write each: the reader sees them arrive one by one
+            await client.send_all(b"GET /%d HTTP/1.1\r\nhost: x\r\n\r\n" % i)
+            await trio.testing.wait_all_tasks_blocked()
+            # at most MAX_PIPELINED (16) heads waiting, each with its end, and one read's worth more
+            assert len(connection.pieces) <= 40, f"read ahead without bound: {len(connection.pieces)} pieces"
+        release.set()
+        received = b""
+        with trio.fail_after(10):
+            while received.count(b"HTTP/1.1 200") < 200:
+                received += await client.receive_some(65536)
+        await client.aclose()
+    assert seen == [f"/{i}" for i in range(200)]
 
 
 async def test_a_request_that_outlasts_the_header_timeout_is_answered_whole(start_routerd, tmp_path, model_file):

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import h11
 import pytest
 import trio
+import trio.testing
 
 from routerd.backends.upstream import ConnectionPool, UpstreamError
 
@@ -106,6 +107,27 @@ async def test_requests_beyond_max_open_wait_for_a_connection_instead_of_opening
             nursery.start_soon(one, i)
     assert sorted(answers) == sorted(f"/n{i}".encode() for i in range(8))
     assert server.connections == 2 and peak == 2
+
+
+async def test_a_health_check_is_not_queued_behind_a_full_pool(server_for):
+    """max_open holds requests back, but not /health: a check must not wait behind the traffic
+    of the backend it judges (two missed checks stop a backend)."""
+    release = trio.Event()
+
+    async def held_or_ok(stream, conn, request):
+        if request.target == b"/slow":
+            await release.wait()
+        await answer(stream, conn, request.target)
+        return True
+    server = await server_for(held_or_ok)
+    pool = ConnectionPool(server.port, max_idle=1, max_open=1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.request, "POST", "/slow")
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(2):
+            assert await pool.get("/health") == (200, b"/health")
+        release.set()
+    assert server.connections == 2
 
 
 async def test_an_idle_socket_the_server_closed_is_replaced_transparently(server_for):

@@ -196,8 +196,9 @@ class ResponseReader:
 
     @property
     def chunked(self) -> bool:
-        """The body of the response being read is chunked and none of it has been read yet
-        by ``body`` (so ``whole_chunks`` may pass it on as it is)."""
+        """The body of the response being read is chunked and the reader stands at a chunk's
+        start (as it does before anything of the body is read: ``whole_chunks`` may then pass
+        it on as it is, if ``body`` is never called for it)."""
         return self._state == _CHUNK_SIZE and not self.done
 
     def whole_chunks(self) -> tuple[bytes, list[bytes]]:

@@ -228,17 +228,22 @@ class ConnectionPool:
         self._returned = trio.lowlevel.ParkingLot()  # requests waiting for a connection
 
     async def request(self, method: str, target: str, *, headers: Iterable[tuple[bytes, bytes]] = (),
-                      body: bytes = b"", read_timeout: float | None = None) -> Response:
+                      body: bytes = b"", read_timeout: float | None = None, limited: bool = True,
+                      on_sent: Callable[[], None] | None = None) -> Response:
         """Send a request and return once the response's headers arrive (UpstreamError if the
         backend fails before that). ``read_timeout`` bounds each read (the gap between bytes, not
-        the whole exchange: bound that with a cancel scope); the pool's default otherwise."""
+        the whole exchange: bound that with a cancel scope); the pool's default otherwise.
+        ``limited``: the request waits for a connection past ``max_open`` (health checks do not:
+        they must not queue behind the traffic whose backend they judge). ``on_sent`` is
+        called once the request has gone out whole."""
         read_timeout = self.read_timeout if read_timeout is None else read_timeout
         head = [(b"host", self._host_header), (b"content-length", b"%d" % len(body)),
                 *self._fixed_headers, *headers]
         encoded = encode_request(method, self._prefix + target, head)
         while True:
             conn, reused = self._take_idle(), True
-            while conn is None and self.max_open is not None and self._open >= self.max_open and not self._closed:
+            while (conn is None and limited and self.max_open is not None and self._open >= self.max_open
+                   and not self._closed):
                 await self._returned.park()
                 conn = self._take_idle()
             if conn is None:
@@ -253,6 +258,8 @@ class ConnectionPool:
             except BaseException:
                 conn.close()
                 raise
+            if on_sent is not None:
+                on_sent()
             try:
                 response_head = await conn.read_head(read_timeout)
             except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
@@ -268,7 +275,7 @@ class ConnectionPool:
 
     async def get(self, target: str) -> tuple[int, bytes]:
         """A whole GET (health checks): status and body. Bound it with a cancel scope."""
-        response = await self.request("GET", target)
+        response = await self.request("GET", target, limited=False)
         try:
             return response.status, await response.read()
         finally:

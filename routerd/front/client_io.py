@@ -40,6 +40,11 @@ class RequestBody(Protocol):
         """The whole body if all of it has arrived already (taken: no wait), else None."""
         ...
 
+    @property
+    def awaiting_continue(self) -> bool:
+        """The client waits for ``100 Continue`` before it sends the body (none was sent)."""
+        ...
+
 
 class ResponseSink(Protocol):
     """Where the answer goes: its start, then its body in order."""
@@ -83,6 +88,8 @@ class AsgiBody:
 
     def received(self) -> bytes | None:
         return None
+
+    awaiting_continue = False  # hypercorn answers Expect itself
 
     @asynccontextmanager
     async def watch(self, on_leave: Callable[[], None]) -> AsyncIterator[None]:
@@ -176,7 +183,11 @@ async def drain(body: RequestBody) -> bool:
     A server that answers while the body is still arriving must close the connection after the
     answer (the unread rest would be taken for the next request), and a keep-alive client that
     sent its next request in the meantime sees it fail. Up to ``DRAIN_LIMIT`` bytes, read within
-    ``DRAIN_SECONDS``, keep the connection; past that it is closed after the answer."""
+    ``DRAIN_SECONDS``, keep the connection; past that it is closed after the answer. A client
+    waiting for ``100 Continue`` is not asked for a body that will not be used (RFC 9110,
+    section 10.1.1): the answer goes first and the connection ends after it."""
+    if body.awaiting_continue:
+        return False
     size = 0
     with trio.move_on_after(DRAIN_SECONDS):
         while size <= DRAIN_LIMIT:

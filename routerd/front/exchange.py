@@ -54,6 +54,8 @@ class Exchange:
         self.answer: bytes = b""
         #: The backend finishes this request's work even if the client leaves (a batch).
         self.runs_to_end = False
+        #: The request has gone out to a backend whole.
+        self.sent = False
         self.stream_tail: list[bytes] = []
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]], *, event_stream: bool = False) -> None:
@@ -111,6 +113,9 @@ class Exchange:
         if self.stream_tail:
             return usage.from_stream_tail(b"".join(self.stream_tail))
         return None
+
+    def was_sent(self) -> None:
+        self.sent = True
 
     def left(self) -> None:
         """The client hung up (before the end of the answer: a cancelled request)."""

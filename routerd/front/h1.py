@@ -8,9 +8,9 @@ obsolete line folding, a version other than 1.0/1.1); whether the connection may
 request; and encoding response heads and chunks. It does no I/O and knows nothing of routes,
 keys or models: ``h1_connection`` feeds it what the socket reads and writes what it encodes.
 
-Being lean is not being lenient: a malformed request is a 400 (431 for a head over the limit)
-and the connection's end, never a guess. ``tests/test_h1_differential.py`` holds the verdicts to
-hypercorn's (h11's) on the same bytes.
+Being lean is not being lenient: a malformed request is a 400 (431 for a head over the limit,
+501 for a transfer coding other than chunked) and the connection's end, never a guess.
+``tests/test_h1_differential.py`` holds the verdicts to hypercorn's (h11's) on the same bytes.
 """
 
 from __future__ import annotations
@@ -106,8 +106,18 @@ class RequestParser:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            # An Upgrade request (h2c, WebSocket): served as plain HTTP/1.1, which RFC 9110
-            # allows; the bytes after it are the next request's.
+            # An Upgrade request (h2c, WebSocket) or CONNECT: llhttp stops at the end of its
+            # head, leaving any body unparsed. Without a body it is served as plain HTTP/1.1
+            # (RFC 9110 lets a server ignore Upgrade) and the bytes after it are the next
+            # request's; with one, those bytes would pass for a request nobody in front saw.
+            head = next((piece for piece in reversed(pieces) if isinstance(piece, RequestHead)), None)
+            if head is None or head.has_body or head.method == "CONNECT":
+                self.error = BadRequest(400, "an Upgrade request with a body, or CONNECT, is not served here")
+                while pieces and not isinstance(pieces[-1], RequestHead):
+                    pieces.pop()
+                if pieces:
+                    pieces.pop()
+                return pieces
             offset = int(upgrade.args[0])
             self._parser = httptools.HttpRequestParser(self)
             rest = data[offset:]

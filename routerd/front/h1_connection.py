@@ -2,9 +2,11 @@
 
 Owns the I/O of a plain HTTP/1.1 connection: reading (one reader task per connection, which also
 notices the client leaving), the header timer (a connection must send a request's head within
-``header_timeout`` of opening or of its last answer), pipelined requests served in order, the
-send timeout (a client that reads nothing for ``send_timeout`` s is dropped), and graceful
-shutdown (idle connections close, busy ones finish their request). Each request goes to
+``header_timeout`` of opening or of its last answer, once more if its bytes were already
+waiting unread when the time was up), pipelined requests served in order (at most
+``MAX_PIPELINED`` read ahead), the send timeout (a client that reads nothing for
+``send_timeout`` s is dropped), and graceful shutdown (idle connections close, busy ones answer
+the requests they have sent and then close). Each request goes to
 ``handler(scope, request)``; ``request`` (``h1_request.Request``) is both its body and its
 answer's sink, and frames the answer.
 
@@ -33,8 +35,11 @@ from routerd.front.h1_request import ClientGone, Request
 
 log = logging.getLogger("routerd.http")
 
-#: The reader stops reading while this much request body waits unread (flow control).
+#: The reader stops reading while this much request body waits unread, or this many pipelined
+#: requests wait behind the one being answered (flow control: a flood of requests that reads no
+#: answers holds what one read brings, not the whole stream).
 READ_AHEAD = 256 * 1024
+MAX_PIPELINED = 16
 
 
 @attrs.frozen
@@ -64,9 +69,10 @@ class Connection:
         self._terminating = terminating if terminating is not None else trio.Event()
         self._parser = h1.RequestParser(settings.max_head_bytes)
         self.pieces: deque[RequestHead | bytes | None] = deque()
-        self._buffered = 0  # body bytes in _pieces
+        self._buffered = 0  # body bytes in pieces
+        self._heads_waiting = 0  # request heads in pieces
         self._arrived = trio.Event()  # set when pieces come, the client leaves or shutdown begins
-        self._read_more = trio.Event()  # the reader waits on it while READ_AHEAD is buffered
+        self._read_more = trio.Event()  # the reader waits on it while too much is queued
         self.client_gone = False
         self.bad_request: h1.BadRequest | None = None
         self.upgrade = False  # the client sent HTTP/2's preface: hypercorn takes the connection
@@ -131,7 +137,7 @@ class Connection:
 
     async def _read_until_done(self, timer: trio.CancelScope) -> None:
         while True:
-            while self._buffered > READ_AHEAD:
+            while self._buffered > READ_AHEAD or self._heads_waiting > MAX_PIPELINED:
                 self._read_more = trio.Event()
                 await self._read_more.wait()
             try:
@@ -159,6 +165,7 @@ class Connection:
                     if isinstance(piece, bytes):
                         self._buffered += len(piece)
                     elif piece.__class__ is RequestHead:  # a head is here: the timer rests
+                        self._heads_waiting += 1
                         self._header_deadline = timer.deadline = math.inf
                         self._grace = True
                 self.pieces.extend(pieces)
@@ -187,9 +194,7 @@ class Connection:
                 return
             if isinstance(piece, RequestHead):
                 for _ in range(len(pieces) - index):
-                    dropped = pieces.pop()
-                    if isinstance(dropped, bytes):
-                        self._buffered -= len(dropped)
+                    self._taken(pieces.pop())
                 return
 
     def _arm_header_timer(self) -> None:
@@ -200,8 +205,9 @@ class Connection:
 
     def _leave(self) -> None:
         """The client closed (or half-closed) its side, or reset the connection: the request in
-        progress is told, and no new one is read. Answers are still written until a write
-        fails (a half-closed client reads them)."""
+        progress is told (the proxy cancels its upstream call; an ASGI app hears
+        ``http.disconnect``), and no new one is read. Answers are still written until a write
+        fails: a half-closed client reads those its handlers still give."""
         self.client_gone = True
         self._arrived.set()
         for on_leave in list(self.watchers):
@@ -215,11 +221,17 @@ class Connection:
             self._arrived = trio.Event()
             await self._arrived.wait()
         piece = self.pieces.popleft()
+        self._taken(piece)
+        return piece
+
+    def _taken(self, piece: RequestHead | bytes | None) -> None:
+        """``piece`` left the queue: the reader may read again once little enough waits."""
         if isinstance(piece, bytes):
             self._buffered -= len(piece)
-            if self._buffered <= READ_AHEAD:
-                self._read_more.set()
-        return piece
+        elif piece is not None:
+            self._heads_waiting -= 1
+        if self._buffered <= READ_AHEAD and self._heads_waiting <= MAX_PIPELINED:
+            self._read_more.set()
 
     async def _next_head(self) -> RequestHead | None:
         """The next request's head, or None when the connection should close: the client left
@@ -227,7 +239,9 @@ class Connection:
         ``header_timeout`` (the reader's header timer)."""
         pieces = self.pieces
         if pieces and pieces[0].__class__ is RequestHead:  # pipelined: already here
-            return pieces.popleft()  # type: ignore[return-value]
+            head: RequestHead = pieces.popleft()  # type: ignore[assignment]
+            self._taken(head)
+            return head
         self._arm_header_timer()
         while True:
             if pieces:
@@ -244,7 +258,11 @@ class Connection:
 
     def _unread_bytes(self) -> bool:
         fd = self._fd_source.fileno()
-        return fd >= 0 and bool(select.select([fd], [], [], 0)[0])
+        if fd < 0:
+            return False
+        poller = select.poll()  # not select(): descriptors past 1024 are normal in a busy daemon
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
 
     # -- requests -----------------------------------------------------------------------------
     async def _serve_requests(self) -> None:
@@ -304,7 +322,11 @@ class Connection:
             if sent == len(data):
                 return
             view = memoryview(data)[sent:]
-        await self._write_slowly(view)
+        try:
+            await self._write_slowly(view)
+        except BaseException:  # cancelled before or during the rest: the answer's framing is cut
+            self._broken = True
+            raise
 
     async def _write_slowly(self, data: bytes | memoryview) -> None:
         async with self._send_lock:  # another task's write waiting for room goes first
@@ -328,7 +350,7 @@ class Connection:
     def took(self, size: int) -> None:
         """``size`` bytes of body were taken from the pieces at once (``Request.received``)."""
         self._buffered -= size
-        if self._buffered <= READ_AHEAD:
+        if self._buffered <= READ_AHEAD and self._heads_waiting <= MAX_PIPELINED:
             self._read_more.set()
 
 

@@ -89,6 +89,10 @@ class Request:
             self.body_done = True
         return piece, not self.body_done
 
+    @property
+    def awaiting_continue(self) -> bool:
+        return self.head.expect_continue and not self._continued and not self.body_done
+
     def watch(self, on_leave: Callable[[], None]) -> _Watch:
         return _Watch(self._connection, on_leave)
 

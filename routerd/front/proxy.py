@@ -150,10 +150,10 @@ class ProxyApp:
         with trio.CancelScope() as request_scope:  # cancelled when the client leaves
             def left() -> None:
                 client.left()
-                if client.runs_to_end and client.endpoint is not None:
-                    # Sent (or being sent) to a backend that cannot stop this work midway: its
-                    # slot stays taken until the answer ends, so no other request is sent into a
-                    # busy backend (which piled work up when clients gave up under load).
+                if client.runs_to_end and client.sent:
+                    # Sent to a backend that cannot stop this work midway: its slot stays taken
+                    # until the answer ends, so no other request is sent into a busy backend
+                    # (which piled work up when clients gave up under load).
                     request_scope.deadline = min(request_scope.deadline,
                                                  trio.current_time() + ABANDONED_WORK_LIMIT)
                 else:
@@ -203,7 +203,8 @@ class ProxyApp:
                 if pool is None:
                     raise NotDelivered(f"{endpoint.label} stopped taking requests")
                 sent = body if lease.upstream_model is None or not body else renamed(body, lease.upstream_model)
-                return await pool.request(method, target, headers=forward_headers(headers), body=sent), endpoint
+                return await pool.request(method, target, headers=forward_headers(headers), body=sent,
+                                          on_sent=client.was_sent), endpoint
             except NotDelivered as exc:
                 endpoint.distrust()  # before the slot is freed: nobody else is sent there meanwhile
                 endpoint.release()
