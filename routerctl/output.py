@@ -245,6 +245,12 @@ EVENT_DETAILS: dict[EventType, Callable[[str, dict[str, Any]], str]] = {
     EventType.REMOTE_UNREACHABLE: _remote_detail,
     EventType.CATALOG_RESCAN: _catalog_detail,
     EventType.CONFIG_RELOAD: _catalog_detail,
+    EventType.PULL_PROGRESS: lambda kind, event: (
+        f"pulling {event.get('file')}: {event.get('bytes', 0) / 1e6:.1f}"
+        + (f" of {event['total'] / 1e6:.1f} MB" if event.get("total") else " MB")),
+    EventType.PULL_DONE: lambda kind, event: f"pulled: {', '.join(event.get('files') or [])}",
+    EventType.PULL_FAILED: lambda kind, event: f"pull FAILED: {event.get('error')}",
+    EventType.MODEL_REMOVED: lambda kind, event: f"removed from the cache: {', '.join(event.get('files') or [])}",
     EventType.REQUEST: _request_detail,
     EventType.DROPPED: lambda kind, event: f"dropped by routerd: {event.get('reason')}",
 }

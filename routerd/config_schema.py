@@ -118,6 +118,10 @@ class SchedulerConfig:
     #: Longest a model's queue waits for its turn while other models hold the room it needs;
     #: then those stop taking new requests, finish what they run, and make way.
     max_turn_wait: float = 15.0
+    #: A request for a model that is not running starts it (llama.cpp router mode's
+    #: ``models_autoload``). Off, it gets a 400 until someone loads the model (``routerctl load``,
+    #: ``POST /models/load``, the page): models then run only when an operator says so.
+    autoload: bool = True
     #: Models started at boot, in order, within the memory budget: names, or ["*"] for all.
     preload: list[str] = attrs.field(factory=list)
     #: Seconds between health checks of a ready backend, and each check's own timeout.

@@ -30,6 +30,13 @@ class EventType(enum.StrEnum):
     REMOTE_REACHABLE = "remote.reachable"
     REMOTE_UNREACHABLE = "remote.unreachable"
     CATALOG_RESCAN = "catalog.rescan"
+    #: A download into the Hugging Face cache (``routerctl pull``, ``POST /models``): bytes so
+    #: far of one file (a few a second at most), then its end.
+    PULL_PROGRESS = "pull.progress"
+    PULL_DONE = "pull.done"
+    PULL_FAILED = "pull.failed"
+    #: A pulled model removed from the cache (``DELETE /models``).
+    MODEL_REMOVED = "model.removed"
     CONFIG_RELOAD = "config.reload"
     #: The one event per finished request: sent only to subscribers that ask for it.
     REQUEST = "request"

@@ -215,15 +215,26 @@ async def test_the_page_is_served_from_the_package_without_a_key(start_routerd, 
     assert (await r.http.post("/admin/rescan")).status_code == 401
 
 
-async def test_admin_actions_need_an_admin_key_even_when_keys_are_not_required(start_routerd, tmp_path, model_file):
+async def test_the_local_user_acts_without_a_key_until_one_exists_then_an_admin_key_is_needed(
+        start_routerd, tmp_path, model_file):
     from tests.conftest import make_config
 
     r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
-    refused = await r.http.post("/admin/models/a/load")  # no key exists: anonymous may look, not act
-    assert refused.status_code == 401 and refused.json()["error"]["code"] == "admin_key_required"
-    assert (await r.http.get("/admin/whoami")).json() == {"key": None, "admin": False, "keys_required": False}
+    # routerd on loopback, no key made: the page acts for the machine's own user...
+    assert (await r.http.get("/admin/whoami")).json() == {"key": None, "admin": True, "keys_required": False,
+                                                          "local_user": True}
+    local = await r.http.post("/admin/models/a/load")
+    assert local.status_code == 200 and local.json()["state"] == "ready"
+    # ...but not for a page on another name that resolves to 127.0.0.1 (DNS rebinding).
+    rebound = await r.http.post("/admin/models/a/unload", headers={"Host": "attacker.example:8082"})
+    assert rebound.status_code == 401 and rebound.json()["error"]["code"] == "admin_key_required"
+    assert (await r.http.get("/admin/whoami", headers={"Host": "attacker.example"})).json()["admin"] is False
     admin, _ = r.daemon.gate.add("ops", KeySettings(admin=True))
+    refused = await r.http.post("/admin/models/a/unload", headers={"Authorization": f"Bearer {admin}x"})
+    assert refused.status_code == 401  # keys exist now: nobody acts without one
     auth = {"Authorization": f"Bearer {admin}"}
+    assert (await r.http.get("/admin/whoami", headers=auth)).json() == {
+        "key": "ops", "admin": True, "keys_required": True, "local_user": False}
     loaded = await r.http.post("/admin/models/a/load", headers=auth)
     assert loaded.status_code == 200 and loaded.json()["state"] == "ready"
     assert loaded.json()["pid"] == r.supervisor.running("a").pid and loaded.json()["port"] > 0  # as routerctl's

@@ -17,12 +17,13 @@ from werkzeug.routing import Rule
 from routerd.config import AuthConfig
 from routerd.errors import HeadersTooLarge, Unauthorized
 from routerd.events import EventType
-from routerd.front import access, api, routes
+from routerd.front import access, api, requested, routes
 from routerd.front.routes import Surface
 
 ROOT = Path(__file__).resolve().parent.parent
 P, U, V, E, M = Surface.PROXY, Surface.PASSTHROUGH, Surface.VIEWS, Surface.EVENTS, Surface.METRICS
 A, UI, OPT, W, NF = Surface.ADMIN, Surface.PAGE, Surface.METHODS, Surface.WRONG_METHOD, Surface.NOT_FOUND
+R, RE = Surface.ROUTER, Surface.MODEL_EVENTS
 
 #: (method, path, surface): every kind of route, its edges, and what is not one.
 TABLE = [
@@ -48,6 +49,11 @@ TABLE = [
     ("GET", "/admin/models/m/load", NF), ("GET", "/admin/nothing", NF), ("GET", "/admin/rescan", NF),
     ("GET", "/admin/models//logs", NF), ("POST", "/admin/models/m", W), ("POST", "/admin/whoami", W),
     ("PUT", "/admin/nothing", W),
+    # llama.cpp router mode's API
+    ("GET", "/props", R), ("HEAD", "/props", R), ("GET", "/models", R), ("POST", "/models/load", R),
+    ("POST", "/models/unload", R), ("POST", "/models", R), ("DELETE", "/models", R), ("GET", "/models/sse", RE),
+    ("GET", "/models/load", NF), ("PUT", "/models", W), ("POST", "/props", W), ("DELETE", "/models/load", W),
+    ("GET", "/models/other", NF),
     # the page
     ("GET", "/ui", UI), ("GET", "/ui/", UI), ("GET", "/ui/app.js", UI), ("HEAD", "/ui/index.html", UI),
     ("GET", "/ui/nope", UI), ("GET", "/ui/a/b", NF), ("POST", "/ui", NF), ("PUT", "/ui/app.js", NF),
@@ -96,8 +102,9 @@ def test_routing_allocates_nothing_per_request():
 ENDPOINT_SURFACES = {
     "health": V, "list_models": V, "show_model": V, "memory": V, "unrouted": NF,
     "ui_root": UI, "ui_file": UI, "event_types": UI, "whoami": A, "logs": A, "act": A, "rescan_models": A,
+    "router_props": R, "router_models": R, "router_load": R, "router_unload": R, "router_pull": R, "router_remove": R,
 }
-_QUART_SERVED = {V, A, UI}
+_QUART_SERVED = {V, A, UI, R}
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +239,26 @@ def test_too_many_header_fields_are_refused_before_the_key_is_looked_at(keyed_ga
     with pytest.raises(HeadersTooLarge) as refused:
         access.check_request(gate, _scope("/health", [(b"x-h", b"1")] * 11), max_headers=10, metrics_open=False)
     assert refused.value.status == 431 and "server.max_headers" in refused.value.message
+
+
+# -- what changes state, and router mode's ?model= -------------------------------------------
+@pytest.mark.parametrize(("method", "path", "changes"), [
+    ("POST", "/models/load", True), ("POST", "/models/unload", True), ("POST", "/models", True),
+    ("DELETE", "/models", True), ("POST", "/admin/models/m/load", True), ("POST", "/admin/rescan", True),
+    ("GET", "/models", False), ("GET", "/props", False), ("GET", "/admin/whoami", False),
+    ("GET", "/admin/models/m/logs", False), ("POST", "/v1/chat/completions", False), ("GET", "/models/sse", False),
+])
+def test_the_routes_that_change_what_runs_or_is_stored_are_marked(method, path, changes):
+    assert routes.route(method, path).changes_state is changes
+
+
+@pytest.mark.parametrize(("path", "query", "proxied"), [
+    ("/props", b"model=smollm2", True), ("/metrics", b"model=org/repo:Q4", True), ("/props", b"", False),
+    ("/props", b"model=", False), ("/metrics", b"other=1", False), ("/health", b"model=m", False),
+])
+def test_props_and_metrics_go_to_the_model_a_query_names(path, query, proxied):
+    named = requested.model_in_query(query) is not None
+    found = routes.route("GET", path, named)
+    assert found.proxied is proxied
+    if proxied:
+        assert found.label == path + "?model"  # counted by route, never by the client's text

@@ -65,6 +65,38 @@ _NO_KEY = ("this routerd requires an API key: send 'Authorization: Bearer KEY' (
            "an operator makes one with `routerctl keys add NAME`")
 
 
+def cross_site(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Why a request comes from a page on another site than routerd's own, or None (pure).
+
+    Browsers say where a request comes from: ``Sec-Fetch-Site`` (``same-origin`` for routerd's
+    own page, ``none`` for an address typed by the user) and ``Origin`` (scheme, host and port of
+    the page), which must then name the host the request was sent to. Clients that are not
+    browsers send neither and are not refused: keys are their check. A form or ``text/plain``
+    POST from another site needs no CORS preflight, so this is what stops it acting."""
+    fetch_site = origin = host = None
+    for name, value in headers:
+        if name == b"sec-fetch-site":
+            fetch_site = value.decode("latin-1").strip().lower()
+        elif name == b"origin":
+            origin = value.decode("latin-1").strip()
+        elif name == b"host":
+            host = value.decode("latin-1").strip().lower()
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        return f"Sec-Fetch-Site is {fetch_site!r}"
+    if origin is not None:
+        _, sep, netloc = origin.partition("://")
+        if not sep or netloc.lower().rstrip("/") != (host or ""):
+            return f"Origin {origin!r} is not this routerd ({host or 'no Host'})"
+    return None
+
+
+def _host_name(host: str) -> str:
+    """The name of a ``Host`` header without its port (pure): ``[::1]:8082`` -> ``::1``."""
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
 def is_loopback(host: str) -> bool:
     """Whether listening on ``host`` reaches this machine only (pure)."""
     if host == "localhost":
@@ -204,6 +236,7 @@ class Gate:
                 "on 127.0.0.1 and run `routerctl keys add NAME`, or list hashed keys in auth.keys_file), or set "
                 "auth.allow_unauthenticated = true to serve without keys on purpose"], "auth")
         self._keys_required_always = exposed
+        self._loopback_only = is_loopback(listening_on)
         self._external_file, self._external = external_file, external
         self._external_stamp = _stamp(config.keys_file) if config.keys_file else None
         self._external_checked = self._clock()
@@ -311,11 +344,23 @@ class Gate:
         if not caller.is_admin:
             raise Forbidden(f"{action} needs an admin key (`routerctl keys add NAME --admin`)")
 
-    @staticmethod
-    def require_admin_key(caller: Caller, action: str) -> None:
-        """Actions from a browser: an admin key, always (an anonymous visitor never acts, even
-        where keys are not required: the control socket is for the host's own users)."""
+    def local_user(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        """Whether a request without a key acts for the machine's own user: routerd listens on
+        loopback only, no key exists, and the request names a loopback host (a page on another
+        site that rebinds its name to 127.0.0.1 does not)."""
+        if not self._loopback_only or self.required:
+            return False
+        host = next((value for name, value in headers if name == b"host"), b"").decode("latin-1")
+        return is_loopback(_host_name(host))
+
+    def require_admin_key(self, caller: Caller, action: str, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """State-changing actions over HTTP (the admin API, router mode's): an admin key, or no
+        key at all where the request comes from the local user (``local_user``). Where keys are
+        not required but routerd is reachable from elsewhere, an anonymous caller never acts:
+        the control socket is for the host's own users."""
         if caller.key is None:
+            if self.local_user(headers):
+                return
             raise Unauthorized(f"{action} needs an admin key in the Authorization header "
                                "(`routerctl keys add NAME --admin` makes one)", code="admin_key_required")
         Gate.require_admin(caller, action)

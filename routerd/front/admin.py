@@ -6,9 +6,10 @@ compares ``EVENT.*`` and never spells a type itself),
 ``/admin/whoami`` (what the page may offer), a model's recent llama-server lines
 (``/admin/models/{model}/logs``; ``/events?logs=MODEL`` follows them) and the actions:
 load, unload, reset and rescan. Each action is the operation routerctl runs
-(``front/operations.py``) and answers the same fields; it needs an admin *key* (never an
-anonymous visitor, even where keys are not required) and is logged with the key's name. It must
-not decide anything itself.
+(``front/operations.py``) and answers the same fields; it needs an admin key, or the local user
+(routerd on loopback only, no key made: ``Gate.local_user``), never an anonymous visitor from
+elsewhere, and is logged with the key's name. A browser may send the actions only from this
+page (the route table refuses cross-site ones). It must not decide anything itself.
 """
 
 from __future__ import annotations
@@ -77,8 +78,10 @@ def register(app: QuartTrio, operations: Operations) -> None:
     @app.get("/admin/whoami")
     async def whoami() -> Response:
         caller = caller_of(request.scope)
+        local_user = caller.key is None and gate.local_user(request.scope["headers"])
         return _json({"key": caller.key.name if caller.key else None,
-                      "admin": caller.key is not None and caller.key.admin, "keys_required": gate.required})
+                      "admin": local_user or (caller.key is not None and caller.key.admin),
+                      "keys_required": gate.required, "local_user": local_user})
 
     @app.get("/admin/models/<path:model>/logs")
     async def logs(model: str) -> Response:
@@ -108,7 +111,7 @@ def register(app: QuartTrio, operations: Operations) -> None:
 
 def _admin(gate: Gate, action: str) -> Caller:
     caller = caller_of(request.scope)
-    gate.require_admin_key(caller, action)
+    gate.require_admin_key(caller, action, request.scope["headers"])
     return caller
 
 

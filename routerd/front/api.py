@@ -71,7 +71,7 @@ class Observability:
                 self.gate.require_admin(caller, "GET /metrics")  # every model's name and load
                 settings = self.supervisor.config.metrics
                 body = await self.metrics.render(backends=settings.backends, backend_timeout=settings.backend_timeout)
-                await _send_whole(send, 200, self.metrics.content_type, body)
+                await send_whole(send, 200, self.metrics.content_type, body)
                 return
             query = parse_qs(scope["query_string"].decode("latin-1"))
             with_requests = query.get("requests", ["0"])[-1].lower() in ("1", "true", "yes")
@@ -81,7 +81,7 @@ class Observability:
                 logs = self.supervisor.catalog.resolve(logs).name
             await self._events(receive, send, caller, with_requests, logs)
         except RouterdError as exc:
-            await _send_whole(send, exc.status, "application/json", json.dumps(exc.openai_body()).encode(),
+            await send_whole(send, exc.status, "application/json", json.dumps(exc.openai_body()).encode(),
                               exc.http_headers())
 
     async def _events(self, receive: Receive, send: Send, caller: Caller, with_requests: bool,
@@ -119,7 +119,7 @@ async def _send_event(send: Send, event_id: str, data: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": True})
 
 
-async def _send_whole(send: Send, status: int, content_type: str, body: bytes,
+async def send_whole(send: Send, status: int, content_type: str, body: bytes,
                       headers: list[tuple[str, str]] | None = None) -> None:
     head = [(b"content-type", content_type.encode()), (b"content-length", b"%d" % len(body))]
     head += [(k.lower().encode(), v.encode()) for k, v in headers or []]

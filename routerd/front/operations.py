@@ -14,6 +14,7 @@ operation reports progress through a callback its edge gives (a JSON-RPC notific
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,18 +25,23 @@ import cattrs
 import trio
 
 from routerd import __version__
-from routerd.backends.backend import Backend
+from routerd.backends.backend import Backend, State
 from routerd.backends.logring import LogLine
 from routerd.backends.status import ModelStatus
 from routerd.backends.supervisor import Supervisor
+from routerd.errors import RouterdError
 from routerd.front.access import Gate
 from routerd.front.keys import KeySettings
 from routerd.models.service import CatalogService, PullResult, ReloadResult
 
-__all__ = ["KeyAdded", "KeyRevoked", "KeysListed", "LoadResult", "LogsResult", "ImportResult", "ModelResult",
-           "ModelsResult", "Operations", "Overview", "PullResult", "ReloadResult", "ResetResult", "UnloadResult",
-           "VersionResult", "json_default", "summary", "unstructure"]
+__all__ = ["KeyAdded", "KeyRevoked", "KeysListed", "LoadRequested", "LoadResult", "RemoveResult",
+           "LogsResult", "ImportResult", "ModelResult", "ModelsResult", "Operations", "Overview",
+           "PullResult", "ReloadResult", "ResetResult", "UnloadResult", "VersionResult", "json_default",
+           "summary", "unstructure"]
 
+log = logging.getLogger("routerd.operations")
+#: How long ``request_load`` waits to say whether a load started or waits for room.
+LOAD_DECISION_SECONDS = 2.0
 #: An edge's way to tell its caller how a long operation goes (the params of one notification).
 Notify = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -107,6 +113,25 @@ class LoadResult:
 
 
 @attrs.frozen
+class LoadRequested:
+    """What a load asked for without waiting (router mode's ``POST /models/load``) came to,
+    as far as it is known when the answer goes: the model is ``loaded``, ``loading``, or
+    ``queued`` (waiting for room that busy models hold); a refusal is raised instead."""
+
+    model: str
+    status: str
+    message: str
+
+
+@attrs.frozen
+class RemoveResult:
+    model: str
+    files: list[str]
+    #: Whether it was running (it is stopped first).
+    was_running: bool
+
+
+@attrs.frozen
 class UnloadResult:
     model: str
     #: The model's state once its processes are gone.
@@ -171,6 +196,8 @@ class Operations:
         self.socket_path = socket_path
         #: The HTTP front's URLs, once it listens (set by the daemon).
         self.listen: list[str] = []
+        #: ``llama-server --version``'s first line (set by the daemon once it has asked).
+        self.llama_server_version = "unknown"
 
     # -- reads
     def version(self) -> VersionResult:
@@ -216,6 +243,31 @@ class Operations:
             await sent.catch_up(backend)  # lines printed between the last wake-up and ready
         return LoadResult(model=entry.name, state=backend.state.value, pid=backend.pid, port=backend.port,
                           load_seconds=(backend.ready_at or 0) - backend.started_at)
+
+    async def request_load(self, model: str, decide_within: float = LOAD_DECISION_SECONDS) -> LoadRequested:
+        """Start loading ``model`` in the background and say, within ``decide_within`` s, what
+        became of it: admission's refusal (not enough memory, a crash loop...) is raised, a
+        start is ``loading``, and a load still waiting for room then is ``queued``."""
+        supervisor = self.supervisor
+        entry = supervisor.catalog.resolve(model)
+        running = supervisor.running(entry.name)
+        if running is not None and running.state is State.READY and not running.stop_requested:
+            return LoadRequested(entry.name, "loaded", f"{entry.name} is loaded")
+        attempt = _LoadAttempt()
+        supervisor.start_soon(attempt.run, supervisor, entry.name, name=f"load {entry.name}")
+        with trio.move_on_after(decide_within):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(attempt.watch_start, supervisor, entry.name)
+                await attempt.decided.wait()
+                nursery.cancel_scope.cancel()
+        if attempt.error is not None:
+            raise attempt.error.copy()
+        if attempt.loaded:
+            return LoadRequested(entry.name, "loaded", f"{entry.name} is loaded")
+        if attempt.started:
+            return LoadRequested(entry.name, "loading", f"{entry.name} is loading")
+        return LoadRequested(entry.name, "queued", f"{entry.name} waits for room: the models holding the memory "
+                             "it needs are busy; it starts once they finish (scheduler.max_turn_wait)")
 
     async def unload(self, model: str, *, force: bool = False) -> UnloadResult:
         """Stop ``model`` and return once its processes are gone; in-flight requests finish first
@@ -279,6 +331,19 @@ class Operations:
 
         return await self.catalog.pull(ref, filename, report)
 
+    def pull_soon(self, ref: str) -> None:
+        """Start downloading ``ref`` in the background; the event bus says how it goes."""
+        self.catalog.pull_soon(ref)
+
+    async def remove(self, model: str) -> RemoveResult:
+        """Stop a pulled model and delete its files from the hub cache (refused for models the
+        user put in the config or a folder)."""
+        entry = self.supervisor.catalog.resolve(model)
+        self.catalog.check_removable(entry.name)
+        stopped = await self.unload(entry.name, force=True)
+        files = await self.catalog.remove(entry.name)
+        return RemoveResult(model=entry.name, files=files, was_running=stopped.was_running)
+
     # -- keys
     def add_key(self, name: str, settings: KeySettings) -> KeyAdded:
         """Make a key named ``name``; it is returned here only."""
@@ -291,6 +356,35 @@ class Operations:
     def revoke_key(self, name: str) -> KeyRevoked:
         record = self.gate.revoke(name)
         return KeyRevoked(name=record.name, prefix=record.prefix, required=self.gate.required)
+
+
+class _LoadAttempt:
+    """One background load, and what is known of it: started, loaded, or refused."""
+
+    def __init__(self) -> None:
+        self.decided = trio.Event()
+        self.started = False
+        self.loaded = False
+        self.error: RouterdError | None = None
+
+    async def run(self, supervisor: Supervisor, model: str) -> None:
+        try:
+            await supervisor.load(model)
+            self.loaded = True
+        except RouterdError as exc:
+            self.error = exc
+            log.warning("load of %s failed: %s", model, exc.message)
+        finally:
+            self.decided.set()
+
+    async def watch_start(self, supervisor: Supervisor, model: str) -> None:
+        while True:
+            backend = supervisor.running(model)
+            if backend is not None and not backend.stop_requested:
+                self.started = True
+                self.decided.set()
+                return
+            await supervisor.wait_changed()
 
 
 class _Progress:

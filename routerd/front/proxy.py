@@ -27,12 +27,19 @@ from routerd.backends import scheduler
 from routerd.backends.endpoints import SESSION_HEADER, Endpoint, Lease
 from routerd.backends.supervisor import Supervisor
 from routerd.backends.upstream import NotDelivered, Response, UpstreamError, first_header
-from routerd.errors import PayloadTooLarge, RequestTimeout, RouterdError, UpstreamFailed
+from routerd.errors import BadRequest, PayloadTooLarge, RequestTimeout, RouterdError, UpstreamFailed
 from routerd.front import feedback
 from routerd.front.access import Gate, Scope, caller_of, check_request, peer
 from routerd.front.client_io import RequestBody, ResponseSink, drain
 from routerd.front.exchange import Exchange
-from routerd.front.requested import forward_headers, read_request, renamed, split_model_path
+from routerd.front.requested import (
+    MODEL_QUERY_GET,
+    forward_headers,
+    model_in_query,
+    read_request,
+    renamed,
+    split_model_path,
+)
 
 log = logging.getLogger("routerd.proxy")
 
@@ -110,6 +117,9 @@ class ProxyApp:
             requested = read_request(body)
             model, stream, user = requested.model, requested.stream, requested.user
             target = path
+        elif path in MODEL_QUERY_GET:  # router mode's /props?model=M: the query names it
+            body, stream, target = b"", False, path
+            model = model_in_query(scope["query_string"]) or ""
         else:
             body, stream = b"", False
             rest = path[len("/upstream/"):] if path.startswith("/upstream/") else path[1:]
@@ -129,6 +139,11 @@ class ProxyApp:
         client.model = entry.name if entry is not None else ""  # a label: never the client's text
         if client.selector is None:
             self.gate.check_model(caller, model, entry)
+        if entry is not None and not self.supervisor.config.scheduler.autoload and not entry.remote \
+                and self.supervisor.running(entry.name) is None:
+            raise BadRequest(f"model {entry.name!r} is not loaded, and routerd loads models only when asked "
+                             "(scheduler.autoload = false): load it with `routerctl load NAME`, POST /models/load "
+                             "or the status page", code="model_not_loaded")
         if stream and path in feedback.CHAT_ROUTES and entry is not None:
             client.feedback = self.supervisor.config.loading_feedback(entry.name)
         priority_header = first_header(headers, scheduler.PRIORITY_HEADER.lower().encode())

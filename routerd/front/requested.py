@@ -2,14 +2,15 @@
 
 Owns reading a request body's ``model``, ``stream`` and ``user`` (400 for a body that is not a
 JSON object or names no model), a body renamed for a remote that knows the model by another
-name, which model a passthrough path names (``split_model_path``), and which headers go on to a
-backend and back (``forward_headers``). No I/O and no decisions about backends: the proxy reads
-the bytes and calls these.
+name, which model a passthrough path or query names (``split_model_path``, ``model_in_query``),
+and which headers go on to a backend and back (``forward_headers``). No I/O and no decisions
+about backends: the proxy reads the bytes and calls these.
 """
 
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
@@ -72,6 +73,20 @@ def renamed(body: bytes, model: str) -> bytes:
     payload = _json_object(body)
     payload["model"] = model
     return json.dumps(payload).encode()
+
+
+#: GET paths whose ``?model=`` query names the backend they go to (router mode's convention);
+#: without one, routerd answers them itself.
+MODEL_QUERY_GET = frozenset({"/props", "/metrics"})
+
+
+def model_in_query(query: bytes) -> str | None:
+    """The ``model`` a query string names (``?model=M``, router mode's way for ``/props`` and
+    ``/metrics``), or None (pure)."""
+    for value in urllib.parse.parse_qs(query.decode("latin-1")).get("model", []):
+        if value:
+            return value
+    return None
 
 
 def split_model_path(rest: str, names: Iterable[str]) -> tuple[str, str]:

@@ -2,10 +2,12 @@
 
 Owns ``route(method, path)`` (pure), the one decision of where a request goes: the proxy's hot
 path (the POST routes whose body names a model), passthrough to a backend (``/upstream/...``,
-``/{model}/props`` and the like), the views (``/v1/models``, ``/health``, ``/memory``), ``/events``,
-``/metrics``, admin (``/admin/...``), the status page (``/ui/...``), a wrong method on a known
-path (405) and what is not found (404). ``Front`` is the ASGI app hypercorn serves: CORS first,
-then the route, then the access check, then the handler; ``create_app`` builds it.
+``/{model}/props`` and the like, ``/props?model=M``), the views (``/v1/models``, ``/health``,
+``/memory``), ``/events``, ``/metrics``, admin (``/admin/...``), llama.cpp router mode's API
+(``/props``, ``/models...``), the status page (``/ui/...``), a wrong method on a known path (405)
+and what is not found (404). ``Front`` is the ASGI app hypercorn serves: CORS first, then the
+route, then (for what changes state) the cross-site check, then the access check, then the
+handler; ``create_app`` builds it.
 
 The Quart app serves the views, admin, the page and the 404/405 answers; its URL rules must
 agree with this table (tests/test_routes.py checks every one). This is the only module that
@@ -23,14 +25,15 @@ from quart_trio import QuartTrio
 
 from routerd.backends.supervisor import Supervisor
 from routerd.backends.upstream import first_header
-from routerd.errors import RouterdError
-from routerd.front import access, admin, api, cors
+from routerd.errors import Forbidden, RouterdError
+from routerd.front import access, admin, api, cors, router_mode
 from routerd.front.access import Gate
 from routerd.front.client_io import AsgiBody, AsgiSink, RequestBody, ResponseSink, drain
 from routerd.front.exchange import Exchange
 from routerd.front.h1_request import Request
 from routerd.front.operations import Operations
 from routerd.front.proxy import ProxyApp
+from routerd.front.requested import MODEL_QUERY_GET, model_in_query
 
 
 class Surface(enum.Enum):
@@ -49,6 +52,10 @@ class Surface(enum.Enum):
     ADMIN = "admin"
     #: ``/ui`` and ``/ui/{file}`` (Quart, ``admin``).
     PAGE = "page"
+    #: llama.cpp router mode's API: ``/props``, ``/models``, ``/models/load|unload`` (Quart,
+    #: ``router_mode``), and ``GET /models/sse`` (raw ASGI, ``router_mode.ModelEvents``).
+    ROUTER = "router"
+    MODEL_EVENTS = "model_events"
     #: OPTIONS without a CORS preflight: Quart's automatic answer with ``Allow``.
     METHODS = "methods"
     #: A path some route serves, with another method: 405 (Quart's error handler).
@@ -70,6 +77,9 @@ class Route:
     #: Whether llama-server finishes the request's work even when its client has left (one
     #: batch per request, nothing to stop between tokens).
     runs_to_end: bool = False
+    #: Whether it changes what runs or what is stored (loads, unloads, pulls, deletes, resets):
+    #: a browser may send it only from routerd's own page (``access.cross_site``).
+    changes_state: bool = False
 
     @property
     def proxied(self) -> bool:
@@ -92,6 +102,8 @@ BATCH_POST = frozenset({"/v1/embeddings", "/embedding", "/embeddings", "/v1/rera
 SHORT_UPSTREAM_GET = frozenset({"health", "props", "slots", "metrics"})
 #: Fixed paths served on GET (and HEAD, but for /metrics and /events) by the views.
 VIEW_PATHS = frozenset({"/health", "/v1/models", "/memory", "/metrics", "/events"})
+#: Router mode's model-management paths.
+ROUTER_PATHS = frozenset({"/props", "/models", "/models/load", "/models/unload", "/models/sse"})
 #: GET paths under this prefix belong to the model views, whatever their last segment.
 _MODEL_VIEW_PREFIX = "/v1/models/"
 _ADMIN_MODELS_PREFIX = "/admin/models/"
@@ -102,27 +114,41 @@ _UPSTREAM = Route(Surface.PASSTHROUGH, "/upstream")
 _SHORT_UPSTREAM = {endpoint: Route(Surface.PASSTHROUGH, "/{model}/" + endpoint) for endpoint in SHORT_UPSTREAM_GET}
 _VIEWS = Route(Surface.VIEWS)
 _ADMIN = Route(Surface.ADMIN)
+_ADMIN_ACTION = Route(Surface.ADMIN, changes_state=True)
+_ROUTER = Route(Surface.ROUTER)
+_ROUTER_ACTION = Route(Surface.ROUTER, changes_state=True)
+_ROUTER_ACTIONS = {"/models/load": _ROUTER_ACTION, "/models/unload": _ROUTER_ACTION, "/models": _ROUTER_ACTION}
+_BY_QUERY = {path: Route(Surface.PASSTHROUGH, path + "?model") for path in MODEL_QUERY_GET}
 _PAGE = Route(Surface.PAGE)
 _METHODS = Route(Surface.METHODS)
 _WRONG_METHOD = Route(Surface.WRONG_METHOD)
 _NOT_FOUND = Route(Surface.NOT_FOUND)
 #: GET only: HEAD on these is not found (their handlers are raw ASGI, not Quart's GET rules).
-_GET_ONLY = {"/metrics": Route(Surface.METRICS), "/events": Route(Surface.EVENTS)}
+_GET_ONLY = {"/metrics": Route(Surface.METRICS), "/events": Route(Surface.EVENTS),
+             "/models/sse": Route(Surface.MODEL_EVENTS)}
 #: GET and HEAD (Quart answers HEAD for its GET rules).
 _READS = {"/health": _VIEWS, "/v1/models": _VIEWS, "/memory": _VIEWS, "/ui": _PAGE, "/ui/": _PAGE,
-          "/admin/whoami": _ADMIN}
+          "/admin/whoami": _ADMIN, "/props": _ROUTER, "/models": _ROUTER}
 
 
-def route(method: str, path: str) -> Route:
-    """Where ``method path`` goes (pure). ``path`` is the decoded ASGI path."""
+def route(method: str, path: str, model_query: bool = False) -> Route:
+    """Where ``method path`` goes (pure). ``path`` is the decoded ASGI path; ``model_query``
+    whether its query names a model (``?model=``)."""
     if method == "POST":
         proxied = _PROXIED.get(path)
         if proxied is not None:
             return proxied
         if path == "/admin/rescan" or _admin_action(path):
-            return _ADMIN
+            return _ADMIN_ACTION
+        action = _ROUTER_ACTIONS.get(path)
+        if action is not None:
+            return action
+    elif method == "DELETE" and path == "/models":
+        return _ROUTER_ACTION
     elif method == "GET" or method == "HEAD":
         if method == "GET":
+            if model_query and path in MODEL_QUERY_GET:
+                return _BY_QUERY[path]
             fixed = _GET_ONLY.get(path)
             if fixed is not None:
                 return fixed
@@ -185,7 +211,8 @@ def _model_segment(model: str) -> bool:
 
 def _served_somehow(path: str) -> bool:
     """Whether some method is served at ``path`` (so another method there is 405, not 404)."""
-    return (path in PROXIED_POST or path in VIEW_PATHS or path.startswith((_MODEL_VIEW_PREFIX, "/admin/"))
+    return (path in PROXIED_POST or path in VIEW_PATHS or path in ROUTER_PATHS
+            or path.startswith((_MODEL_VIEW_PREFIX, "/admin/"))
             or _passthrough(path) is not None)
 
 
@@ -200,6 +227,7 @@ class Front:
         self.gate = gate
         self.proxy = proxy
         self.observability = observability
+        self.model_events = router_mode.ModelEvents(supervisor)
         self.views = views
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -224,12 +252,19 @@ class Front:
                 return
             if allowed:
                 sink.add_headers(cors.response_headers(allowed))
-        found = route(scope["method"], scope["path"])
+        query = scope["query_string"]
+        found = route(scope["method"], scope["path"], bool(query) and model_in_query(query) is not None)
         surface = found.surface
         if surface is Surface.PROXY or surface is Surface.PASSTHROUGH:
             await self.proxy.serve(scope, body, sink, found.label, found.queued, found.runs_to_end)
             return
         try:
+            if found.changes_state:
+                refused = access.cross_site(scope["headers"])
+                if refused is not None:
+                    raise Forbidden(f"{scope['method']} {scope['path']} changes what routerd runs or stores, and this "
+                                    f"request comes from another site's page ({refused}): only routerd's own page "
+                                    "may send it from a browser", code="cross_site_request")
             access.check_request(self.gate, scope, max_headers=server.max_headers, metrics_open=config.metrics.open)
         except RouterdError as exc:
             await drain(body)
@@ -238,6 +273,8 @@ class Front:
         receive, send = asgi()
         if surface is Surface.METRICS or surface is Surface.EVENTS:
             await self.observability(scope, receive, send)
+        elif surface is Surface.MODEL_EVENTS:
+            await self.model_events(scope, receive, send)
         else:
             await self.views(scope, receive, send)
 
@@ -250,4 +287,5 @@ def create_app(operations: Operations, metrics: api.MetricsSource) -> Front:
     supervisor, gate = operations.supervisor, operations.gate
     views = api.views_app(supervisor, gate, is_wrong_method=is_wrong_method)
     admin.register(views, operations)
+    router_mode.register(views, operations)
     return Front(supervisor, gate, ProxyApp(supervisor, gate), api.Observability(supervisor, gate, metrics), views)

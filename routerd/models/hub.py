@@ -1,4 +1,5 @@
-"""Downloading models from the Hugging Face hub into its cache (``routerctl pull``).
+"""Downloading models from the Hugging Face hub into its cache (``routerctl pull``), and
+removing what was downloaded (``DELETE /models``).
 
 Owns choosing the files of a pull with llama.cpp's rules (a tag matched as ``TAG[.-]``
 case-insensitively; no tag: Q4_K_M, then Q8_0; every part of a split model; the repo's
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 
@@ -107,6 +109,51 @@ def pull(repo_id: str, tag: str | None, filename: str | None, *, cache_dir: str,
         if status in (401, 403):
             raise Forbidden(f"{where} refused {repo_id} ({status}): check HF_TOKEN") from None
         raise Unavailable(f"pulling {repo_id} failed: {exc}", code="hub_error") from None
+
+
+def remove_cached(model_path: str, mmproj: Sequence[str], cache_dir: str) -> list[str]:
+    """Delete one cached model's files (every part of a split model; its projector unless another
+    model of the snapshot still uses it) from the hub cache, blobs included, and the whole repo
+    folder once no file is left in it (blocking: run it in a thread). The snapshot paths removed."""
+    cache = os.path.realpath(cache_dir)
+    snapshot_file = os.path.abspath(model_path)
+    if os.path.commonpath([cache, os.path.realpath(os.path.dirname(snapshot_file))]) != cache:
+        raise BadRequest(f"{model_path} is not in the Hugging Face cache {cache_dir}", code="model_not_removable")
+    directory = os.path.dirname(snapshot_file)
+    files = list(split_parts(snapshot_file))
+    others = [name for name in os.listdir(directory) if name.lower().endswith(".gguf")
+              and os.path.join(directory, name) not in files and os.path.join(directory, name) not in mmproj]
+    if not others:
+        files += [path for path in mmproj if os.path.dirname(os.path.abspath(path)) == directory]
+    repo = _repo_folder(cache, snapshot_file)
+    removed = []
+    for path in files:
+        if not os.path.lexists(path):
+            continue
+        blob = os.path.realpath(path)
+        os.unlink(path)
+        removed.append(path)
+        if blob != path and os.path.exists(blob) and not _linked_from(os.path.join(repo, "snapshots"), blob):
+            os.unlink(blob)
+    left = [name for _, _, names in os.walk(os.path.join(repo, "snapshots")) for name in names]
+    if not left:
+        shutil.rmtree(repo, ignore_errors=True)
+    return removed
+
+
+def _repo_folder(cache: str, snapshot_file: str) -> str:
+    """``models--org--repo`` of a file under ``cache/models--org--repo/snapshots/REV/...``."""
+    relative = os.path.relpath(snapshot_file, cache).split(os.sep)
+    return os.path.join(cache, relative[0])
+
+
+def _linked_from(snapshots: str, blob: str) -> bool:
+    """Whether a file under ``snapshots`` still points to ``blob``."""
+    for root, _, names in os.walk(snapshots):
+        for name in names:
+            if os.path.realpath(os.path.join(root, name)) == blob:
+                return True
+    return False
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None]:

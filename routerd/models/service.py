@@ -2,8 +2,8 @@
 
 Owns discovery (the config's models, imported ones, folders, the Hugging Face cache, the remotes'
 model lists), reload (read and check the config file: a bad one keeps the running config whole),
-rescan, import, pull, the periodic rescan, following the remotes' model lists, and the lock that
-makes each rebuild start from the config the previous one left.
+rescan, import, pull (and removing what was pulled), the periodic rescan, following the remotes'
+model lists, and the lock that makes each rebuild start from the config the previous one left.
 
 It must not import ``backends/`` or ``front/``: what a new config and catalog are applied to (the
 supervisor, the gate, the certificates, the remotes) comes in as a ``CatalogHost`` the daemon
@@ -107,6 +107,8 @@ class CatalogService:
         self.environ = dict(environ)
         #: Held by each rebuild: one at a time, and the newest file system wins.
         self.lock = trio.Lock()
+        #: Where background pulls run (``run``'s), while it runs.
+        self._nursery: trio.Nursery | None = None
 
     @property
     def config(self) -> Config:
@@ -153,9 +155,9 @@ class CatalogService:
         await self.rebuild(trigger="import")
         return [entry.name for entry in self.host.catalog if entry.path in fresh]
 
-    async def pull(self, ref: str, filename: str | None, progress: hub.Progress) -> PullResult:
-        """Download ``org/repo[:QUANT]`` into the hub cache, rescan, and name the new model.
-        ``progress`` is called from the download's thread."""
+    def check_pull(self, ref: str) -> tuple[str, str | None]:
+        """``ref`` as (repo id, tag) when a pull of it could be served; else the error, before
+        anything is downloaded."""
         repo_id, tag = hub.parse_model_ref(ref)
         if self.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             raise Unavailable(f"HF_HUB_OFFLINE is set: routerd will not download {ref}; unset it to pull",
@@ -163,11 +165,66 @@ class CatalogService:
         if not self._config.catalog.hf_cache:
             raise BadRequest(f"catalog.hf_cache is off, so a pulled model would not be served: turn it on "
                              f"to pull {ref}", code="hf_cache_disabled")
-        plan = await trio.to_thread.run_sync(partial(
-            hub.pull, repo_id, tag, filename, cache_dir=self.hub_cache, endpoint=self.environ.get("HF_ENDPOINT"),
-            token=self.environ.get("HF_TOKEN"), progress=progress))
-        await self.rebuild(trigger="pull")
-        return PullResult(model=f"{repo_id}:{plan.tag}", files=list(plan.files), cache=self.hub_cache)
+        return repo_id, tag
+
+    async def pull(self, ref: str, filename: str | None, progress: hub.Progress | None = None) -> PullResult:
+        """Download ``org/repo[:QUANT]`` into the hub cache, rescan, and name the new model.
+        ``progress`` is called from the download's thread; the bus hears how it goes too
+        (``pull.progress``, then ``pull.done`` or ``pull.failed``), whoever asked for it."""
+        repo_id, tag = self.check_pull(ref)
+        bus = self.bus
+
+        def report(name: str, done: int, total: int | None) -> None:  # the download's thread
+            trio.from_thread.run_sync(partial(bus.publish, events.EventType.PULL_PROGRESS, ref, file=name,
+                                              bytes=done, total=total))
+            if progress is not None:
+                progress(name, done, total)
+
+        try:
+            plan = await trio.to_thread.run_sync(partial(
+                hub.pull, repo_id, tag, filename, cache_dir=self.hub_cache, endpoint=self.environ.get("HF_ENDPOINT"),
+                token=self.environ.get("HF_TOKEN"), progress=report))
+            await self.rebuild(trigger="pull")
+        except RouterdError as exc:
+            bus.publish(events.EventType.PULL_FAILED, ref, error=exc.message, code=exc.code)
+            raise
+        result = PullResult(model=f"{repo_id}:{plan.tag}", files=list(plan.files), cache=self.hub_cache)
+        bus.publish(events.EventType.PULL_DONE, ref, pulled=result.model, files=result.files, cache=result.cache)
+        return result
+
+    def pull_soon(self, ref: str, filename: str | None = None) -> None:
+        """Start pulling ``ref`` in the background (``run``'s nursery): the bus says how it goes.
+        An error that needs no download (a malformed name, offline) is raised here."""
+        self.check_pull(ref)
+        if self._nursery is None:
+            raise Unavailable("routerd is starting or stopping; pull again in a moment", code="not_running")
+        self._nursery.start_soon(self._pull_quietly, ref, filename, name=f"pull {ref}")
+
+    async def _pull_quietly(self, ref: str, filename: str | None) -> None:
+        try:
+            await self.pull(ref, filename)
+        except RouterdError as exc:
+            log.warning("pull of %s failed: %s", ref, exc.message)
+
+    def check_removable(self, name: str) -> None:
+        """BadRequest unless ``name`` is a model pulled into the hub cache: models from the
+        config, an import or a folder are the user's files."""
+        entry = self.host.catalog.resolve(name)
+        if entry.source != "hf-cache":
+            where = {"config": "the config file", "import": "`routerctl import`", "folder": "a models folder"}
+            raise BadRequest(
+                f"model {entry.name!r} comes from {where.get(entry.source, entry.source)} ({entry.path}), not from a "
+                "pull: routerd removes only what it downloaded into the Hugging Face cache. Take it out of its "
+                "config or folder yourself", code="model_not_removable")
+
+    async def remove(self, name: str) -> list[str]:
+        """Delete a pulled model's files from the hub cache and rescan; the files removed."""
+        self.check_removable(name)
+        entry = self.host.catalog.resolve(name)
+        removed = await trio.to_thread.run_sync(hub.remove_cached, entry.path, [*entry.mmproj], self.hub_cache)
+        await self.rebuild(trigger="remove")
+        self.bus.publish(events.EventType.MODEL_REMOVED, entry.name, files=removed)
+        return removed
 
     def discover(self, config: Config, remote_models: Mapping[str, tuple[str, ...]]) -> Catalog:
         """The catalog for ``config``, with the remotes' models as last listed: blocking
@@ -207,10 +264,14 @@ class CatalogService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the catalog current until cancelled: follow the remotes' model lists, and rescan
         every ``catalog.rescan_interval`` s when it is set."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._follow_remotes)
-            nursery.start_soon(self._rescan_periodically)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._follow_remotes)
+                nursery.start_soon(self._rescan_periodically)
+                task_status.started()
+        finally:
+            self._nursery = None
 
     async def _follow_remotes(self) -> None:
         """Rebuild the catalog whenever a remote's model list changes (discovery, reload)."""

@@ -123,6 +123,8 @@ class Daemon:
                                               hub_cache=paths.hub_cache(environ), environ=environ)
         self.operations = Operations(self.supervisor, self.gate, self.catalog_service, started=self.started,
                                      socket_path=self.socket_path)
+        if build is not None:
+            self.operations.llama_server_version = build.llama_server_version
 
     @property
     def config(self) -> Config:

@@ -107,6 +107,10 @@ class Metrics:
         self.rescans = Counter("routerd_rescans", "Catalog rescans by trigger and outcome", ["trigger", "outcome"],
                                registry=r)
         self.reloads = Counter("routerd_reloads", "Config reloads by outcome", ["outcome"], registry=r)
+        self.pulls = Counter("routerd_pulls", "Downloads into the Hugging Face cache by outcome", ["outcome"],
+                             registry=r)
+        self.removals = Counter("routerd_models_removed", "Pulled models removed from the Hugging Face cache",
+                                registry=r)
         r.register(_Snapshot(self))
         #: Each (model, route)'s children of the request metrics: found by label once, not per request.
         self._series: dict[tuple[str, str], _RequestSeries] = {}
@@ -173,16 +177,26 @@ class Metrics:
     def _reload(self, model: str, data: dict[str, Any]) -> None:
         self.reloads.labels("ok" if data.get("ok") else "error").inc()
 
+    def _pulled(self, model: str, data: dict[str, Any]) -> None:
+        self.pulls.labels("ok").inc()
+
+    def _pull_failed(self, model: str, data: dict[str, Any]) -> None:
+        self.pulls.labels("error").inc()
+
+    def _removed(self, model: str, data: dict[str, Any]) -> None:
+        self.removals.inc()
+
     _handlers = {EventType.REQUEST: _request, EventType.MODEL_LOADING: _loading, EventType.MODEL_READY: _ready,
                  EventType.MODEL_STOPPED: _stopped, EventType.MODEL_FAILED: _failed,
                  EventType.MODEL_EVICTED: _evicted, EventType.MODEL_CRASH_LOOP: _crash_loop,
-                 EventType.CATALOG_RESCAN: _rescan, EventType.CONFIG_RELOAD: _reload}
+                 EventType.CATALOG_RESCAN: _rescan, EventType.CONFIG_RELOAD: _reload, EventType.PULL_DONE: _pulled,
+                 EventType.PULL_FAILED: _pull_failed, EventType.MODEL_REMOVED: _removed}
     #: Event types no metric counts, and why: their effect is read at scrape time (states,
     #: queue depths, remote reachability are gauges) or they are not countable facts (log lines,
     #: loading progress, a subscriber's own drop). Tests hold handled + ignored to ``EventType``.
     IGNORED_EVENTS = frozenset({EventType.MODEL_PROGRESS, EventType.MODEL_LOG, EventType.MODEL_STOPPING,
                                 EventType.QUEUE_HIGH, EventType.QUEUE_NORMAL, EventType.REMOTE_REACHABLE,
-                                EventType.REMOTE_UNREACHABLE, EventType.DROPPED})
+                                EventType.REMOTE_UNREACHABLE, EventType.DROPPED, EventType.PULL_PROGRESS})
 
     def control_call(self, method: str, outcome: str) -> None:
         """Count a control call (``method`` must be a known method name or "unknown")."""

@@ -54,7 +54,8 @@ IGNORED = frozenset({
     events.EventType.MODEL_FAILED, events.EventType.MODEL_EVICTED, events.EventType.MODEL_CRASH_LOOP,
     events.EventType.QUEUE_HIGH, events.EventType.QUEUE_NORMAL, events.EventType.REMOTE_REACHABLE,
     events.EventType.REMOTE_UNREACHABLE, events.EventType.CATALOG_RESCAN, events.EventType.CONFIG_RELOAD,
-    events.EventType.DROPPED})
+    events.EventType.DROPPED, events.EventType.PULL_PROGRESS, events.EventType.PULL_DONE,
+    events.EventType.PULL_FAILED, events.EventType.MODEL_REMOVED})
 
 
 def observe(event: events.Event) -> None:

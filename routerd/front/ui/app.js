@@ -1,5 +1,6 @@
 // routerd's status page: one event stream per page; every view is re-read when an event says
-// something changed. No framework, no build step.
+// something changed. No framework, no build step. Below the views, the playground: a chat with
+// any model, streamed, using the same key and the same event stream (for loading progress).
 
 // The event types as routerd defines them (made from routerd.events.EventType): the page names
 // a type only through EVENT, so a renamed type cannot silently go unmatched here.
@@ -39,6 +40,37 @@ async function api(path, options = {}) {
 }
 
 // -- the event stream ------------------------------------------------------------------------
+// The messages of a server-sent event stream, as they arrive: { data } for each event (its data
+// lines joined), { comment } for each comment line (routerd's ": waiting for MODEL" while a
+// streamed chat waits for its model). Ids and event names are not used by the page.
+async function* sseMessages(body) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let data = [];
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value;
+      const lines = buffer.split("\n");
+      buffer = lines.pop(); // an incomplete line waits for the rest
+      for (const raw of lines) {
+        const line = raw.endsWith("\r") ? raw.slice(0, -1) : raw;
+        if (line === "") {
+          if (data.length) yield { data: data.join("\n") };
+          data = [];
+        } else if (line.startsWith(":")) {
+          yield { comment: line.slice(1).trim() };
+        } else if (line.startsWith("data:")) {
+          data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
+        }
+      }
+    }
+  } finally {
+    reader.cancel().catch(() => {}); // a reader that stops early lets the connection go
+  }
+}
+
 async function* serverSentEvents(url, signal) {
   const response = await fetch(url, { headers: headers(), signal });
   if (!response.ok) {
@@ -46,19 +78,8 @@ async function* serverSentEvents(url, signal) {
     error.status = response.status;
     throw error;
   }
-  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += value;
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
-      if (data) yield JSON.parse(data);
-    }
+  for await (const message of sseMessages(response.body)) {
+    if (message.data) yield JSON.parse(message.data);
   }
 }
 
@@ -102,6 +123,7 @@ async function connect() {
 }
 
 function onEvent(event) {
+  followLoading(event);
   if (event.type === EVENT.REQUEST) {
     appendLog("requests", requestLine(event));
   } else if (event.type === EVENT.MODEL_LOG || event.type === EVENT.MODEL_PROGRESS) {
@@ -133,11 +155,13 @@ async function refresh(withMemory = true) {
   try {
     const listing = await api("/v1/models");
     page.models = listing.data.filter((m) => !m.alias_of && !m.selector);
+    playground.selectors = listing.data.filter((m) => m.selector);
     $("models-error").hidden = true;
   } catch (error) {
     $("models-error").textContent = `Cannot list models: ${error.message}`;
     $("models-error").hidden = false;
     page.models = [];
+    playground.selectors = [];
   }
   if (withMemory) {
     try {
@@ -152,6 +176,7 @@ async function refresh(withMemory = true) {
   renderModels();
   renderMemory();
   renderChoices();
+  renderPlaygroundChoices();
 }
 
 const GIB = 1024 ** 3;
