@@ -123,8 +123,7 @@ class Daemon:
                                               hub_cache=paths.hub_cache(environ), environ=environ)
         self.operations = Operations(self.supervisor, self.gate, self.catalog_service, started=self.started,
                                      socket_path=self.socket_path)
-        if build is not None:
-            self.operations.llama_server_version = build.llama_server_version
+        self._version_known = build is not None
 
     @property
     def config(self) -> Config:
@@ -146,6 +145,10 @@ class Daemon:
                   task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         self.catalog_service.imports.check_writable()
+        if not self._version_known:
+            version = await trio.to_thread.run_sync(llama_server_version, self.supervisor.binary)
+            self.metrics.build = build_info(self.supervisor.binary, version)
+        self.operations.llama_server_version = self.metrics.build.llama_server_version
         async with trio.open_nursery() as root:
             await root.start(self.supervisor.run)
             remotes = self.supervisor.remotes
@@ -260,6 +263,5 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
     log.info("open files limit: %d", raise_open_file_limit())
     binary = config_mod.resolve_llama_server(config, environ)
     memory = MemoryManager(config.memory, NvmlProvider.open())
-    build = build_info(binary, await trio.to_thread.run_sync(llama_server_version, binary))
-    daemon = Daemon(config, binary=binary, environ=environ, memory=memory, build=build)
+    daemon = Daemon(config, binary=binary, environ=environ, memory=memory)
     await daemon.run()
