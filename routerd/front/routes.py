@@ -4,10 +4,10 @@ Owns ``route(method, path)`` (pure), the one decision of where a request goes: t
 path (the POST routes whose body names a model), passthrough to a backend (``/upstream/...``,
 ``/{model}/props`` and the like, ``/props?model=M``), the views (``/v1/models``, ``/health``,
 ``/memory``), ``/events``, ``/metrics``, admin (``/admin/...``), llama.cpp router mode's API
-(``/props``, ``/models...``), the status page (``/ui/...``), a wrong method on a known path (405)
-and what is not found (404). ``Front`` is the ASGI app hypercorn serves: CORS first, then the
-route, then (for what changes state) the cross-site check, then the access check, then the
-handler; ``create_app`` builds it.
+(``/props``, ``/models...``), llama.cpp's web UI (``/``), the status page (``/ui/...``), a wrong
+method on a known path (405) and what is not found (404). ``Front`` is the ASGI app hypercorn
+serves: CORS first, then the route, then (for what changes state) the cross-site check, then the
+access check, then the handler; ``create_app`` builds it.
 
 The Quart app serves the views, admin, the page and the 404/405 answers; its URL rules must
 agree with this table (tests/test_routes.py checks every one). This is the only module that
@@ -26,7 +26,7 @@ from quart_trio import QuartTrio
 from routerd.backends.supervisor import Supervisor
 from routerd.backends.upstream import first_header
 from routerd.errors import Forbidden, RouterdError
-from routerd.front import access, admin, api, cors, router_mode
+from routerd.front import access, admin, api, cors, router_mode, webui
 from routerd.front.access import Gate
 from routerd.front.client_io import AsgiBody, AsgiSink, RequestBody, ResponseSink, drain
 from routerd.front.exchange import Exchange
@@ -56,6 +56,8 @@ class Surface(enum.Enum):
     #: ``router_mode``), and ``GET /models/sse`` (raw ASGI, ``router_mode.ModelEvents``).
     ROUTER = "router"
     MODEL_EVENTS = "model_events"
+    #: ``/``: llama.cpp's web UI from the llama-server routerd runs, else routerd's page (``webui``).
+    WEBUI = "webui"
     #: OPTIONS without a CORS preflight: Quart's automatic answer with ``Allow``.
     METHODS = "methods"
     #: A path some route serves, with another method: 405 (Quart's error handler).
@@ -128,7 +130,7 @@ _GET_ONLY = {"/metrics": Route(Surface.METRICS), "/events": Route(Surface.EVENTS
              "/models/sse": Route(Surface.MODEL_EVENTS)}
 #: GET and HEAD (Quart answers HEAD for its GET rules).
 _READS = {"/health": _VIEWS, "/v1/models": _VIEWS, "/memory": _VIEWS, "/ui": _PAGE, "/ui/": _PAGE,
-          "/admin/whoami": _ADMIN, "/props": _ROUTER, "/models": _ROUTER}
+          "/admin/whoami": _ADMIN, "/props": _ROUTER, "/models": _ROUTER, "/": Route(Surface.WEBUI)}
 
 
 def route(method: str, path: str, model_query: bool = False) -> Route:
@@ -228,6 +230,7 @@ class Front:
         self.proxy = proxy
         self.observability = observability
         self.model_events = router_mode.ModelEvents(supervisor)
+        self.webui = webui.WebUI(supervisor)
         self.views = views
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -275,6 +278,8 @@ class Front:
             await self.observability(scope, receive, send)
         elif surface is Surface.MODEL_EVENTS:
             await self.model_events(scope, receive, send)
+        elif surface is Surface.WEBUI:
+            await self.webui(scope, receive, send)
         else:
             await self.views(scope, receive, send)
 
