@@ -19,7 +19,7 @@ from routerd.backends.backend import API_KEY_VARIABLE, child_environment
 from routerd.config import AuthConfig
 from routerd.errors import EXIT_CONFIG, ConfigError, TooManyRequests, Unauthorized
 from routerd.front import keys as keys_mod
-from routerd.front.access import Caller, Gate, TokenBucket, is_loopback, presented_key
+from routerd.front.access import ANONYMOUS, Caller, Gate, TokenBucket, cross_site, is_loopback, presented_key
 from routerd.front.keys import KeySettings
 from routerd.front.requested import forward_headers
 from tests.conftest import make_config
@@ -446,3 +446,37 @@ def test_routerd_add_key_makes_a_first_key_before_the_daemon_runs(tmp_path):
     gate = Gate(AuthConfig(), listening_on="0.0.0.0", state_dir=str(tmp_path / "state"))  # starts: a key exists
     caller = gate.authenticate([(b"authorization", b"Bearer " + key.encode())])
     assert caller.name == "first" and caller.is_admin
+
+
+# -- cross-site browser requests, and the local user ---------------------------------------------
+@pytest.mark.parametrize(("headers", "refused"), [
+    ([], False),  # curl, SDKs: no browser headers; the key is their check
+    ([(b"host", b"127.0.0.1:8082"), (b"origin", b"http://127.0.0.1:8082"), (b"sec-fetch-site", b"same-origin")], False),
+    ([(b"host", b"localhost:8082"), (b"sec-fetch-site", b"none")], False),  # typed by the user
+    ([(b"host", b"Routerd.Example"), (b"origin", b"https://routerd.example")], False),  # names compare case-blind
+    ([(b"host", b"127.0.0.1:8082"), (b"origin", b"http://evil.example")], True),
+    ([(b"host", b"127.0.0.1:8082"), (b"origin", b"http://127.0.0.1:3000")], True),  # another port, another site
+    ([(b"host", b"127.0.0.1:8082"), (b"origin", b"null")], True),  # a sandboxed frame, a file: page
+    ([(b"host", b"127.0.0.1:8082"), (b"sec-fetch-site", b"cross-site")], True),
+    ([(b"host", b"127.0.0.1:8082"), (b"sec-fetch-site", b"same-site")], True),
+    ([(b"origin", b"http://127.0.0.1:8082")], True),  # no Host to compare with
+])
+def test_a_request_from_another_sites_page_is_told_apart(headers, refused):
+    assert (cross_site(headers) is not None) is refused
+
+
+@pytest.mark.parametrize(("listening", "host", "local"), [
+    ("127.0.0.1", b"127.0.0.1:8082", True), ("127.0.0.1", b"localhost", True), ("::1", b"[::1]:8082", True),
+    ("127.0.0.1", b"attacker.example:8082", False),  # a name rebound to 127.0.0.1
+    ("127.0.0.1", b"", False), ("0.0.0.0", b"127.0.0.1:8082", False),  # reachable from elsewhere
+])
+def test_the_local_user_is_one_on_loopback_with_no_key_made(tmp_path, listening, host, local):
+    g, _ = gate(tmp_path, listening, allow_unauthenticated=True)
+    headers = [(b"host", host)] if host else []
+    assert g.local_user(headers) is local
+    if local:
+        g.require_admin_key(ANONYMOUS, "POST /models/load", headers)  # acts without a key
+        g.add("ops", KeySettings(admin=True))
+        assert not g.local_user(headers)  # a key exists: keys are required, for everyone
+    with pytest.raises(Unauthorized):
+        g.require_admin_key(ANONYMOUS, "POST /models/load", headers)
