@@ -478,15 +478,21 @@ function renderPlaygroundChoices() {
   if (playground.model && !real.includes(playground.model) && !virtual.includes(playground.model)) {
     real.push(playground.model);
   }
-  const options = [select.options[0], ...real.map(option)];
-  if (virtual.length) {
-    const group = document.createElement("optgroup");
-    group.label = "Virtual models";
-    group.append(...virtual.map(option));
-    options.push(group);
+  // The list is re-read after every request: rebuilt only when it changed, so a list the user
+  // has open stays open.
+  const names = JSON.stringify([real, virtual]);
+  if (select.dataset.names !== names) {
+    select.dataset.names = names;
+    const options = [select.options[0], ...real.map(option)];
+    if (virtual.length) {
+      const group = document.createElement("optgroup");
+      group.label = "Virtual models";
+      group.append(...virtual.map(option));
+      options.push(group);
+    }
+    select.replaceChildren(...options);
+    select.value = playground.model;
   }
-  select.replaceChildren(...options);
-  select.value = playground.model;
   // The first listing after the page opened: pick what was picked last time.
   const last = localStorage.getItem(PICKED_STORAGE);
   if (!playground.model && last && (real.includes(last) || virtual.includes(last))) pickModel(last);
@@ -593,12 +599,19 @@ function answerTurn(model) {
   const parts = {
     element: turn,
     wait: element("p", "msg-wait"),
+    waitLabel: element("span"),
+    // The clock and llama-server's lines change several times a second: seen, not read aloud.
+    waitSeconds: element("span", "seconds"),
+    waitDetail: element("span", "detail"),
     reasoning: element("details", "msg-reasoning"),
     thoughts: element("div", "msg-text"),
     text: element("div", "msg-text"),
     figures: element("div", "msg-figures"),
     note: element("p", "msg-note"),
   };
+  parts.waitSeconds.setAttribute("aria-hidden", "true");
+  parts.waitDetail.setAttribute("aria-hidden", "true");
+  parts.wait.append(parts.waitLabel, parts.waitSeconds, parts.waitDetail);
   parts.reasoning.append(element("summary", "", "reasoning"), parts.thoughts);
   parts.reasoning.hidden = parts.note.hidden = true;
   turn.append(element("div", "msg-role", model), parts.wait, parts.reasoning, parts.text, parts.figures, parts.note);
@@ -617,8 +630,9 @@ function followingEnd(update) {
 
 async function sendMessage(text) {
   const model = playground.model;
+  if (!model || !text.trim()) return;
   const chat = chatOf(model);
-  if (!model || chat.generation || !text.trim()) return;
+  if (chat.generation) return;
   const answer = answerTurn(model);
   const generation = {
     model, answer, controller: new AbortController(), stopped: false,
@@ -738,7 +752,7 @@ function startWaiting(generation) {
   const targets = generation.targets;
   const states = targets.map(stateOf);
   let text = "waiting for the first token…";
-  if (false) {
+  if (!states.includes("ready")) {
     const loading = targets[states.indexOf("starting")] || (targets.length === 1 ? targets[0] : "");
     text = loading ? `loading ${loading}…` : `loading one of ${targets.join(", ")}…`;
   }
@@ -755,9 +769,13 @@ function showWaiting(generation, text, detail = "") {
 
 function renderWait(generation) {
   const { wait, answer } = generation;
-  const seconds = ((performance.now() - generation.sentAt) / 1000).toFixed(1);
-  const line = element("span", "", `${wait.text} ${seconds} s`);
-  answer.wait.replaceChildren(line, ...(wait.detail ? [element("span", "detail", wait.detail)] : []));
+  const seconds = `${((performance.now() - generation.sentAt) / 1000).toFixed(1)} s`;
+  // Only what changed is written: a screen reader announces the label's changes alone.
+  for (const [part, text] of [[answer.waitLabel, wait.text], [answer.waitSeconds, seconds],
+                              [answer.waitDetail, wait.detail]]) {
+    if (part.textContent !== text) part.textContent = text;
+  }
+  answer.waitDetail.hidden = !wait.detail;
 }
 
 function stopWaiting(generation) {
@@ -768,7 +786,6 @@ function stopWaiting(generation) {
 
 // The page's event stream says how a load goes: shown under each answer still waiting for it.
 function followLoading(event) {
-  return;
   for (const chat of playground.chats.values()) {
     const generation = chat.generation;
     if (!generation || !generation.targets.includes(event.model)) continue;
