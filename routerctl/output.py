@@ -94,7 +94,12 @@ def print_details(model: dict[str, Any]) -> None:
         if isinstance(value, dict):
             print(f"{key}:")
             for sub, subvalue in value.items():
-                shown = {k: _size(v) for k, v in subvalue.items()} if isinstance(subvalue, dict) else subvalue
+                if isinstance(subvalue, dict):
+                    shown: Any = {k: _size(v) for k, v in subvalue.items()}
+                elif isinstance(subvalue, list):
+                    shown = ", ".join(str(item) for item in subvalue) or "-"
+                else:
+                    shown = subvalue
                 print(f"  {sub}: {shown}")
         else:
             print(f"{key}: {value if value not in (None, '', []) else '-'}")

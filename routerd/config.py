@@ -274,7 +274,9 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         expanded = Path(path).expanduser()
         return str(expanded if expanded.is_absolute() else (base / expanded).resolve())
 
-    models = {name: attrs.evolve(model, path=absolute(model.path)) for name, model in config.models.items()}
+    models = {name: attrs.evolve(model, path=absolute(model.path),
+                                 binary=absolute(model.binary) if model.binary else "")
+              for name, model in config.models.items()}
     catalog = attrs.evolve(config.catalog, folders=[absolute(f) for f in config.catalog.folders])
     server = config.server
     if server.certfile:
@@ -298,8 +300,14 @@ def from_mapping(data: Mapping[str, Any], *, source: str | None = None, base: Pa
     errors = _validate(config)
     if errors:
         raise ConfigError(errors, source or "config")
-    config = attrs.evolve(config, source=source)
-    return _resolve_paths(config, base or Path.cwd())
+    config = _resolve_paths(attrs.evolve(config, source=source), base or Path.cwd())
+    # Checked once relative paths are resolved (against the config file's directory).
+    errors = [f"models.{name}.binary: {model.binary} is not an executable file"
+              for name, model in config.models.items()
+              if model.binary and not (os.access(model.binary, os.X_OK) and Path(model.binary).is_file())]
+    if errors:
+        raise ConfigError(errors, source or "config")
+    return config
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:

@@ -204,6 +204,9 @@ class ModelConfig:
     idle_ttl: float | None = None
     #: Extra llama-server args; a flag here replaces the same flag in backend.args.
     args: list[str] = attrs.field(factory=list)
+    #: This model's llama-server binary (over backend.binary): another build, a fork, an older
+    #: version. Checked like backend.binary; routerd passes it only the flags it knows.
+    binary: str = ""
     #: Environment variables for this model's llama-server (over backend.env).
     env: dict[str, str] = attrs.field(factory=dict)
     #: Overrides scheduler.loading_feedback for this model.

@@ -132,7 +132,7 @@ def build_argv(
     *,
     model_path: str,
     port: int,
-    alias: str,
+    alias: str | None,
     extra: Sequence[Flag] = (),
 ) -> list[str]:
     """The full llama-server command line for one backend.
@@ -147,5 +147,7 @@ def build_argv(
     for flag in extra:
         if flag.name not in configured:
             argv += flag.argv()
-    argv += ["--model", model_path, "--host", "127.0.0.1", "--port", str(port), "--alias", alias]
+    argv += ["--model", model_path, "--host", "127.0.0.1", "--port", str(port)]
+    if alias is not None:  # None: a build without --alias
+        argv += ["--alias", alias]
     return argv

@@ -31,6 +31,52 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+#: What it says to --help, as llama-server does: routerd asks every binary which flags it knows.
+HELP = """----- common params -----
+-c,    --ctx-size N                     size of the prompt context
+-np,   --parallel N                     number of server slots
+-fit,  --fit [on|off]                   whether to adjust unset arguments to fit in device memory
+-m,    --model FNAME                    model path
+-mm,   --mmproj FILE                    path to a multimodal projector file
+-a,    --alias STRING                   set model name aliases
+--host HOST                             ip address to listen
+--port PORT                             port to listen
+--api-key KEY                           API key to use for authentication
+                                        (env: LLAMA_API_KEY)
+--metrics                               enable prometheus compatible metrics endpoint
+--slot-save-path PATH                   path to save slot kv cache
+"""
+#: A build that predates routerd's flags (``--fake-old-build``, given by a wrapper script, as
+#: an older llama.cpp or a fork would be): --help lists none of them, and they are refused.
+OLD_BUILD_LACKS = ("--fit", "--alias", "--metrics", "--slot-save-path")
+
+
+def answer_build_questions(argv: list[str]) -> None:
+    """``--version`` and ``--help`` as llama-server answers them; a flag an old build does not
+    know is an error, as it is for llama-server."""
+    old, no_env_key = "--fake-old-build" in argv, "--fake-no-env-key" in argv
+    if "--version" in argv:
+        print("version: 4000 (0ldb01d)" if old else "version: 9999 (fake)", flush=True)
+        print("built with a stand-in for tests", flush=True)
+        sys.exit(0)
+    if "--help" in argv:
+        lines = HELP.splitlines()
+        if old:
+            lines = [line for line in lines if not any(flag in line for flag in OLD_BUILD_LACKS)]
+        if no_env_key:
+            lines = [line for line in lines if "env: LLAMA_API_KEY" not in line]
+        print("\n".join(lines), flush=True)
+        sys.exit(0)
+    if old:
+        for flag in OLD_BUILD_LACKS:
+            if flag in argv:
+                print(f"error: invalid argument: {flag}", file=sys.stderr, flush=True)
+                sys.exit(1)
+
+
+answer_build_questions(sys.argv[1:])
+
+
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--model", "-m", required=True)

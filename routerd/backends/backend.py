@@ -30,6 +30,7 @@ from routerd.backends.logring import LogRing
 from routerd.backends.upstream import ConnectionPool
 from routerd.errors import LoadFailed
 from routerd.events import EventType
+from routerd.llama_build import ADDED_FLAGS, Build
 
 log = logging.getLogger("routerd.backend")
 LOG_TAIL_LINES = 15
@@ -67,9 +68,18 @@ class BackendSpec:
     #: Variables the config sets for this process (backend.env, then the model's env).
     env: tuple[tuple[str, str], ...] = ()
 
-    def argv(self, port: int) -> list[str]:
+    def argv(self, port: int, build: Build | None = None) -> list[str]:
+        """Its command line; with ``build``, without the flags routerd adds that the build does
+        not know (the configured ones are the user's: they go as written)."""
+        extra = self.extra if build is None else tuple(flag for flag in self.extra if build.knows(flag.name))
+        alias = self.name if build is None or build.knows("--alias") else None
         return llama_args.build_argv(self.binary, self.flags, model_path=self.model_path, port=port,
-                                     alias=self.name, extra=self.extra)
+                                     alias=alias, extra=extra)
+
+    def lacking(self, build: Build) -> list[str]:
+        """The flags routerd would add that ``build`` does not know (pure)."""
+        wanted = {flag.name for flag in self.extra} | {"--alias"}
+        return [flag for flag in ADDED_FLAGS if flag in wanted and not build.knows(flag)]
 
     @property
     def slots(self) -> int:
@@ -162,8 +172,10 @@ class Backend:
     def __init__(self, spec: BackendSpec, *, idle_ttl: float, upstream_read_timeout: float,
                  env: Mapping[str, str] | None = None, on_change: Callable[[], None] = lambda: None,
                  health: HealthPolicy = DEFAULT_HEALTH, bus: events.Bus | None = None, key: str = "",
-                 spawn_with: Spawn | None = None) -> None:
+                 spawn_with: Spawn | None = None, build: Build | None = None) -> None:
         self.spec = spec
+        #: What its binary is and knows (None: not asked; every flag is passed).
+        self.build = build
         #: How its process starts: ``child.spawn`` (looked up at start) unless given another.
         self._spawn_with = spawn_with
         #: Unique among endpoints: the model's name, or ``name#2``... for further replicas.
@@ -322,7 +334,7 @@ class Backend:
 
     async def _run(self) -> None:
         port = free_port()
-        argv = self.spec.argv(port)
+        argv = self.spec.argv(port, self.build)
         log.info("starting %s: %s", self.name, " ".join(argv))
         api_key = secrets.token_urlsafe(32)  # this process's only: routerd is its sole client
         env = child_environment(self._env, dict(self.spec.env), api_key)

@@ -27,7 +27,8 @@ from routerd.backends.backend import Backend, BackendSpec
 from routerd.backends.memory import MemoryManager
 from routerd.backends.modelstate import Admission, SupervisorParts
 from routerd.config import Config
-from routerd.errors import InsufficientMemory, RouterdError, Unavailable
+from routerd.errors import ConfigError, InsufficientMemory, RouterdError, Unavailable
+from routerd.llama_build import ADDED_FLAGS, KEY_VARIABLE, Build, Builds
 from routerd.models.catalog import ModelEntry
 
 log = logging.getLogger("routerd.supervisor")
@@ -45,9 +46,21 @@ def spec_for(entry: ModelEntry, config: Config, binary: str) -> BackendSpec:
     if config.metrics.backends and not llama_args.has_flag(flags, "--metrics"):
         extra.append(llama_args.Flag("--metrics"))  # scraped into routerd's /metrics
     env = {**config.backend.env, **dict(entry.env)}
-    return BackendSpec(name=entry.name, binary=binary, model_path=entry.path, flags=tuple(flags),
+    return BackendSpec(name=entry.name, binary=entry.binary or binary, model_path=entry.path, flags=tuple(flags),
                        ready_timeout=config.backend.ready_timeout, stop_grace=config.backend.stop_grace,
                        extra=tuple(extra), env=tuple(sorted(env.items())))
+
+
+def build_refusal(model: str, build: Build) -> str | None:
+    """Why ``model`` must not start on ``build`` (pure), or None. A build that cannot read its
+    API key from the environment would need it on the command line, which every local user can
+    read: routerd starts no backend it cannot keep to itself."""
+    if build.key_from_env:
+        return None
+    return (f"model {model!r} cannot start: llama-server {build.path} (version {build.version}) does not read "
+            f"its API key from {KEY_VARIABLE} (its --help has no 'env: {KEY_VARIABLE}'), and routerd will not put "
+            "the key on a command line every local user can read. Use a llama.cpp build that does (any since "
+            f"2024), or set models.{model}.binary to one")
 
 
 # -- pure decisions ----------------------------------------------------------------------------
@@ -123,6 +136,9 @@ class PlacementOwner(SupervisorParts, Protocol):
     def binary(self) -> str: ...
 
     @property
+    def builds(self) -> Builds: ...
+
+    @property
     def bus(self) -> events.Bus: ...
 
     @property
@@ -166,6 +182,7 @@ class Placement:
             return existing[0] if existing else await self.admit_and_start(entry)
         admitting = state.admitting = Admission()
         try:
+            await self.check_build(entry, self.spec(entry))
             async with self._lock:
                 existing = state.live_replicas()
                 if existing:
@@ -181,6 +198,22 @@ class Placement:
         finally:
             state.admitting = None
             admitting.done.set()
+
+    async def check_build(self, entry: ModelEntry, spec: BackendSpec) -> None:
+        """Ask ``spec``'s binary what it knows (once per file), refuse a build that cannot take
+        its key safely, and warn once per model for each feature turned off for a missing flag."""
+        try:
+            build = await trio.to_thread.run_sync(self._owner.builds.get, spec.binary)
+        except ConfigError as exc:
+            raise Unavailable(f"model {entry.name!r} cannot start: {exc.message}", code="llama_server_unusable") \
+                from None
+        refusal = build_refusal(entry.name, build)
+        if refusal is not None:
+            raise Unavailable(refusal, code="llama_server_unsupported")
+        for flag in spec.lacking(build):
+            if self._owner.builds.first_warning(entry.name, build.path, flag):
+                log.warning("%s: llama-server %s (%s) has no %s: routerd turns off %s for this model",
+                            entry.name, build.path, build.version, flag, ADDED_FLAGS[flag])
 
     async def add_replicas(self, entry: ModelEntry, count: int) -> None:
         """Admit and start ``count`` more replicas, each only where it fits without evicting a

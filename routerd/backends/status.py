@@ -17,11 +17,12 @@ import attrs
 import trio
 
 from routerd.backends import admission, scheduler
-from routerd.backends.backend import Backend, State
+from routerd.backends.backend import Backend, BackendSpec, State
 from routerd.backends.memory import MemoryManager
 from routerd.backends.modelstate import SupervisorParts
 from routerd.backends.placement import Placement
 from routerd.backends.remote import Remotes
+from routerd.llama_build import Builds
 from routerd.models.catalog import ModelEntry
 
 
@@ -52,6 +53,8 @@ class ModelStatus:
     metadata: dict[str, object] | None = None
     #: Its pool: each local replica and remote serving it, with its state and load.
     endpoints: list[dict[str, object]] = attrs.field(factory=list)
+    #: Its llama-server: path, version, the flags routerd adds that it lacks (once asked).
+    build: dict[str, object] | None = None
 
 
 @attrs.frozen
@@ -83,6 +86,9 @@ class Observed(SupervisorParts, Protocol):
 
     @property
     def placement(self) -> Placement: ...
+
+    @property
+    def builds(self) -> Builds: ...
 
     def crash_looping(self, name: str) -> bool: ...
 
@@ -141,10 +147,20 @@ def model_status(seen: Observed, entry: ModelEntry) -> ModelStatus:
         idle_ttl_left=backend.idle_ttl_left() if backend else None,
         last_error=history.last_error if history else None,
         exit_code=shown.exit_code if shown else None,
-        memory=seen.memory.model_report(entry, seen.placement.spec(entry), backend),
+        memory=seen.memory.model_report(entry, spec := seen.placement.spec(entry), backend),
         metadata=seen.catalog.metadata(entry),
         endpoints=pool,
+        build=build_view(seen.builds, spec),
     )
+
+
+def build_view(builds: Builds, spec: BackendSpec) -> dict[str, object] | None:
+    """A model's llama-server as the views show it: what it is, and what routerd turned off
+    for the flags it lacks (None until it was asked)."""
+    build = builds.known(spec.binary)
+    if build is None:
+        return None
+    return {**build.describe(), "turned_off": spec.lacking(build)}
 
 
 def pool_status(seen: Observed, entry: ModelEntry, replicas: list[Backend]) -> list[dict[str, object]]:

@@ -35,6 +35,7 @@ from routerd.backends.remote import Remotes
 from routerd.backends.status import ModelStatus, WaitInfo
 from routerd.config import Config
 from routerd.errors import LoadFailed, RouterdError, Unavailable
+from routerd.llama_build import Builds
 from routerd.models.catalog import Catalog, ModelEntry
 
 log = logging.getLogger("routerd.supervisor")
@@ -53,6 +54,8 @@ class Supervisor:
         self.bus = bus if bus is not None else events.Bus()
         self.catalog = catalog
         self.binary = binary
+        #: What each llama-server binary is and knows, asked once per file.
+        self.builds = Builds()
         self.memory = memory
         self._env = dict(os.environ if env is None else env)
         self.remotes = Remotes(bus=self.bus, on_change=self.notify_change)
@@ -249,6 +252,7 @@ class Supervisor:
         backend = Backend(spec, idle_ttl=idle_ttl(entry, key, policy.scale_down_idle),
                           upstream_read_timeout=self.config.server.upstream_read_timeout,
                           env=env, on_change=self.notify_change, bus=self.bus, key=key, spawn_with=self._spawn,
+                          build=self.builds.known(spec.binary),
                           health=HealthPolicy(policy.health_interval, policy.health_timeout, policy.health_failures))
         self.models.add(backend)
         restart = self.models[entry.name].failures is not None

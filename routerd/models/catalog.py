@@ -44,6 +44,8 @@ class ModelEntry:
     source: str = "config"
     #: Multimodal projector files passed as --mmproj.
     mmproj: tuple[str, ...] = ()
+    #: Its own llama-server binary (the config's models.NAME.binary); empty: backend.binary.
+    binary: str = ""
     #: Environment variables its llama-server gets (the config's models.NAME.env).
     env: tuple[tuple[str, str], ...] = ()
     #: Local replicas kept running once in use, and the most there may be ("auto" scales between).
@@ -117,7 +119,7 @@ class Catalog:
             entries.append(ModelEntry(name=name, path=model.path, aliases=tuple(model.aliases), group=model.group,
                                       idle_ttl=config.idle_ttl(name), args=tuple(model.args),
                                       env=tuple(sorted(model.env.items())), replicas=keep, max_replicas=most,
-                                      remotes=remotes))
+                                      remotes=remotes, binary=model.binary))
         taken = [name for entry in entries for name in (entry.name, *entry.aliases)]
         folders = [f for f in discovered if f.source == "folder"]
         cached = [f for f in discovered if f.source != "folder"]

@@ -67,6 +67,11 @@ class CatalogHost(Protocol):
         """Serve ``catalog`` under ``config``; the models ``restarted``, ``stopped`` and ``kept``."""
         ...
 
+    def check_binaries(self, config: Config) -> None:
+        """Ask each model's own llama-server what it is (blocking); ConfigError if one does not
+        answer."""
+        ...
+
     def reconfigure(self, running: Config, new: Config) -> dict[str, list[str]]:
         """Apply a reloaded config's settings outside the catalog (TLS, keys, remotes); the remotes
         ``added``, ``removed`` and ``changed``. Raises RouterdError, having changed nothing, when
@@ -120,6 +125,7 @@ class CatalogService:
         self.host.reloading()
         try:
             new = config_mod.load(self._config.source)
+            await trio.to_thread.run_sync(self.host.check_binaries, new)
             remotes = self.host.reconfigure(self._config, new)  # checks every file it names before changing anything
             self.bus.buffer = new.metrics.event_buffer
             result = attrs.evolve(await self.rebuild(lambda _running: new, trigger="reload"), remotes=remotes)

@@ -37,7 +37,7 @@ from routerd.models.catalog import Catalog, ImportStore
 from routerd.models.service import CatalogService
 from routerd.ops import requestlog
 from routerd.ops.control import ControlServer
-from routerd.ops.metrics import BuildInfo, Metrics, build_info, llama_server_version
+from routerd.ops.metrics import BuildInfo, Metrics, build_info
 from routerd.ops.sdnotify import Notifier
 
 if TYPE_CHECKING:
@@ -80,6 +80,12 @@ class _CatalogHost:
         self.certificates.context = context
         return self.supervisor.remotes.apply(new.remotes, keys)
 
+    def check_binaries(self, config: Config) -> None:
+        """Ask every model's own llama-server what it is (blocking; ConfigError if one does not
+        answer --version), so a reload naming a broken binary changes nothing."""
+        for binary in sorted({model.binary for model in config.models.values() if model.binary}):
+            self.supervisor.builds.get(binary)
+
     def remote_models(self) -> Mapping[str, tuple[str, ...]]:
         return self.supervisor.remotes.models()
 
@@ -118,7 +124,8 @@ class Daemon:
         self.gate = Gate(config.auth, listening_on=config.server.host, state_dir=paths.state_dir(environ))
         self.certificates = Certificates(config.server)
         self._remote_keys = remote.api_keys(config, self.environ)  # ConfigError (78) if one cannot be read
-        host = _CatalogHost(self.supervisor, self.gate, self.certificates, self.notifier, self.environ)
+        host = self._catalog_host = _CatalogHost(self.supervisor, self.gate, self.certificates, self.notifier,
+                                                 self.environ)
         self.catalog_service = CatalogService(config, host, bus=self.bus, imports=ImportStore(paths.state_dir(environ)),
                                               hub_cache=paths.hub_cache(environ), environ=environ)
         self.operations = Operations(self.supervisor, self.gate, self.catalog_service, started=self.started,
@@ -145,9 +152,12 @@ class Daemon:
                   task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         self.catalog_service.imports.check_writable()
+        # Every llama-server is asked what it is before anything is served: one that does not
+        # answer --version stops the start (ConfigError), as a missing one does.
+        build = await trio.to_thread.run_sync(self.supervisor.builds.get, self.supervisor.binary)
+        await trio.to_thread.run_sync(self._catalog_host.check_binaries, config)
         if not self._version_known:
-            version = await trio.to_thread.run_sync(llama_server_version, self.supervisor.binary)
-            self.metrics.build = build_info(self.supervisor.binary, version)
+            self.metrics.build = build_info(self.supervisor.binary, build.version)
         self.operations.llama_server_version = self.metrics.build.llama_server_version
         async with trio.open_nursery() as root:
             await root.start(self.supervisor.run)

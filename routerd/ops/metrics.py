@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -340,6 +339,17 @@ class _Snapshot:
                                 value={"version": build.version, "llama_server": build.llama_server,
                                        "llama_server_version": build.llama_server_version})
         yield info
+        builds = InfoMetricFamily("routerd_model_build", "Each local model's llama-server: the binary, its version, "
+                                  "and the flags routerd adds that it lacks", labels=["model"])
+        for entry in supervisor.catalog:
+            if entry.remote:
+                continue
+            spec = supervisor.placement.spec(entry)
+            known = supervisor.builds.known(spec.binary)
+            if known is not None:
+                builds.add_metric([entry.name], {"binary": known.path, "version": known.version,
+                                                 "lacks": ",".join(spec.lacking(known))})
+        yield builds
         yield GaugeMetricFamily("routerd_start_time_seconds", "When routerd started (Unix time)", metrics.started)
         yield GaugeMetricFamily("routerd_uptime_seconds", "Seconds since routerd started",
                                 time.time() - metrics.started)
@@ -406,18 +416,6 @@ class _Snapshot:
             yield family
         yield GaugeMetricFamily("routerd_event_subscribers", "Open /events and `routerctl events` consumers",
                                 supervisor.bus.subscribers)
-
-
-def llama_server_version(binary: str) -> str:
-    """``llama-server --version``'s first line (blocking: run it in a thread), or "unknown"."""
-    try:
-        done = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    for line in (done.stdout + done.stderr).splitlines():
-        if line.startswith("version:"):
-            return line.removeprefix("version:").strip()
-    return "unknown"
 
 
 def build_info(binary: str, version: str) -> BuildInfo:

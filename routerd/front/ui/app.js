@@ -443,10 +443,8 @@ const playground = {
 function chatOf(model) {
   let chat = playground.chats.get(model);
   if (!chat) {
-    const view = document.createElement("div");
-    view.className = "chat-turns";
     // history: the turns sent with the next message; generation: the answer being streamed.
-    chat = { history: [], view, generation: null };
+    chat = { history: [], view: element("div", "chat-turns"), generation: null };
     playground.chats.set(model, chat);
   }
   return chat;
@@ -499,9 +497,9 @@ function renderPlaygroundChoices() {
 }
 
 function option(name) {
-  const element = document.createElement("option");
-  element.value = element.textContent = name;
-  return element;
+  const made = element("option", "", name);
+  made.value = name;
+  return made;
 }
 
 function pickModel(model) {
