@@ -30,7 +30,6 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-
 #: What it says to --help, as llama-server does: routerd asks every binary which flags it knows.
 HELP = """----- common params -----
 -c,    --ctx-size N                     size of the prompt context
