@@ -239,6 +239,7 @@ EVENT_DETAILS: dict[EventType, Callable[[str, dict[str, Any]], str]] = {
     EventType.MODEL_FAILED: lambda kind, event: f"FAILED: {event.get('error')}",
     EventType.MODEL_EVICTED: lambda kind, event: (
         f"evicted ({event.get('cause')}) to make room for {event.get('for')}"),
+    EventType.MODEL_LOAD_REFUSED: lambda kind, event: f"load refused: {event.get('error')}",
     EventType.MODEL_CRASH_LOOP: lambda kind, event: (
         f"CRASH LOOP: {event.get('failures')} failures within {event.get('window'):g} s; "
         f"`routerctl reset {event.get('model') or ''}` once fixed"),

@@ -211,6 +211,16 @@ class ModelConfig:
     env: dict[str, str] = attrs.field(factory=dict)
     #: Overrides scheduler.loading_feedback for this model.
     loading_feedback: bool | None = None
+    #: Pinned: once loaded, never stopped for room, another group or idleness (only by an
+    #: operator, a reload that changes it, or shutdown). A model that does not fit beside the
+    #: pinned ones gets 503 insufficient_memory naming them.
+    keep_loaded: bool = False
+    #: Eviction priority: when room is needed, idle models of lower priority go first (least
+    #: recently used first within a priority).
+    priority: int = 0
+    #: Save this model's conversations (llama-server's KV slots) before stopping it, and restore
+    #: them when it starts again; None: slots.save.
+    save_slots: bool | None = None
     #: llama-servers of this model run at once: a number, or "auto" (more while requests
     #: queue, up to max_replicas). Each is admitted by the memory budget like any backend.
     replicas: int | str = 1
@@ -283,6 +293,8 @@ class Config:
     source: str | None = attrs.field(default=None, metadata={"internal": True})
 
     def idle_ttl(self, model: str) -> float:
+        if model in self.models and self.models[model].keep_loaded:
+            return 0.0  # pinned: never idle
         own = self.models[model].idle_ttl if model in self.models else None
         return self.backend.idle_ttl if own is None else own
 

@@ -23,6 +23,9 @@ class EventType(enum.StrEnum):
     MODEL_FAILED = "model.failed"
     MODEL_EVICTED = "model.evicted"
     MODEL_CRASH_LOOP = "model.crash_loop"
+    #: A load nobody waited for (``routerctl load`` without --wait, router mode's
+    #: ``POST /models/load``, preload) that admission refused: no room, a crash loop...
+    MODEL_LOAD_REFUSED = "model.load_refused"
     #: Each line a running llama-server prints: published only while someone follows that model.
     MODEL_LOG = "model.log"
     QUEUE_HIGH = "queue.high"

@@ -92,7 +92,8 @@ def test_build_argv_appends_routerd_managed_flags():
 residents_strategy = st.lists(
     st.builds(admission.Resident, name=st.uuids().map(str), group=st.sampled_from(["", "", "g1", "g2"]),
               busy=st.booleans(), last_used=st.floats(0, 1000),
-              usage=st.fixed_dictionaries({"ram": st.integers(0, 100)})),
+              usage=st.fixed_dictionaries({"ram": st.integers(0, 100)}),
+              pinned=st.sampled_from([False, False, False, True]), priority=st.integers(-1, 1)),
     max_size=8, unique_by=lambda r: r.name)
 
 
@@ -104,14 +105,25 @@ def test_admission_plan_properties(residents, need, group, max_loaded):
     if need > budget["ram"]:
         assert isinstance(plan, admission.Refuse)
         return
+    swapped = {r.name for r in residents if group and r.group and r.group != group}
+    pinned = [r for r in residents if r.pinned and r.name not in swapped]
+    short_beside_pinned = (bool(need) and need > budget["ram"] - sum(r.usage["ram"] for r in pinned)) or \
+        bool(max_loaded and len(pinned) + 1 > max_loaded)
+    pinned_swapped = [r for r in residents if r.pinned and r.name in swapped]
+    if pinned_swapped or short_beside_pinned:
+        # A pinned model is never stopped for a newcomer: one that cannot run beside them is
+        # refused, naming them, rather than left to wait for what will never go.
+        assert isinstance(plan, admission.Refuse)
+        assert all(r.name in plan.reason for r in (pinned_swapped or pinned))
+        return
     assert not isinstance(plan, admission.Refuse)
     # Busy models outside a swapped group can only be waited for: Wait exactly when the
-    # newcomer does not fit beside them alone, naming them and what is missing (worked out
-    # here, not with admission's own helpers): a grouped newcomer swaps out every model of
-    # another group; what is short is the need minus what is free beside the busy ones left
-    # (nothing, for a newcomer needing nothing), and one model over max_loaded counts too.
-    swapped = {r.name for r in residents if group and r.group and r.group != group}
-    must_stay = [r for r in residents if r.busy and r.name not in swapped]
+    # newcomer does not fit beside them and the pinned ones alone, naming the busy ones and
+    # what is missing (worked out here, not with admission's own helpers): a grouped newcomer
+    # swaps out every model of another group; what is short is the need minus what is free
+    # beside those left (nothing, for a newcomer needing nothing), and one model over
+    # max_loaded counts too.
+    must_stay = [r for r in residents if (r.busy or r.pinned) and r.name not in swapped]
     free_beside_busy = budget["ram"] - sum(r.usage["ram"] for r in must_stay)
     short_anyway = {"ram": need - free_beside_busy} if need and need > free_beside_busy else {}
     if max_loaded and len(must_stay) + 1 > max_loaded:
@@ -119,7 +131,7 @@ def test_admission_plan_properties(residents, need, group, max_loaded):
     if isinstance(plan, admission.Wait):
         assert short_anyway
         assert plan.shortfall == short_anyway
-        assert plan.busy == tuple(r.name for r in must_stay)
+        assert plan.busy == tuple(r.name for r in must_stay if not r.pinned)  # a pinned one never yields
         return
     assert not short_anyway
     by_name = {r.name: r for r in residents}
@@ -129,22 +141,27 @@ def test_admission_plan_properties(residents, need, group, max_loaded):
     if need:
         assert sum(r.usage["ram"] for r in staying) + need <= budget["ram"]
     assert not max_loaded or len(staying) + 1 <= max_loaded
-    # never evicts a busy model for room (only group rules may stop busy models)
+    # never evicts a busy or a pinned model for room (only group rules may stop busy models)
     room_evictions = [by_name[n] for n in plan.evict if n not in plan.group_swap]
-    assert not any(r.busy for r in room_evictions)
+    assert not any(r.busy or r.pinned for r in room_evictions)
     if not room_evictions:
         return
-    # LRU: every idle model left standing that holds memory is at least as recent as every
-    # model evicted for room; one evicted while holding none went for the count cap, so every
-    # idle model left standing is at least as recent as it.
-    idle_staying = [r for r in staying if not r.busy]
-    newest_evicted = max(r.last_used for r in room_evictions)
-    assert all(r.last_used >= newest_evicted for r in idle_staying if r.usage["ram"])
+    # Lowest priority first, LRU within a priority: every idle model left standing that holds
+    # memory ranks at least as high as every model evicted for room; one evicted while holding
+    # none went for the count cap, so every idle model left standing ranks at least as high.
+    def rank(r):
+        return (r.priority, r.last_used)
+
+    idle_staying = [r for r in staying if not r.busy and not r.pinned]
+    highest_evicted = max(rank(r) for r in room_evictions)
+    assert all(rank(r) >= highest_evicted for r in idle_staying if r.usage["ram"])
     for evicted in room_evictions:
         if not evicted.usage["ram"]:
-            assert all(r.last_used >= evicted.last_used for r in idle_staying)
-    # minimal: without the most recent evicted model it would not fit
-    last = max(room_evictions, key=lambda r: r.last_used)
+            assert all(rank(r) >= rank(evicted) for r in idle_staying)
+    # minimal: without the last model it evicted (the highest-ranked, ties in its order) it
+    # would not fit
+    last = room_evictions[-1]
+    assert rank(last) == highest_evicted
     assert admission.shortfall(newcomer, staying + [last], budget, max_loaded)
 
 

@@ -79,7 +79,8 @@ async def test_load_unload_and_lru_eviction_at_max_loaded_models(start_routerd, 
     first = await load(r, SMOL)
     assert first["status"] in ("loading", "loaded") and first["model"] == SMOL
     await wait_status(r, SMOL, "loaded")
-    assert (await load(r, SMOL))["status"] == "loaded"  # loading a loaded model says so
+    again = await r.http.post("/models/load", json={"model": SMOL})  # as router mode: 400, already running
+    assert again.status_code == 400 and again.json()["error"]["code"] == "model_already_running"
     await load(r, GEMMA)
     await wait_status(r, GEMMA, "loaded")
     await load(r, "smol-again")  # a third at the cap of two: the least recently used idle one goes
@@ -89,6 +90,8 @@ async def test_load_unload_and_lru_eviction_at_max_loaded_models(start_routerd, 
     unloaded = await r.http.post("/models/unload", json={"model": GEMMA})
     assert unloaded.status_code == 200 and unloaded.json()["success"] is True
     assert (await listing(r))[GEMMA]["status"]["value"] == "unloaded"  # gone when it answers
+    twice = await r.http.post("/models/unload", json={"model": GEMMA})
+    assert twice.status_code == 400 and twice.json()["error"]["code"] == "model_not_running"
     missing = await r.http.post("/models/load", json={"model": "nope"})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     bad = await r.http.post("/models/load", content=b"{not json")
@@ -109,11 +112,41 @@ async def test_a_load_that_cannot_fit_is_refused_and_one_behind_a_busy_model_is_
         while not (await anext(lines)).startswith("data: "):
             pass  # SmolLM2 is generating: busy, so it cannot make room for Gemma now
         queued = await load(r, GEMMA)
-        assert queued["status"] == "queued" and "busy" in queued["message"]
+        assert queued["status"] == "queued" and "busy" in queued["message"] and "60 s" in queued["message"]
         assert r.supervisor.running(GEMMA) is None
     # The client left, so SmolLM2's generation stopped: Gemma gets its room.
     await wait_status(r, GEMMA, "loaded")
     assert r.supervisor.running(SMOL) is None
+
+
+async def test_a_queued_load_given_up_says_so_on_the_event_streams(start_routerd, tmp_path):
+    data = real_config(tmp_path, **{SMOL: {}, GEMMA: {}})
+    data["memory"] = {"ram_total": "450MiB", "ram_reserve": "0", "when_busy": "wait", "busy_wait": 2.0}
+    data["scheduler"] = {"max_turn_wait": 600.0}  # SmolLM2 keeps its turn: Gemma's load runs out of time
+    r = await start_routerd(data)
+    seen: list[dict] = []
+    async with trio.open_nursery() as nursery:
+        async def follow() -> None:
+            async with r.http.stream("GET", "/models/sse") as events:
+                async for line in events.aiter_lines():
+                    if line.startswith("data: "):
+                        seen.append(json.loads(line[6:]))
+        nursery.start_soon(follow)
+        async with r.http.stream("POST", "/v1/chat/completions", json={
+                "model": SMOL, "messages": MESSAGES, "stream": True, "max_tokens": 4000, "ignore_eos": True}) as chat:
+            lines = chat.aiter_lines()
+            while not (await anext(lines)).startswith("data: "):
+                pass
+            assert (await load(r, GEMMA))["status"] == "queued"
+            with trio.fail_after(30):
+                while not any(m["model"] == GEMMA and m["data"].get("failed") for m in seen):
+                    await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    refusal = next(m for m in seen if m["model"] == GEMMA and m["data"].get("failed"))
+    assert refusal["event"] == "status_change" and refusal["data"]["status"] == "unloaded"
+    assert refusal["data"]["code"] == "insufficient_memory" and SMOL in refusal["data"]["error"]
+    assert 'routerd_load_refusals_total{code="insufficient_memory",model="gemma3-270m"} 1.0' in \
+        (await r.http.get("/metrics")).text
 
 
 async def test_autoload_off_answers_400_until_the_model_is_loaded(start_routerd, tmp_path):
@@ -165,14 +198,14 @@ async def test_pull_and_delete_with_their_events_on_models_sse(start_routerd, tm
         started = await r.http.post("/models", json={"model": "org/smol-GGUF:Q4_1"})
         assert started.status_code == 200 and started.json()["success"] is True
         finished = await until("download_finished", "org/smol-GGUF:Q4_1")
-        assert finished["files"] == ["smol-Q4_1.gguf"]
-        progress = [m for m in seen if m["event"] == "download_progress"]
+        assert finished["data"]["files"] == ["smol-Q4_1.gguf"]
+        progress = [m["data"] for m in seen if m["event"] == "download_progress"]
         assert progress and progress[-1]["bytes"] == os.path.getsize(DEMO_MODELS[SMOL])
         pulled = (await listing(r))["org/smol-GGUF:Q4_1"]
         assert pulled["can_remove"] is True and pulled["in_cache"] is True
         assert (await listing(r))[SMOL]["status"]["value"] == "loaded"  # a download takes no model's place
         await load(r, "org/smol-GGUF:Q4_1")  # the pulled model serves
-        assert (await until("model_status", "org/smol-GGUF:Q4_1"))["status"]["value"] in ("loading", "loaded")
+        assert (await until("model_status", "org/smol-GGUF:Q4_1"))["data"]["status"] == "loading"
         await wait_status(r, "org/smol-GGUF:Q4_1", "loaded")
         path = Path(pulled["path"])
         deleted = await r.http.delete("/models", params={"model": "org/smol-GGUF:Q4_1"})
@@ -182,7 +215,7 @@ async def test_pull_and_delete_with_their_events_on_models_sse(start_routerd, tm
         await until("model_removed", "org/smol-GGUF:Q4_1")
         failed = await r.http.post("/models", json={"model": "org/nothing-here"})
         assert failed.status_code == 200  # started; its failure comes on the stream
-        assert "not found" in (await until("download_failed", "org/nothing-here"))["error"]
+        assert "not found" in (await until("download_failed", "org/nothing-here"))["data"]["error"]
         nursery.cancel_scope.cancel()
     own = await r.http.delete("/models", params={"model": SMOL})
     assert own.status_code == 400 and own.json()["error"]["code"] == "model_not_removable"

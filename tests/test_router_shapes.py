@@ -46,12 +46,16 @@ def test_a_failure_says_how_and_a_pulled_model_can_be_removed():
 
 @given(st.sampled_from(list(EventType)), st.dictionaries(st.sampled_from(["file", "bytes", "error", "model"]),
                                                            st.integers()))
-def test_sse_sends_the_events_router_mode_streams_and_nothing_else(kind, data):
+def test_sse_sends_the_events_router_mode_streams_in_its_shape_and_nothing_else(kind, data):
     message = sse_message(Event(1, 0.0, kind, "m", data))
     if kind not in SSE_EVENTS:
         assert message is None
         return
-    assert message is not None and message["event"] == SSE_EVENTS[kind] and message["model"] == "m"
-    assert all(message[k] == v for k, v in data.items() if k != "model")  # the fields, never the model renamed
-    if message["event"] == "model_status":
-        assert message["status"]["value"] in set(ROUTER_STATUS.values())
+    assert message is not None and set(message) == {"model", "event", "data"}  # router mode's envelope
+    name, status = SSE_EVENTS[kind]
+    assert message["event"] == name and message["model"] == "m"
+    assert all(message["data"][k] == v for k, v in data.items() if k != "model")  # routerd's fields beside
+    if status is not None:
+        assert message["data"]["status"] == status and status in set(ROUTER_STATUS.values())
+    assert message["data"].get("failed", False) is (kind in (EventType.MODEL_FAILED, EventType.MODEL_CRASH_LOOP,
+                                                              EventType.MODEL_LOAD_REFUSED))

@@ -32,6 +32,10 @@ class Resident:
     usage: Usage = attrs.field(factory=dict)
     #: A replica beyond its model's first: evicted before any model's first.
     extra: bool = False
+    #: ``keep_loaded``: never stopped for room (nor for another group).
+    pinned: bool = False
+    #: Eviction priority: among idle models, lower priorities go first (LRU within one).
+    priority: int = 0
 
 
 @attrs.frozen
@@ -86,16 +90,29 @@ def shortfall(newcomer: Newcomer, staying: Sequence[Resident], budgets: Mapping[
 
 def plan_admission(newcomer: Newcomer, residents: Sequence[Resident], budgets: Mapping[str, int],
                    max_loaded: int = 0) -> Plan:
-    """Decide how ``newcomer`` may start beside ``residents`` within ``budgets``."""
+    """Decide how ``newcomer`` may start beside ``residents`` within ``budgets``: idle models are
+    evicted extras first, then by priority (lowest first), then least recently used; pinned
+    ones never, and a newcomer that does not fit beside them is refused, naming them."""
     for device, need in newcomer.need.items():
         if need > budgets.get(device, 0):
             budget = budgets.get(device, 0)
             return Refuse(f"{newcomer.name} needs {need} bytes on {device}, more than its whole budget "
                           f"of {budget} bytes")
     swapped = group_conflicts(newcomer, residents)
+    pinned_in_the_way = [r.name for r in swapped if r.pinned]
+    if pinned_in_the_way:
+        return Refuse(f"{newcomer.name} (group {newcomer.group!r}) cannot run beside {', '.join(pinned_in_the_way)} "
+                      "of another group, which stay loaded (keep_loaded)")
     staying = [r for r in residents if r not in swapped]
+    pinned = [r for r in staying if r.pinned]
+    beside_pinned = shortfall(newcomer, pinned, budgets, max_loaded)
+    if beside_pinned:
+        return Refuse(f"{newcomer.name} does not fit beside the models kept loaded (keep_loaded): "
+                      f"{', '.join(r.name for r in pinned)}; it would need {beside_pinned} more")
     evicted: list[str] = []
-    for candidate in sorted((r for r in staying if not r.busy), key=lambda r: (not r.extra, r.last_used)):
+    idle = sorted((r for r in staying if not r.busy and not r.pinned),
+                  key=lambda r: (not r.extra, r.priority, r.last_used))
+    for candidate in idle:
         short = shortfall(newcomer, staying, budgets, max_loaded)
         if not short:
             break
@@ -104,7 +121,7 @@ def plan_admission(newcomer: Newcomer, residents: Sequence[Resident], budgets: M
             evicted.append(candidate.name)
     short = shortfall(newcomer, staying, budgets, max_loaded)
     if short:
-        busy = tuple(r.name for r in staying if r.busy)
+        busy = tuple(r.name for r in staying if r.busy and not r.pinned)
         return Wait(busy=busy, shortfall=short)
     return Admit(evict=tuple(r.name for r in swapped) + tuple(evicted),
                  group_swap=tuple(r.name for r in swapped))

@@ -330,7 +330,9 @@ class Placement:
         return admission.Resident(
             name=backend.key, group=entry.group if entry else "",
             busy=demand and not backend.stop_requested,
-            last_used=backend.last_used, usage=owner.memory.usage(backend), extra=backend.extra)
+            last_used=backend.last_used, usage=owner.memory.usage(backend), extra=backend.extra,
+            pinned=entry is not None and entry.keep_loaded and not backend.extra and not backend.stop_requested,
+            priority=entry.priority if entry else 0)
 
     def residents(self) -> list[admission.Resident]:
         return [self.resident(b) for b in self._owner.models.backends().values()]

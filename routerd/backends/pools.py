@@ -52,7 +52,7 @@ class PoolOwner(SupervisorParts, Protocol):
 
     async def ready_backend(self, entry: ModelEntry) -> Backend: ...
 
-    async def load_quietly(self, name: str) -> bool: ...
+    async def load_quietly(self, name: str) -> RouterdError | None: ...
 
     def start_soon(self, async_fn: Callable[..., Awaitable[Any]], *args: Any, name: str) -> None: ...
 
@@ -236,7 +236,7 @@ class Pools:
         state.background_retry = math.inf  # one at a time
 
         async def load() -> None:
-            if await owner.load_quietly(entry.name):
+            if await owner.load_quietly(entry.name) is None:
                 state.background_retry = None
             else:
                 state.background_retry = trio.current_time() + owner.config.scheduler.restart_backoff_max

@@ -218,14 +218,17 @@ class Supervisor:
         if self.config.scheduler.preload:
             self.start_soon(self.pools.preload, list(self.config.scheduler.preload), name="preload")
 
-    async def load_quietly(self, name: str) -> bool:
-        """Load ``name``; a failure is logged, not raised. Whether it loaded."""
+    async def load_quietly(self, name: str) -> RouterdError | None:
+        """Load ``name`` for nobody in particular: a failure is logged and published (a refusal
+        as ``model.load_refused``; a process that failed says so itself), and returned."""
         try:
             await self.load(name)
         except RouterdError as exc:
             log.warning("background load of %s failed: %s", name, exc.message)
-            return False
-        return True
+            if not isinstance(exc, LoadFailed):
+                self.bus.publish(events.EventType.MODEL_LOAD_REFUSED, name, error=exc.message, code=exc.code)
+            return exc
+        return None
 
     def running(self, name: str) -> Backend | None:
         """The first live replica of ``name`` (starting, ready or stopping), if any."""

@@ -266,8 +266,11 @@ class Operations:
             return LoadRequested(entry.name, "loaded", f"{entry.name} is loaded")
         if attempt.started:
             return LoadRequested(entry.name, "loading", f"{entry.name} is loading")
-        return LoadRequested(entry.name, "queued", f"{entry.name} waits for room: the models holding the memory "
-                             "it needs are busy; it starts once they finish (scheduler.max_turn_wait)")
+        return LoadRequested(entry.name, "queued", (
+            f"{entry.name} waits for room: the models holding the memory it needs are busy; it starts once they "
+            "finish or yield their turn (scheduler.max_turn_wait), if that is within memory.busy_wait "
+            f"({supervisor.config.memory.busy_wait:g} s); else the load is given up, and model.load_refused says "
+            "why (/events, /models/sse)"))
 
     async def unload(self, model: str, *, force: bool = False) -> UnloadResult:
         """Stop ``model`` and return once its processes are gone; in-flight requests finish first
@@ -369,11 +372,8 @@ class _LoadAttempt:
 
     async def run(self, supervisor: Supervisor, model: str) -> None:
         try:
-            await supervisor.load(model)
-            self.loaded = True
-        except RouterdError as exc:
-            self.error = exc
-            log.warning("load of %s failed: %s", model, exc.message)
+            self.error = await supervisor.load_quietly(model)
+            self.loaded = self.error is None
         finally:
             self.decided.set()
 

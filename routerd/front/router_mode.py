@@ -38,15 +38,17 @@ from routerd.front.operations import Operations, json_default, unstructure
 #: routerd's model states as router mode words them (a stopping model takes no new request).
 ROUTER_STATUS = {"ready": "loaded", "starting": "loading", "stopping": "unloaded", "unloaded": "unloaded",
                  "failed": "failed", "reachable": "loaded", "unreachable": "unloaded", "unknown": "unloaded"}
-#: The events ``/models/sse`` sends, by routerd's event type: router mode's names.
-SSE_EVENTS = {EventType.MODEL_LOADING: "model_status", EventType.MODEL_READY: "model_status",
-              EventType.MODEL_STOPPED: "model_status", EventType.MODEL_FAILED: "model_status",
-              EventType.MODEL_CRASH_LOOP: "model_status", EventType.MODEL_PROGRESS: "load_progress",
-              EventType.PULL_PROGRESS: "download_progress", EventType.PULL_DONE: "download_finished",
-              EventType.PULL_FAILED: "download_failed", EventType.MODEL_REMOVED: "model_removed"}
-_EVENT_STATUS = {EventType.MODEL_LOADING: "loading", EventType.MODEL_READY: "loaded",
-                 EventType.MODEL_STOPPED: "unloaded", EventType.MODEL_FAILED: "failed",
-                 EventType.MODEL_CRASH_LOOP: "failed"}
+#: The events ``/models/sse`` sends, by routerd's event type: router mode's names, and the
+#: ``status`` each puts in its ``data`` (None: not a model state).
+SSE_EVENTS: dict[EventType, tuple[str, str | None]] = {
+    EventType.MODEL_LOADING: ("model_status", "loading"), EventType.MODEL_PROGRESS: ("status_change", "loading"),
+    EventType.MODEL_READY: ("status_change", "loaded"), EventType.MODEL_STOPPED: ("status_change", "unloaded"),
+    EventType.MODEL_FAILED: ("status_change", "unloaded"), EventType.MODEL_CRASH_LOOP: ("status_change", "unloaded"),
+    EventType.MODEL_LOAD_REFUSED: ("status_change", "unloaded"), EventType.PULL_PROGRESS: ("download_progress", None),
+    EventType.PULL_DONE: ("download_finished", None), EventType.PULL_FAILED: ("download_failed", None),
+    EventType.MODEL_REMOVED: ("model_removed", None)}
+#: The events that say a load failed (router mode marks them ``failed``).
+_FAILURES = frozenset({EventType.MODEL_FAILED, EventType.MODEL_CRASH_LOOP, EventType.MODEL_LOAD_REFUSED})
 _VERSION_RE = re.compile(r"^(\S+)\s*\((?:build\s+)?([^,)]+)(?:,\s*(?:commit\s+)?([^)]+))?\)")
 
 
@@ -67,27 +69,34 @@ def build_info(llama_server_version: str) -> str:
     return f"b{second.strip()}-{third.strip()}"
 
 
-def model_entry(status: ModelStatus, args: list[str]) -> dict[str, Any]:
-    """One model as router mode's ``GET /models`` lists it, routerd's fields beside (pure)."""
+def model_entry(status: ModelStatus, args: list[str], multimodal: bool = False) -> dict[str, Any]:
+    """One model as router mode's ``GET /models`` lists it, routerd's fields beside (pure);
+    ``multimodal``: it has a projector (images in)."""
     value = ROUTER_STATUS.get(status.state, "unloaded")
     state: dict[str, Any] = {"value": value, "args": args}
     if value == "failed" or (status.exit_code not in (None, 0) and value == "unloaded"):
         state.update(failed=True, exit_code=status.exit_code, error=status.last_error)
     return {**unstructure(status), "id": status.name, "object": "model", "owned_by": "routerd", "created": 0,
+            "tags": [], "architecture": {"input_modalities": ["text", "image"] if multimodal else ["text"],
+                                         "output_modalities": ["text"]},
             "in_cache": status.source == "hf-cache", "can_remove": status.source == "hf-cache", "status": state}
 
 
 def sse_message(event: events.Event) -> dict[str, Any] | None:
-    """An event as ``/models/sse`` sends it (pure), or None for one it does not send."""
-    name = SSE_EVENTS.get(event.type)
-    if name is None:
+    """An event as ``/models/sse`` sends it (pure): router mode's ``{"model", "event", "data":
+    {"status", ...}}``, routerd's fields in ``data`` beside; None for one it does not send."""
+    found = SSE_EVENTS.get(event.type)
+    if found is None:
         return None
-    message: dict[str, Any] = {"event": name, "model": event.model, "time": event.time}
-    status = _EVENT_STATUS.get(event.type)
+    name, status = found
+    data: dict[str, Any] = {"time": event.time, **{k: v for k, v in event.data.items() if k != "model"}}
     if status is not None:
-        message["status"] = {"value": status}
-    message.update({k: v for k, v in event.data.items() if k not in ("model", "event")})
-    return message
+        data["status"] = status
+    if event.type in _FAILURES:
+        data["failed"] = True
+    if event.type is EventType.MODEL_READY:
+        data["info"] = {"id": event.model, "object": "model", "owned_by": "routerd"}
+    return {"model": event.model, "event": name, "data": data}
 
 
 def register(app: QuartTrio, operations: Operations) -> None:
@@ -98,28 +107,40 @@ def register(app: QuartTrio, operations: Operations) -> None:
     async def router_props() -> Response:
         config = supervisor.config
         local = sum(1 for entry in supervisor.catalog if not entry.remote)
+        # Router mode's own fields, as it answers them with no model (clients read role and
+        # models_autoload; the rest is there so that none finds a field missing).
         return _json({"role": "router", "max_instances": config.backend.max_loaded_models or local,
-                      "models_autoload": config.scheduler.autoload,
-                      "build_info": build_info(operations.llama_server_version),
+                      "models_autoload": config.scheduler.autoload, "model_alias": "routerd", "model_path": "none",
+                      "default_generation_settings": {"params": None, "n_ctx": 0}, "ui_settings": {},
+                      "cors_proxy_enabled": False, "build_info": build_info(operations.llama_server_version),
                       "routerd": {"version": __version__, "llama_server": operations.llama_server_version,
                                   "max_loaded_models": config.backend.max_loaded_models}})
 
     @app.get("/models")
     async def router_models() -> Response:
         caller = caller_of(request.scope)
-        data = [model_entry(status, _args(supervisor, status)) for status in supervisor.status()
-                if caller.allows([status.name, *status.aliases])]
+        data = []
+        for status in supervisor.status():
+            if caller.allows([status.name, *status.aliases]):
+                entry = supervisor.catalog.get(status.name)
+                data.append(model_entry(status, _args(supervisor, status), bool(entry and entry.mmproj)))
         return _json({"object": "list", "data": data})
 
     @app.post("/models/load")
     async def router_load() -> Response:
         model = await _model_of_body(gate, "POST /models/load", supervisor)
+        running = supervisor.running(supervisor.catalog.resolve(model).name)
+        if running is not None and not running.stop_requested:  # router mode's 400, in the OpenAI shape
+            raise BadRequest(f"model {model!r} is already {'loaded' if running.accepting else 'loading'}",
+                             code="model_already_running")
         result = await operations.request_load(model)
         return _json({"success": True, "model": result.model, "status": result.status, "message": result.message})
 
     @app.post("/models/unload")
     async def router_unload() -> Response:
         model = await _model_of_body(gate, "POST /models/unload", supervisor)
+        if supervisor.running(supervisor.catalog.resolve(model).name) is None:
+            raise BadRequest(f"model {model!r} is not running", code="model_not_running")
         result = await operations.unload(model)
         return _json({"success": True, **unstructure(result)})
 

@@ -46,6 +46,9 @@ class ModelEntry:
     mmproj: tuple[str, ...] = ()
     #: Its own llama-server binary (the config's models.NAME.binary); empty: backend.binary.
     binary: str = ""
+    #: Never stopped for room or idleness (models.NAME.keep_loaded), and its eviction priority.
+    keep_loaded: bool = False
+    priority: int = 0
     #: Environment variables its llama-server gets (the config's models.NAME.env).
     env: tuple[tuple[str, str], ...] = ()
     #: Local replicas kept running once in use, and the most there may be ("auto" scales between).
@@ -119,7 +122,8 @@ class Catalog:
             entries.append(ModelEntry(name=name, path=model.path, aliases=tuple(model.aliases), group=model.group,
                                       idle_ttl=config.idle_ttl(name), args=tuple(model.args),
                                       env=tuple(sorted(model.env.items())), replicas=keep, max_replicas=most,
-                                      remotes=remotes, binary=model.binary))
+                                      remotes=remotes, binary=model.binary, keep_loaded=model.keep_loaded,
+                                      priority=model.priority))
         taken = [name for entry in entries for name in (entry.name, *entry.aliases)]
         folders = [f for f in discovered if f.source == "folder"]
         cached = [f for f in discovered if f.source != "folder"]

@@ -108,6 +108,8 @@ class Metrics:
         self.reloads = Counter("routerd_reloads", "Config reloads by outcome", ["outcome"], registry=r)
         self.pulls = Counter("routerd_pulls", "Downloads into the Hugging Face cache by outcome", ["outcome"],
                              registry=r)
+        self.load_refusals = Counter("routerd_load_refusals", "Loads nobody waited for that admission refused",
+                                     ["model", "code"], registry=r)
         self.removals = Counter("routerd_models_removed", "Pulled models removed from the Hugging Face cache",
                                 registry=r)
         r.register(_Snapshot(self))
@@ -182,6 +184,9 @@ class Metrics:
     def _pull_failed(self, model: str, data: dict[str, Any]) -> None:
         self.pulls.labels("error").inc()
 
+    def _load_refused(self, model: str, data: dict[str, Any]) -> None:
+        self.load_refusals.labels(model, data.get("code") or "unknown").inc()
+
     def _removed(self, model: str, data: dict[str, Any]) -> None:
         self.removals.inc()
 
@@ -189,7 +194,8 @@ class Metrics:
                  EventType.MODEL_STOPPED: _stopped, EventType.MODEL_FAILED: _failed,
                  EventType.MODEL_EVICTED: _evicted, EventType.MODEL_CRASH_LOOP: _crash_loop,
                  EventType.CATALOG_RESCAN: _rescan, EventType.CONFIG_RELOAD: _reload, EventType.PULL_DONE: _pulled,
-                 EventType.PULL_FAILED: _pull_failed, EventType.MODEL_REMOVED: _removed}
+                 EventType.PULL_FAILED: _pull_failed, EventType.MODEL_REMOVED: _removed,
+                 EventType.MODEL_LOAD_REFUSED: _load_refused}
     #: Event types no metric counts, and why: their effect is read at scrape time (states,
     #: queue depths, remote reachability are gauges) or they are not countable facts (log lines,
     #: loading progress, a subscriber's own drop). Tests hold handled + ignored to ``EventType``.
