@@ -239,6 +239,14 @@ EVENT_DETAILS: dict[EventType, Callable[[str, dict[str, Any]], str]] = {
     EventType.MODEL_FAILED: lambda kind, event: f"FAILED: {event.get('error')}",
     EventType.MODEL_EVICTED: lambda kind, event: (
         f"evicted ({event.get('cause')}) to make room for {event.get('for')}"),
+    EventType.SLOTS_SAVED: lambda kind, event: (
+        f"saved {event.get('slots')} conversation(s): {event.get('tokens')} tokens, "
+        f"{event.get('bytes', 0) / 1e6:.1f} MB in {event.get('seconds', 0):.2f} s"),
+    EventType.SLOTS_RESTORED: lambda kind, event: (
+        f"restored {event.get('slots')} conversation(s): {event.get('tokens')} tokens "
+        f"in {event.get('seconds', 0):.2f} s"),
+    EventType.SLOTS_REMOVED: lambda kind, event: (
+        f"removed {len(event.get('files') or [])} saved slot file(s) ({event.get('reason')})"),
     EventType.MODEL_LOAD_REFUSED: lambda kind, event: f"load refused: {event.get('error')}",
     EventType.MODEL_CRASH_LOOP: lambda kind, event: (
         f"CRASH LOOP: {event.get('failures')} failures within {event.get('window'):g} s; "

@@ -37,13 +37,14 @@ from routerd.config_schema import (
     SchedulerConfig,
     SelectorConfig,
     ServerConfig,
+    SlotsConfig,
 )
 from routerd.errors import ConfigError
 
 __all__ = [  # the schema's names, re-exported, and this module's own
     "DEFAULT_PORT", "AuthConfig", "BackendConfig", "CatalogConfig", "Config", "ControlConfig", "LoggingConfig",
     "MemoryConfig", "MetricsConfig", "ModelConfig", "RemoteConfig", "SchedulerConfig", "SelectorConfig",
-    "ServerConfig",
+    "ServerConfig", "SlotsConfig",
     "CONVERTER", "SELECTOR_STRATEGIES", "flatten_errors", "from_mapping", "load", "parse_size",
     "resolve_llama_server", "unstructure",
 ]
@@ -171,6 +172,12 @@ def _validate(config: Config) -> list[str]:
                 parse_size(value, total=1 << 40)
             except ValueError as exc:
                 errors.append(f"memory.{key}: {exc}")
+    try:
+        parse_size(config.slots.disk_budget)
+    except ValueError as exc:
+        errors.append(f"slots.disk_budget: {exc}")
+    if config.slots.save_timeout <= 0:
+        errors.append("slots.save_timeout: must be positive")
     if bool(config.server.certfile) != bool(config.server.keyfile):
         errors.append("server.certfile, server.keyfile: set both to serve HTTPS, or neither")
     for origin in config.server.cors_origins:

@@ -156,6 +156,23 @@ class SchedulerConfig:
 
 
 @attrs.frozen
+class SlotsConfig:
+    """Conversations that survive a swap: llama-server's KV slots saved before routerd stops a
+    model on purpose (room, idleness, a swap, unload, reload, shutdown) and restored when it
+    starts again with the same file and KV-shaping arguments."""
+
+    #: Save and restore (per model: models.NAME.save_slots).
+    save: bool = True
+    #: Longest the saving may hold a stopping model (a model waiting for its room waits no
+    #: longer than this), and the restoring a starting one.
+    save_timeout: float = 5.0
+    #: Most disk the saved slots may take (bytes or "4GiB"); least recently used files go first.
+    disk_budget: str = "4GiB"
+    #: Where they are kept; empty: the state directory's "slots".
+    directory: str = ""
+
+
+@attrs.frozen
 class LoggingConfig:
     """What routerd logs, and how."""
 
@@ -286,6 +303,7 @@ class Config:
     auth: AuthConfig = attrs.field(factory=AuthConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
+    slots: SlotsConfig = attrs.field(factory=SlotsConfig)
     models: dict[str, ModelConfig] = attrs.field(factory=dict)
     remotes: dict[str, RemoteConfig] = attrs.field(factory=dict)
     selectors: dict[str, SelectorConfig] = attrs.field(factory=dict)
@@ -297,6 +315,10 @@ class Config:
             return 0.0  # pinned: never idle
         own = self.models[model].idle_ttl if model in self.models else None
         return self.backend.idle_ttl if own is None else own
+
+    def saves_slots(self, model: str) -> bool:
+        own = self.models[model].save_slots if model in self.models else None
+        return self.slots.save if own is None else own
 
     def loading_feedback(self, model: str) -> bool:
         own = self.models[model].loading_feedback if model in self.models else None

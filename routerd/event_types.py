@@ -38,6 +38,11 @@ class EventType(enum.StrEnum):
     PULL_PROGRESS = "pull.progress"
     PULL_DONE = "pull.done"
     PULL_FAILED = "pull.failed"
+    #: A model's conversations (llama-server's KV slots) saved before it stopped, restored when
+    #: it started again, and saved files removed (unreadable, another key, the disk budget).
+    SLOTS_SAVED = "slots.saved"
+    SLOTS_RESTORED = "slots.restored"
+    SLOTS_REMOVED = "slots.removed"
     #: A pulled model removed from the cache (``DELETE /models``).
     MODEL_REMOVED = "model.removed"
     CONFIG_RELOAD = "config.reload"

@@ -52,7 +52,7 @@ async def test_counters_move_as_requests_loads_evictions_and_failures_happen(sta
     assert value(before, "routerd_model_state", model="a", state="unloaded") == 1.0
     assert value(before, "routerd_catalog_models") == 3.0
     assert value(before, "routerd_build_info", version="0.1.0", llama_server=r.supervisor.binary,
-                 llama_server_version="unknown") == 1.0
+                 llama_server_version="9999 (fake)") == 1.0  # its --version
 
     # Three answers on a: whole, whole and streamed (whose counts come from the last chunk's timings).
     for words, max_tokens, stream in (("one two three", 3, False), ("four five", 4, False), ("six", 5, True)):

@@ -27,6 +27,7 @@ from routerd import events, llama_args
 from routerd.backends.child import spawn
 from routerd.backends.health import HealthPolicy, Trust, healthy, watch
 from routerd.backends.logring import LogRing
+from routerd.backends.slots import SAVE_CAUSES, SlotKeeper
 from routerd.backends.upstream import ConnectionPool
 from routerd.errors import LoadFailed
 from routerd.events import EventType
@@ -172,10 +173,13 @@ class Backend:
     def __init__(self, spec: BackendSpec, *, idle_ttl: float, upstream_read_timeout: float,
                  env: Mapping[str, str] | None = None, on_change: Callable[[], None] = lambda: None,
                  health: HealthPolicy = DEFAULT_HEALTH, bus: events.Bus | None = None, key: str = "",
-                 spawn_with: Spawn | None = None, build: Build | None = None) -> None:
+                 spawn_with: Spawn | None = None, build: Build | None = None,
+                 keeper: SlotKeeper | None = None) -> None:
         self.spec = spec
         #: What its binary is and knows (None: not asked; every flag is passed).
         self.build = build
+        #: Its conversations saved when it stops on purpose and restored as it starts (None: not kept).
+        self.keeper = keeper
         #: How its process starts: ``child.spawn`` (looked up at start) unless given another.
         self._spawn_with = spawn_with
         #: Unique among endpoints: the model's name, or ``name#2``... for further replicas.
@@ -249,6 +253,9 @@ class Backend:
     def suspect(self) -> bool:
         """A call to it broke and /health has not answered since (see ``distrust``)."""
         return not self._trust.trusted
+
+    def slot_for_session(self, session: str) -> int | None:
+        return self.keeper.slot_for(session) if self.keeper is not None else None
 
     def distrust(self) -> None:
         """A call to this backend broke: send it nothing new until /health answers again (see
@@ -362,6 +369,8 @@ class Backend:
             if not await self._become_ready(pool):
                 nursery.cancel_scope.cancel()
                 return
+            if self.keeper is not None:  # before any request: one could take a slot being restored
+                await self.keeper.restore(pool)
             self.upstream = pool
             self.state = State.READY
             self.ready_at = trio.current_time()
@@ -380,6 +389,8 @@ class Backend:
                              in_flight=self.in_flight)
             self._on_change()
             await self._drain()
+            if self.keeper is not None and self.stop_cause in SAVE_CAUSES:
+                await self.keeper.save(pool)  # bounded by slots.save_timeout
             self._expect_exit = True
             self.exit_code = await process.stop()
             log.info("%s stopped (%s), exit status %s", self.name, self.stop_reason, self.exit_code)

@@ -46,6 +46,10 @@ class Endpoint(Protocol):
 
     def distrust(self) -> None: ...
 
+    def slot_for_session(self, session: str) -> int | None:
+        """The llama-server slot a sticky session's conversation is kept in (None: its choice)."""
+        ...
+
     async def failure_reason(self, exc: BaseException) -> str:
         """Why a call to it broke: a dying backend's exit, or the error itself."""
         ...

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping, Set
 from typing import Protocol
 
@@ -26,6 +27,7 @@ from routerd.backends import admission, endpoints
 from routerd.backends.backend import Backend, BackendSpec
 from routerd.backends.memory import MemoryManager
 from routerd.backends.modelstate import Admission, SupervisorParts
+from routerd.backends.slots import SlotStore, model_folder
 from routerd.config import Config
 from routerd.errors import ConfigError, InsufficientMemory, RouterdError, Unavailable
 from routerd.llama_build import ADDED_FLAGS, KEY_VARIABLE, Build, Builds
@@ -38,13 +40,16 @@ log = logging.getLogger("routerd.supervisor")
 IMPLIED_FLAGS = (llama_args.Flag("--ctx-size", "4096"), llama_args.Flag("--fit", "off"))
 
 
-def spec_for(entry: ModelEntry, config: Config, binary: str) -> BackendSpec:
-    """The process spec of a model under a config (pure)."""
+def spec_for(entry: ModelEntry, config: Config, binary: str, slots_root: str = "") -> BackendSpec:
+    """The process spec of a model under a config (pure); with ``slots_root``, where it saves
+    its KV slots if it keeps them across a swap."""
     flags = llama_args.merge_args(config.backend.args, entry.args)
     extra = [flag for flag in IMPLIED_FLAGS if not llama_args.has_flag(flags, flag.name)]
     extra += [llama_args.Flag("--mmproj", p) for p in entry.mmproj]
     if config.metrics.backends and not llama_args.has_flag(flags, "--metrics"):
         extra.append(llama_args.Flag("--metrics"))  # scraped into routerd's /metrics
+    if slots_root and config.saves_slots(entry.name) and not llama_args.has_flag(flags, "--slot-save-path"):
+        extra.append(llama_args.Flag("--slot-save-path", os.path.join(slots_root, model_folder(entry.name))))
     env = {**config.backend.env, **dict(entry.env)}
     return BackendSpec(name=entry.name, binary=entry.binary or binary, model_path=entry.path, flags=tuple(flags),
                        ready_timeout=config.backend.ready_timeout, stop_grace=config.backend.stop_grace,
@@ -139,6 +144,9 @@ class PlacementOwner(SupervisorParts, Protocol):
     def builds(self) -> Builds: ...
 
     @property
+    def slot_store(self) -> SlotStore: ...
+
+    @property
     def bus(self) -> events.Bus: ...
 
     @property
@@ -162,7 +170,7 @@ class Placement:
         self._lock = trio.Lock()
 
     def spec(self, entry: ModelEntry) -> BackendSpec:
-        return spec_for(entry, self._owner.config, self._owner.binary)
+        return spec_for(entry, self._owner.config, self._owner.binary, self._owner.slot_store.root)
 
     async def admit_and_start(self, entry: ModelEntry) -> Backend:
         """Start ``entry``'s first replica once there is room (or return the live one)."""

@@ -137,6 +137,9 @@ class Remote:
         self.in_flight -= 1
         self._on_change()
 
+    def slot_for_session(self, session: str) -> None:
+        return None  # the remote routerd keeps its own
+
     def distrust(self) -> None:
         """A call broke before an answer: unreachable until a check answers again."""
         self._set_state("unreachable", "a request to it failed")

@@ -22,6 +22,7 @@ from routerd.backends.memory import MemoryManager
 from routerd.backends.modelstate import SupervisorParts
 from routerd.backends.placement import Placement
 from routerd.backends.remote import Remotes
+from routerd.backends.slots import Saved, SlotStore
 from routerd.llama_build import Builds
 from routerd.models.catalog import ModelEntry
 
@@ -55,6 +56,8 @@ class ModelStatus:
     endpoints: list[dict[str, object]] = attrs.field(factory=list)
     #: Its llama-server: path, version, the flags routerd adds that it lacks (once asked).
     build: dict[str, object] | None = None
+    #: Its conversations saved when it last stopped (slots, tokens, bytes, saved_at), if any.
+    saved_slots: Saved | None = None
 
 
 @attrs.frozen
@@ -89,6 +92,9 @@ class Observed(SupervisorParts, Protocol):
 
     @property
     def builds(self) -> Builds: ...
+
+    @property
+    def slot_store(self) -> SlotStore: ...
 
     def crash_looping(self, name: str) -> bool: ...
 
@@ -151,6 +157,7 @@ def model_status(seen: Observed, entry: ModelEntry) -> ModelStatus:
         metadata=seen.catalog.metadata(entry),
         endpoints=pool,
         build=build_view(seen.builds, spec),
+        saved_slots=seen.slot_store.saved(entry.name),
     )
 
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import trio
 
-from routerd import events
-from routerd.backends import admission, scheduler, status
+from routerd import events, paths
+from routerd.backends import admission, scheduler, slots, status
 from routerd.backends.backend import Backend, BackendSpec, Spawn, State
 from routerd.backends.endpoints import Lease
 from routerd.backends.health import HealthPolicy
@@ -32,8 +32,9 @@ from routerd.backends.modelstate import ModelStates, idle_ttl, live, replica_ind
 from routerd.backends.placement import Placement, spec_for
 from routerd.backends.pools import Pools
 from routerd.backends.remote import Remotes
+from routerd.backends.slots import SlotStore
 from routerd.backends.status import ModelStatus, WaitInfo
-from routerd.config import Config
+from routerd.config import Config, parse_size
 from routerd.errors import LoadFailed, RouterdError, Unavailable
 from routerd.llama_build import Builds
 from routerd.models.catalog import Catalog, ModelEntry
@@ -56,6 +57,9 @@ class Supervisor:
         self.binary = binary
         #: What each llama-server binary is and knows, asked once per file.
         self.builds = Builds()
+        #: The saved conversations (KV slots) of every model.
+        self.slot_store = SlotStore(config.slots.directory or os.path.join(paths.state_dir(env), "slots"),
+                                    parse_size(config.slots.disk_budget), self.bus)
         self.memory = memory
         self._env = dict(os.environ if env is None else env)
         self.remotes = Remotes(bus=self.bus, on_change=self.notify_change)
@@ -252,10 +256,14 @@ class Supervisor:
         if gpu is not None:  # NVML numbers GPUs in PCI bus order; make CUDA agree
             env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpu.removeprefix("gpu")}
         policy = self.config.scheduler
+        build = self.builds.known(spec.binary)
+        keeper = slots.keeper_for(self.slot_store, spec.name, spec.model_path, (*spec.flags, *spec.extra), spec.slots,
+                                  build.version if build and build.knows("--slot-save-path") else None,
+                                  self.config.slots.save_timeout) if key == entry.name else None
         backend = Backend(spec, idle_ttl=idle_ttl(entry, key, policy.scale_down_idle),
                           upstream_read_timeout=self.config.server.upstream_read_timeout,
                           env=env, on_change=self.notify_change, bus=self.bus, key=key, spawn_with=self._spawn,
-                          build=self.builds.known(spec.binary),
+                          build=build, keeper=keeper,
                           health=HealthPolicy(policy.health_interval, policy.health_timeout, policy.health_failures))
         self.models.add(backend)
         restart = self.models[entry.name].failures is not None
@@ -308,6 +316,7 @@ class Supervisor:
         """
         old_catalog = self.catalog
         self.config, self.catalog = config, catalog
+        self.slot_store.budget = parse_size(config.slots.disk_budget)
         self.memory.forget_estimates()  # files may have changed under the same names
         self.pools.configure(config)
         outcome: dict[str, list[str]] = {"restarted": [], "stopped": [], "kept": []}
@@ -316,7 +325,7 @@ class Supervisor:
             if entry is None or entry.name != backend.name or entry.remote:
                 backend.request_stop("removed from config", cause="reload")
                 outcome["stopped"].append(key)
-            elif spec_for(entry, config, self.binary) != backend.spec:
+            elif spec_for(entry, config, self.binary, self.slot_store.root) != backend.spec:
                 backend.request_stop("config changed", cause="reload")
                 outcome["restarted"].append(key)
             elif replica_index(key) > entry.max_replicas:

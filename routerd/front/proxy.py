@@ -34,11 +34,13 @@ from routerd.front.client_io import RequestBody, ResponseSink, drain
 from routerd.front.exchange import Exchange
 from routerd.front.requested import (
     MODEL_QUERY_GET,
+    SLOTTED_POST,
     forward_headers,
     model_in_query,
     read_request,
     renamed,
     split_model_path,
+    with_slot,
 )
 
 log = logging.getLogger("routerd.proxy")
@@ -218,6 +220,10 @@ class ProxyApp:
                 if pool is None:
                     raise NotDelivered(f"{endpoint.label} stopped taking requests")
                 sent = body if lease.upstream_model is None or not body else renamed(body, lease.upstream_model)
+                if session is not None and sent and target.partition("?")[0] in SLOTTED_POST:
+                    slot = endpoint.slot_for_session(session)  # where its saved conversation is
+                    if slot is not None:
+                        sent = with_slot(sent, slot)
                 return await pool.request(method, target, headers=forward_headers(headers), body=sent,
                                           on_sent=client.was_sent), endpoint
             except NotDelivered as exc:

@@ -75,6 +75,21 @@ def renamed(body: bytes, model: str) -> bytes:
     return json.dumps(payload).encode()
 
 
+#: POST routes whose work runs in one of llama-server's slots and may take ``id_slot``: a
+#: sticky session's conversation goes back to the slot that holds it.
+SLOTTED_POST = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
+                          "/completion"})
+
+
+def with_slot(body: bytes, slot: int) -> bytes:
+    """``body`` sent to llama-server's slot ``slot`` (``id_slot``), unless it names one itself."""
+    payload = _json_object(body)
+    if "id_slot" in payload:
+        return body
+    payload["id_slot"] = slot
+    return json.dumps(payload).encode()
+
+
 #: GET paths whose ``?model=`` query names the backend they go to (router mode's convention);
 #: without one, routerd answers them itself.
 MODEL_QUERY_GET = frozenset({"/props", "/metrics"})

@@ -110,6 +110,20 @@ class Metrics:
                              registry=r)
         self.load_refusals = Counter("routerd_load_refusals", "Loads nobody waited for that admission refused",
                                      ["model", "code"], registry=r)
+        self.slot_saves = Counter("routerd_slot_saves", "Models whose conversations (KV slots) were saved before "
+                                  "they stopped", ["model"], registry=r)
+        self.slot_restores = Counter("routerd_slot_restores", "Models whose saved conversations were restored as they "
+                                     "started", ["model"], registry=r)
+        self.slots_moved = Counter("routerd_slots", "KV slots saved and restored", ["model", "direction"],
+                                   registry=r)
+        self.slot_tokens = Counter("routerd_slot_tokens", "Tokens of KV cache saved and restored (prefill not "
+                                   "repeated when restored)", ["model", "direction"], registry=r)
+        self.slot_bytes = Counter("routerd_slot_bytes", "Bytes of KV cache saved and restored",
+                                  ["model", "direction"], registry=r)
+        self.slot_seconds = Counter("routerd_slot_seconds", "Seconds spent saving and restoring KV slots",
+                                    ["model", "direction"], registry=r)
+        self.slot_files_removed = Counter("routerd_slot_files_removed", "Saved slot files removed, by reason",
+                                          ["model", "reason"], registry=r)
         self.removals = Counter("routerd_models_removed", "Pulled models removed from the Hugging Face cache",
                                 registry=r)
         r.register(_Snapshot(self))
@@ -187,6 +201,22 @@ class Metrics:
     def _load_refused(self, model: str, data: dict[str, Any]) -> None:
         self.load_refusals.labels(model, data.get("code") or "unknown").inc()
 
+    def _slots_moved(self, model: str, data: dict[str, Any], direction: str) -> None:
+        (self.slot_saves if direction == "saved" else self.slot_restores).labels(model).inc()
+        self.slots_moved.labels(model, direction).inc(data["slots"])
+        self.slot_tokens.labels(model, direction).inc(data["tokens"])
+        self.slot_bytes.labels(model, direction).inc(data["bytes"])
+        self.slot_seconds.labels(model, direction).inc(data["seconds"])
+
+    def _slots_saved(self, model: str, data: dict[str, Any]) -> None:
+        self._slots_moved(model, data, "saved")
+
+    def _slots_restored(self, model: str, data: dict[str, Any]) -> None:
+        self._slots_moved(model, data, "restored")
+
+    def _slots_removed(self, model: str, data: dict[str, Any]) -> None:
+        self.slot_files_removed.labels(model, data["reason"]).inc(len(data["files"]))
+
     def _removed(self, model: str, data: dict[str, Any]) -> None:
         self.removals.inc()
 
@@ -195,7 +225,8 @@ class Metrics:
                  EventType.MODEL_EVICTED: _evicted, EventType.MODEL_CRASH_LOOP: _crash_loop,
                  EventType.CATALOG_RESCAN: _rescan, EventType.CONFIG_RELOAD: _reload, EventType.PULL_DONE: _pulled,
                  EventType.PULL_FAILED: _pull_failed, EventType.MODEL_REMOVED: _removed,
-                 EventType.MODEL_LOAD_REFUSED: _load_refused}
+                 EventType.MODEL_LOAD_REFUSED: _load_refused, EventType.SLOTS_SAVED: _slots_saved,
+                 EventType.SLOTS_RESTORED: _slots_restored, EventType.SLOTS_REMOVED: _slots_removed}
     #: Event types no metric counts, and why: their effect is read at scrape time (states,
     #: queue depths, remote reachability are gauges) or they are not countable facts (log lines,
     #: loading progress, a subscriber's own drop). Tests hold handled + ignored to ``EventType``.

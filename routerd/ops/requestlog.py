@@ -55,7 +55,8 @@ IGNORED = frozenset({
     events.EventType.QUEUE_HIGH, events.EventType.QUEUE_NORMAL, events.EventType.REMOTE_REACHABLE,
     events.EventType.REMOTE_UNREACHABLE, events.EventType.CATALOG_RESCAN, events.EventType.CONFIG_RELOAD,
     events.EventType.DROPPED, events.EventType.PULL_PROGRESS, events.EventType.PULL_DONE,
-    events.EventType.PULL_FAILED, events.EventType.MODEL_REMOVED, events.EventType.MODEL_LOAD_REFUSED})
+    events.EventType.PULL_FAILED, events.EventType.MODEL_REMOVED, events.EventType.MODEL_LOAD_REFUSED,
+    events.EventType.SLOTS_SAVED, events.EventType.SLOTS_RESTORED, events.EventType.SLOTS_REMOVED})
 
 
 def observe(event: events.Event) -> None:
