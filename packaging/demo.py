@@ -52,15 +52,33 @@ aliases = ["smollm2"]
 [models.gemma3-270m]
 path = "{gemma}"
 aliases = ["gemma3"]
-# This GGUF carries no chat template: llama-server would fall back to chatml, which Gemma answers
-# with "<|im_end|>" text. Gemma's own template:
-args = ["--chat-template", "gemma"]
+# This is Gemma 3 270M's base model, not its instruction-tuned one: its GGUF has no chat template
+# (llama-server's chatml fallback made it write "<|im_end|>" as text) and Gemma's own turn format
+# makes it repeat the question. Asked as "Question: ... / Answer:", and stopped at the next
+# "Question:", it answers.
+args = ["--jinja", "--chat-template-file", "{template}", "--reverse-prompt", "Question:"]
+"""
+
+#: The demo Gemma's chat template: questions and answers, which a base model continues well.
+QA_TEMPLATE = """\
+{%- for message in messages -%}
+{%- if message['role'] == 'system' -%}{{ message['content'] }}
+
+{% elif message['role'] == 'user' -%}Question: {{ message['content'] }}
+{% else -%}Answer: {{ message['content'] }}
+{% endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}Answer:{%- endif -%}
 """
 
 
-def demo_config(port: int, paths: dict[str, Path]) -> str:
-    """The demo config's text for ``paths`` (``demo_model_paths``)."""
-    return CONFIG.format(port=port, smollm2=paths["smollm2-135m"], gemma=paths["gemma3-270m"])
+def demo_config(port: int, paths: dict[str, Path], directory: Path) -> str:
+    """The demo config's text for ``paths`` (``demo_model_paths``); the Gemma template is
+    written into ``directory``."""
+    template = directory / "gemma3-270m-qa.jinja"
+    template.write_text(QA_TEMPLATE)
+    return CONFIG.format(port=port, smollm2=paths["smollm2-135m"], gemma=paths["gemma3-270m"],
+                         template=template.resolve())
 
 
 def main() -> None:
@@ -70,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     paths = demo_model_paths(args.dir)
     config = args.dir / "config.toml"
-    config.write_text(demo_config(args.port, paths))
+    config.write_text(demo_config(args.port, paths, args.dir))
     print(f"wrote {config}")
 
 
