@@ -103,7 +103,7 @@ def parse() -> argparse.Namespace:
 
 ARGS = parse()
 READY_AT = time.monotonic() + ARGS.fake_load_seconds
-STATE = {"in_flight": 0, "prompt_tokens": 0, "predicted": 0, "peak_in_flight": 0}
+STATE: dict = {"in_flight": 0, "prompt_tokens": 0, "predicted": 0, "peak_in_flight": 0, "id_slots": []}
 LOCK = threading.Lock()
 
 
@@ -158,7 +158,7 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"status": "ok"})
         elif self.path == "/props":
             self._json(200, {"total_slots": ARGS.parallel, "model_path": ARGS.model, "fake": True,
-                             "fake_peak_in_flight": STATE["peak_in_flight"]})
+                             "fake_peak_in_flight": STATE["peak_in_flight"], "fake_id_slots": STATE["id_slots"]})
         elif self.path == "/slots":
             busy = STATE["in_flight"]
             self._json(200, [{"id": i, "n_ctx": ARGS.ctx_size, "is_processing": i < busy,
@@ -201,6 +201,7 @@ class Handler(BaseHTTPRequestHandler):
         with LOCK:
             STATE["in_flight"] += 1
             STATE["peak_in_flight"] = max(STATE["peak_in_flight"], STATE["in_flight"])
+            STATE["id_slots"].append(body.get("id_slot"))  # the slot each request asked for (props)
         try:
             self._post(body)
         except (BrokenPipeError, ConnectionResetError):
