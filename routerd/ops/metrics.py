@@ -385,6 +385,7 @@ class _Snapshot:
             known = supervisor.builds.known(spec.binary)
             if known is not None:
                 builds.add_metric([entry.name], {"binary": known.path, "version": known.version,
+                                                 "package": known.package or "",
                                                  "lacks": ",".join(spec.lacking(known))})
         yield builds
         yield GaugeMetricFamily("routerd_start_time_seconds", "When routerd started (Unix time)", metrics.started)
