@@ -1,22 +1,26 @@
 """The status page at /ui/ in a real browser (Debian's chromium and chromedriver, driven by
-selenium, headless) against routerd serving the demo models. Screenshots of each state are saved
-under the test's tmp dir."""
+selenium, headless) against routerd serving the demo models (``real``) or the fake llama-server.
+Screenshots of each state are saved under the test's tmp dir."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
+import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
+from routerd.backends.slots import model_folder
 from routerd.front.keys import KeySettings
-from tests.conftest import needs_real_llama
+from tests.conftest import FAKE_SERVER, Routerd, make_config, needs_real_llama
 from tests.test_real_llama import real_config
 
-pytestmark = [pytest.mark.real, needs_real_llama]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 needs_browser = pytest.mark.skipif(
@@ -73,6 +77,8 @@ async def enter_key(browser: Browser, key: str) -> None:
                          "document.getElementById('key-form').requestSubmit();", key)
 
 
+@pytest.mark.real
+@needs_real_llama
 @needs_browser
 async def test_the_page_follows_a_load_the_logs_and_an_unload_and_hides_actions_without_an_admin_key(
         start_routerd, tmp_path):
@@ -155,6 +161,8 @@ async def test_the_page_follows_a_load_the_logs_and_an_unload_and_hides_actions_
         await trio.to_thread.run_sync(browser.close)
 
 
+@pytest.mark.real
+@needs_real_llama
 @needs_browser
 async def test_a_phone_width_page_and_ten_open_pages_hold_one_event_stream_each(start_routerd, tmp_path):
     r = await start_routerd(real_config(tmp_path, **{"smollm2-135m": {}, "gemma3-270m": {}}))
@@ -200,14 +208,13 @@ async def test_a_phone_width_page_and_ten_open_pages_hold_one_event_stream_each(
 
 
 async def test_the_page_is_served_from_the_package_without_a_key(start_routerd, tmp_path, model_file):
-    from tests.conftest import make_config
-
     r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
     r.daemon.gate.add("ops", KeySettings(admin=True))  # keys are required from now on
     page = await r.http.get("/ui/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<script type="module" src="app.js">' in page.text and "http" not in page.text.split("<body>")[0]
-    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+    assert '<script type="module" src="playground.js">' in page.text
+    for name, kind in (("app.js", "text/javascript"), ("playground.js", "text/javascript"), ("style.css", "text/css")):
         response = await r.http.get(f"/ui/{name}")
         assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
     assert "script-src 'self'" in page.headers["content-security-policy"]  # nothing but its own files
@@ -220,8 +227,6 @@ async def test_the_page_is_served_from_the_package_without_a_key(start_routerd, 
 
 async def test_the_local_user_acts_without_a_key_until_one_exists_then_an_admin_key_is_needed(
         start_routerd, tmp_path, model_file):
-    from tests.conftest import make_config
-
     r = await start_routerd(make_config(tmp_path, {"a": {"path": model_file("a")}}))
     # routerd on loopback, no key made: the page acts for the machine's own user...
     assert (await r.http.get("/admin/whoami")).json() == {"key": None, "admin": True, "keys_required": False,
@@ -253,3 +258,94 @@ async def test_the_local_user_acts_without_a_key_until_one_exists_then_an_admin_
     assert rescanned.status_code == 200 and "added" in rescanned.json()
     assert (await r.http.post("/admin/models/a/explode", headers=auth)).status_code == 404
     assert (await r.http.post("/admin/models/nope/load", headers=auth)).status_code == 404
+
+
+# -- each model's llama-server build and saved conversations (the fake llama-server) ------------
+SAVED = ("return document.querySelector(`tr[data-model='${arguments[0]}'] td[data-label='Saved conversations']`)"
+         "?.textContent;")
+BUILD_SHOWN = """
+    const td = document.querySelector(`tr[data-model='${arguments[0]}'] td[data-label='llama-server']`);
+    if (!td || td.textContent === '–') return null;
+    const file = td.querySelector('.aliases'), warning = td.querySelector('.build-warning');
+    return {version: td.firstChild.textContent, file: file && file.textContent, path: file && file.title,
+            warning: warning && warning.textContent};"""
+
+
+def old_build(tmp_path: Path) -> str:
+    """A llama-server of its own for one model: the fake run as an older build (as
+    tests/test_builds.py's ``wrapper``), which lacks routerd's newer flags."""
+    path = tmp_path / "old-llama-server"
+    path.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_SERVER} --fake-old-build "$@"\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+def saved_index(tmp_path: Path, model: str, slots: dict[str, dict[str, int]], saved_at: float) -> None:
+    """What routerd's SlotStore writes when it saves ``model``'s slots (routerd/backends/slots.py):
+    the index of one key in the model's folder under $STATE_DIRECTORY/slots (conftest's
+    isolated_env), read the first time the model's status is built."""
+    folder = tmp_path / "state" / "slots" / model_folder(model)
+    folder.mkdir(parents=True)
+    key = "0123456789abcdef"
+    (folder / f"{key}.json").write_text(json.dumps(
+        {"key": key, "model": model, "saved_at": saved_at, "slots": slots, "sessions": {}}))
+
+
+async def listed(r: Routerd, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(m for m in (await r.http.get("/v1/models")).json()["data"] if m["id"] == name)
+    return found
+
+
+@needs_browser
+async def test_each_model_shows_its_build_what_it_turned_off_and_its_saved_conversations(
+        start_routerd, tmp_path, model_file):
+    # "kept" stopped earlier with two conversations saved: 2,000 + 179 tokens, 50,239,796 bytes.
+    saved_index(tmp_path, "kept", {"0": {"tokens": 2000, "bytes": 50_000_000}, "1": {"tokens": 179, "bytes": 239_796}},
+                saved_at=time.time() - 180)
+    r = await start_routerd(make_config(tmp_path, {"old": {"path": model_file("old"), "binary": old_build(tmp_path)},
+                                                   "kept": {"path": model_file("kept")}}))
+    loaded = await r.http.post("/admin/models/old/load")  # its build is known once it ran
+    assert loaded.status_code == 200 and loaded.json()["state"] == "ready"
+    old, kept = await listed(r, "old"), await listed(r, "kept")
+    assert old["build"]["version"] == "4000 (0ldb01d)" and kept["build"]["version"] == "9999 (fake)"
+    turned_off = old["build"]["turned_off"]
+    assert {"--metrics", "--slot-save-path"} <= set(turned_off) and kept["build"]["turned_off"] == []
+    assert old["saved_slots"] is None
+    assert {k: kept["saved_slots"][k] for k in ("slots", "tokens", "bytes")} == {
+        "slots": 2, "tokens": 2179, "bytes": 50_239_796}
+
+    browser = await trio.to_thread.run_sync(Browser)
+    browsers = [browser]
+    try:
+        await browser.run(browser.driver.get, r.url + "/ui/")
+        await browser.until("return document.getElementById('connection').dataset.state === 'live'")
+        assert await browser.until(STATE_IS, "old", "ready")
+        # The old build: its version, its file (the full path as the tooltip), what is off.
+        assert await browser.until(BUILD_SHOWN, "old") == {
+            "version": "4000 (0ldb01d)", "file": "old-llama-server", "path": str(tmp_path / "old-llama-server"),
+            "warning": f"this build lacks {', '.join(turned_off)}: those features are off"}
+        # The fake's own build lacks nothing: no warning.
+        assert await browser.until(BUILD_SHOWN, "kept") == {
+            "version": "9999 (fake)", "file": "fake_llama_server.py", "path": FAKE_SERVER, "warning": None}
+        # Its saved conversations, in the reader's number format; none for the other.
+        tokens = await browser.script("return (2179).toLocaleString()")
+        assert await browser.until(SAVED, "kept") == (
+            f"2 saved conversations · {tokens} tokens · 47.9 MiB · saved 3 min ago")
+        assert await browser.script(SAVED, "old") == "–"
+        # The playground (a module of its own) follows the same listing.
+        assert await browser.until("return [...document.querySelectorAll('#pg-model option')].map(o => o.value)"
+                                   ".join()") == ",kept,old"
+        await browser.shot(tmp_path / "builds.png")
+
+        # On a phone: the same lines in each model's card, and still no sideways scrolling.
+        phone = await trio.to_thread.run_sync(partial(Browser, 390, 844))
+        browsers.append(phone)
+        await phone.run(phone.driver.get, r.url + "/ui/")
+        assert (await phone.until(BUILD_SHOWN, "old"))["warning"].startswith("this build lacks")
+        assert (await phone.until(SAVED, "kept")).startswith("2 saved conversations · ")
+        widths = await phone.script("const d = document.documentElement; return [d.clientWidth, d.scrollWidth]")
+        await phone.shot(tmp_path / "builds-phone.png")
+        assert widths[0] <= 390 and widths[1] <= widths[0], widths
+    finally:
+        for each in browsers:
+            await trio.to_thread.run_sync(each.close)

@@ -186,13 +186,22 @@ async def test_the_page_is_served_the_event_types_as_routerd_defines_them(views)
 
 def test_the_page_spells_no_event_type_and_uses_only_defined_ones():
     """A renamed type (its value or its member name) cannot silently stop the page matching it:
-    app.js takes every type from /ui/event-types.js and names only members that exist."""
-    source = APP_JS.read_text()
-    assert 'import { EVENT, SNAPSHOT } from "./event-types.js";' in source
-    spelled = {match.group(2) for match in _JS_STRING.finditer(source)}
-    assert not spelled & ({member.value for member in EventType} | {api.SNAPSHOT})
-    used = set(re.findall(r"\bEVENT\.(\w+)", source))
-    assert used and used <= set(EventType.__members__), used - set(EventType.__members__)
+    each of the page's scripts (app.js, playground.js...) takes every type from
+    /ui/event-types.js and names only members that exist."""
+    scripts = sorted(path for path in APP_JS.parent.glob("*.js") if path.name != "event-types.js")
+    assert {"app.js", "playground.js"} <= {path.name for path in scripts}
+    assert 'import { EVENT, SNAPSHOT } from "./event-types.js";' in APP_JS.read_text()
+    used: set[str] = set()
+    for path in scripts:
+        source = path.read_text()
+        spelled = {match.group(2) for match in _JS_STRING.finditer(source)}
+        assert not spelled & ({member.value for member in EventType} | {api.SNAPSHOT}), path.name
+        named = set(re.findall(r"\bEVENT\.(\w+)", source))
+        if named:  # from routerd's definition, not a constant of its own
+            assert re.search(r'^import \{[^}]*\bEVENT\b[^}]*\} from "\./event-types\.js";$', source, re.M), path.name
+        assert named <= set(EventType.__members__), (path.name, named - set(EventType.__members__))
+        used |= named
+    assert used
 
 
 def test_the_literal_scan_sees_an_event_type_spelled_out():

@@ -30,7 +30,7 @@ from routerd.front.operations import Operations, json_default
 log = logging.getLogger("routerd.admin")
 #: The page's files, by name, with their content types.
 UI_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-            "style.css": "text/css; charset=utf-8"}
+            "playground.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 MAX_LOG_LINES = 2000
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
                            "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
