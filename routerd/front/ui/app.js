@@ -285,12 +285,14 @@ function renderModels() {
 }
 
 // Which llama-server runs the model (each model may have a binary of its own): its version, its
-// file, and routerd's features turned off because it lacks their flags. Unknown until routerd
-// asked the binary: "–".
+// file and the Python package it came in if any (builds made without git metadata all say
+// "build 0"), and routerd's features turned off because it lacks their flags. Unknown until
+// routerd asked the binary: "–".
 function buildCell(row, build) {
   const td = cell(row, "llama-server", build ? build.version : "–", "build");
   if (!build) return;
-  const file = element("div", "aliases", build.path.split("/").pop());
+  const name = build.path.split("/").pop();
+  const file = element("div", "aliases", build.package ? `${name} · ${build.package}` : name);
   file.title = build.path;
   td.appendChild(file);
   if (build.turned_off && build.turned_off.length) {
