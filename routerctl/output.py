@@ -91,6 +91,9 @@ def print_details(model: dict[str, Any]) -> None:
             value = f"{value:.0f}s"
         elif key == "aliases":
             value = ", ".join(value)
+        elif key == "saved_slots" and isinstance(value, dict):
+            value = (f"{value['slots']} conversation(s), {value['tokens']} tokens, {_size(value['bytes'])}, "
+                     f"saved {_ago(value['saved_at'])}")
         if isinstance(value, dict):
             print(f"{key}:")
             for sub, subvalue in value.items():

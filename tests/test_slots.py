@@ -12,6 +12,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from routerctl.cli import main as routerctl
 from routerd import llama_args
 from routerd.backends.slots import SavedFile, cache_key, model_folder, over_budget
 from tests.conftest import make_config, needs_real_llama
@@ -87,7 +88,7 @@ async def next_turn(r, messages: list[dict[str, str]], first: dict, session: str
 
 @pytest.mark.real
 @needs_real_llama
-async def test_a_conversation_survives_a_swap_away_and_back(start_routerd, tmp_path):
+async def test_a_conversation_survives_a_swap_away_and_back(start_routerd, tmp_path, capsys):
     r = await start_routerd(slots_config(tmp_path, parallel=1))
     messages = conversation(1, 1900)  # about 2,000 tokens
     first = await chat(r, messages)
@@ -98,6 +99,8 @@ async def test_a_conversation_survives_a_swap_away_and_back(start_routerd, tmp_p
     assert saved is not None and saved.slots == 1 and saved.tokens >= first["usage"]["prompt_tokens"]
     folder = Path(r.supervisor.slot_store.folder(SMOL))
     assert [oct(p.stat().st_mode & 0o777) for p in folder.glob("*.bin")] == ["0o600"]  # routerd's user's only
+    assert await trio.to_thread.run_sync(routerctl, ["--socket", r.daemon.socket_path, "status", SMOL]) == 0
+    assert f"saved_slots: 1 conversation(s), {saved.tokens} tokens" in capsys.readouterr().out
     follow = await next_turn(r, messages, first)  # SmolLM2 returns: restored before it took this
     assert reused(follow) >= 0.9, follow["timings"]
     metrics = (await r.http.get("/metrics")).text
