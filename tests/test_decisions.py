@@ -282,3 +282,14 @@ def test_the_model_stream_flag_and_user_come_from_the_body_and_bad_bodies_are_40
         with pytest.raises(BadRequest) as caught:
             requested.read_request(body)
         assert caught.value.code == code
+
+
+@pytest.mark.parametrize(("shortfall", "said"), [
+    ({"ram": 432013312}, "412.0 MiB more on ram"),
+    ({"models": 1}, "1 more model slot (backend.max_loaded_models)"),
+    ({"gpu0": 1 << 30, "models": 2}, "1024.0 MiB more on gpu0 and 2 more model slots (backend.max_loaded_models)"),
+])
+def test_what_a_newcomer_lacks_is_said_in_words(shortfall, said):
+    from routerd.backends.placement import describe_shortfall
+
+    assert describe_shortfall(shortfall) == said

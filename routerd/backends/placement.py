@@ -56,6 +56,18 @@ def spec_for(entry: ModelEntry, config: Config, binary: str, slots_root: str = "
                        extra=tuple(extra), env=tuple(sorted(env.items())))
 
 
+def describe_shortfall(shortfall: Mapping[str, int]) -> str:
+    """What a newcomer lacks, for people (pure): "412.0 MiB more on ram and one more model slot
+    (backend.max_loaded_models)"."""
+    parts = []
+    for device, amount in sorted(shortfall.items()):
+        if device == "models":
+            parts.append(f"{amount} more model slot{'s' if amount > 1 else ''} (backend.max_loaded_models)")
+        else:
+            parts.append(f"{amount / (1 << 20):.1f} MiB more on {device}")
+    return " and ".join(parts) or "nothing more"
+
+
 def build_refusal(model: str, build: Build) -> str | None:
     """Why ``model`` must not start on ``build`` (pure), or None. A build that cannot read its
     API key from the environment would need it on the command line, which every local user can
@@ -276,9 +288,10 @@ class Placement:
                 now = trio.current_time()
                 limit = owner.config.memory.busy_wait if owner.config.memory.when_busy == "wait" else 0.0
                 if now - waited_since >= limit:
+                    busy = ", ".join(plan.busy) or "nothing"
                     raise InsufficientMemory(
-                        f"no room for {entry.name!r}: needs {dict(plan.shortfall)} more and "
-                        f"{', '.join(plan.busy) or 'nothing'} is busy",
+                        f"no room for {entry.name!r}: it needs {describe_shortfall(plan.shortfall)}, and "
+                        f"{busy} {'are' if len(plan.busy) > 1 else 'is'} busy",
                         data=owner.memory.explain(newcomer, residents), retry_after=5)
                 in_the_way = {key: b for key in plan.busy if (b := owner.models.backend(key)) is not None}
                 turn = fair_turn(

@@ -268,9 +268,9 @@ class Operations:
             return LoadRequested(entry.name, "loading", f"{entry.name} is loading")
         return LoadRequested(entry.name, "queued", (
             f"{entry.name} waits for room: the models holding the memory it needs are busy; it starts once they "
-            "finish or yield their turn (scheduler.max_turn_wait), if that is within memory.busy_wait "
-            f"({supervisor.config.memory.busy_wait:g} s); else the load is given up, and model.load_refused says "
-            "why (/events, /models/sse)"))
+            "finish what they run (after scheduler.max_turn_wait they take no new requests), if that is within "
+            f"memory.busy_wait ({supervisor.config.memory.busy_wait:g} s); else the load is given up and says why "
+            "(a status_change with failed: true on /models/sse, model.load_refused on /events)"))
 
     async def unload(self, model: str, *, force: bool = False) -> UnloadResult:
         """Stop ``model`` and return once its processes are gone; in-flight requests finish first
