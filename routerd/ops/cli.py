@@ -1,4 +1,4 @@
-"""The ``routerd`` command: ``serve`` and ``check-config``.
+"""The ``routerd`` command: ``serve``, ``check-config``, ``convert`` and ``add-key``.
 
 Owns argument parsing and exit codes only; the daemon does the work. A failure a user can cause
 (port in use, another routerd on the socket, a bad config, no llama-server, a state directory
@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--debug", action="store_true", help="print the traceback of a fatal error")
     check = sub.add_parser("check-config", help="validate a config and print it resolved")
     check.add_argument("path", metavar="PATH")
+    convert = sub.add_parser("convert", help="print a llama-swap config.yaml or a llama.cpp --models-preset .ini "
+                             "as routerd TOML (what has no equivalent: listed at its end and on stderr)")
+    convert.add_argument("path", metavar="FILE")
     add_key = sub.add_parser("add-key", help="make an API key while routerd is not running (a server that "
                              "listens beyond loopback needs one to start); prints it once")
     add_key.add_argument("name")
@@ -88,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1  # a checker's "no" (serve exits EXIT_CONFIG on the same error)
         print(json.dumps(config_mod.unstructure(config), indent=2))
         return 0
+    if args.command == "convert":
+        from routerd.ops import convert as convert_mod
+
+        return convert_mod.main(args.path)
     if args.command == "add-key":
         settings = keys.KeySettings(models=tuple(args.models), admin=args.admin)
         return add_key(args.name, settings, state_dir=paths.state_dir())
