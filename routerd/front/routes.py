@@ -4,10 +4,10 @@ Owns ``route(method, path)`` (pure), the one decision of where a request goes: t
 path (the POST routes whose body names a model), passthrough to a backend (``/upstream/...``,
 ``/{model}/props`` and the like, ``/props?model=M``), the views (``/v1/models``, ``/health``,
 ``/memory``), ``/events``, ``/metrics``, admin (``/admin/...``), llama.cpp router mode's API
-(``/props``, ``/models...``), llama.cpp's web UI (``/``), the status page (``/ui/...``), a wrong
-method on a known path (405) and what is not found (404). ``Front`` is the ASGI app hypercorn
-serves: CORS first, then the route, then (for what changes state) the cross-site check, then the
-access check, then the handler; ``create_app`` builds it.
+(``/props``, ``/models...``), Ollama's API (``/api/...``), llama.cpp's web UI (``/``), the status
+page (``/ui/...``), a wrong method on a known path (405) and what is not found (404). ``Front``
+is the ASGI app hypercorn serves: CORS first, then the route, then (for what changes state) the
+cross-site check, then the access check, then the handler; ``create_app`` builds it.
 
 The Quart app serves the views, admin, the page and the 404/405 answers; its URL rules must
 agree with this table (tests/test_routes.py checks every one). This is the only module that
@@ -26,7 +26,7 @@ from quart_trio import QuartTrio
 from routerd.backends.supervisor import Supervisor
 from routerd.backends.upstream import first_header
 from routerd.errors import Forbidden, RouterdError
-from routerd.front import access, admin, api, cors, router_mode, webui
+from routerd.front import access, admin, api, cors, ollama, router_mode, webui
 from routerd.front.access import Gate
 from routerd.front.client_io import AsgiBody, AsgiSink, RequestBody, ResponseSink, drain
 from routerd.front.exchange import Exchange
@@ -56,6 +56,9 @@ class Surface(enum.Enum):
     #: ``router_mode``), and ``GET /models/sse`` (raw ASGI, ``router_mode.ModelEvents``).
     ROUTER = "router"
     MODEL_EVENTS = "model_events"
+    #: Ollama's API: every method on ``/api/...`` (``ollama``; chat, generate and embeddings
+    #: through the proxy).
+    OLLAMA = "ollama"
     #: ``/``: llama.cpp's web UI from the llama-server routerd runs, else routerd's page (``webui``).
     WEBUI = "webui"
     #: OPTIONS without a CORS preflight: Quart's automatic answer with ``Allow``.
@@ -129,6 +132,14 @@ _NOT_FOUND = Route(Surface.NOT_FOUND)
 _GET_ONLY = {"/metrics": Route(Surface.METRICS), "/events": Route(Surface.EVENTS),
              "/models/sse": Route(Surface.MODEL_EVENTS)}
 #: GET and HEAD (Quart answers HEAD for its GET rules).
+#: Ollama's API (``/api/...``): its calls counted, queued and finished like the OpenAI routes
+#: they become; anything else there is Ollama's 404.
+_OLLAMA = {("POST", "/api/chat"): Route(Surface.OLLAMA, "/api/chat", queued=True),
+           ("POST", "/api/generate"): Route(Surface.OLLAMA, "/api/generate", queued=True),
+           ("POST", "/api/embed"): Route(Surface.OLLAMA, "/api/embed", queued=True, runs_to_end=True),
+           ("POST", "/api/embeddings"): Route(Surface.OLLAMA, "/api/embeddings", queued=True, runs_to_end=True),
+           ("POST", "/api/pull"): Route(Surface.OLLAMA, "/api/pull", changes_state=True)}
+_OLLAMA_OTHER = Route(Surface.OLLAMA, "/api")
 _READS = {"/health": _VIEWS, "/v1/models": _VIEWS, "/memory": _VIEWS, "/ui": _PAGE, "/ui/": _PAGE,
           "/admin/whoami": _ADMIN, "/props": _ROUTER, "/models": _ROUTER, "/": Route(Surface.WEBUI)}
 
@@ -136,6 +147,8 @@ _READS = {"/health": _VIEWS, "/v1/models": _VIEWS, "/memory": _VIEWS, "/ui": _PA
 def route(method: str, path: str, model_query: bool = False) -> Route:
     """Where ``method path`` goes (pure). ``path`` is the decoded ASGI path; ``model_query``
     whether its query names a model (``?model=``)."""
+    if path.startswith("/api/") and method != "OPTIONS":
+        return _OLLAMA.get((method, path), _OLLAMA_OTHER)
     if method == "POST":
         proxied = _PROXIED.get(path)
         if proxied is not None:
@@ -231,6 +244,7 @@ class Front:
         self.observability = observability
         self.model_events = router_mode.ModelEvents(supervisor)
         self.webui = webui.WebUI(supervisor)
+        self.ollama = ollama.Ollama(proxy)
         self.views = views
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -271,7 +285,10 @@ class Front:
             access.check_request(self.gate, scope, max_headers=server.max_headers, metrics_open=config.metrics.open)
         except RouterdError as exc:
             await drain(body)
-            await Exchange(sink).fail(exc)
+            await (ollama.fail(sink, exc) if surface is Surface.OLLAMA else Exchange(sink).fail(exc))
+            return
+        if surface is Surface.OLLAMA:
+            await self.ollama.serve(scope, body, sink, found.label, found.queued, found.runs_to_end)
             return
         receive, send = asgi()
         if surface is Surface.METRICS or surface is Surface.EVENTS:
@@ -293,4 +310,6 @@ def create_app(operations: Operations, metrics: api.MetricsSource) -> Front:
     views = api.views_app(supervisor, gate, is_wrong_method=is_wrong_method)
     admin.register(views, operations)
     router_mode.register(views, operations)
-    return Front(supervisor, gate, ProxyApp(supervisor, gate), api.Observability(supervisor, gate, metrics), views)
+    front = Front(supervisor, gate, ProxyApp(supervisor, gate), api.Observability(supervisor, gate, metrics), views)
+    front.ollama.operations = operations  # /api/pull
+    return front
