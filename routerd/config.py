@@ -205,6 +205,10 @@ def _validate(config: Config) -> list[str]:
         if model.idle_ttl is not None and model.idle_ttl < 0:
             errors.append(f"{where}.idle_ttl: must not be negative")
         errors += _validate_args(f"{where}.args", model.args)
+        for key in ("defaults", "override", "strip"):
+            if "model" in getattr(model, key):
+                errors.append(f"{where}.{key}: 'model' names the model a request is routed to: routerd does not "
+                              "rewrite it")
         for alias in model.aliases:
             if alias in owners and owners[alias] != name:
                 errors.append(f"{where}.aliases: {alias!r} is already the name or an alias of {owners[alias]!r}")

@@ -8,6 +8,8 @@ name here. Must not read files or the environment.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 DEFAULT_PORT = 8082
@@ -238,6 +240,12 @@ class ModelConfig:
     #: Save this model's conversations (llama-server's KV slots) before stopping it, and restore
     #: them when it starts again; None: slots.save.
     save_slots: bool | None = None
+    #: Request rewriting (llama-swap's filters), on the JSON body of every request for this
+    #: model: ``defaults`` are set where the client did not, ``override`` always, ``strip``
+    #: fields are removed. A body that needs no change is passed on as it came.
+    defaults: dict[str, Any] = attrs.field(factory=dict)
+    override: dict[str, Any] = attrs.field(factory=dict)
+    strip: list[str] = attrs.field(factory=list)
     #: llama-servers of this model run at once: a number, or "auto" (more while requests
     #: queue, up to max_replicas). Each is admitted by the memory budget like any backend.
     replicas: int | str = 1

@@ -158,7 +158,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"status": "ok"})
         elif self.path == "/props":
             self._json(200, {"total_slots": ARGS.parallel, "model_path": ARGS.model, "fake": True,
-                             "fake_peak_in_flight": STATE["peak_in_flight"], "fake_id_slots": STATE["id_slots"]})
+                             "fake_peak_in_flight": STATE["peak_in_flight"], "fake_id_slots": STATE["id_slots"],
+                             "fake_last_body": STATE.get("last_body")})
         elif self.path == "/slots":
             busy = STATE["in_flight"]
             self._json(200, [{"id": i, "n_ctx": ARGS.ctx_size, "is_processing": i < busy,
@@ -195,7 +196,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
-        body = json.loads(self.rfile.read(length) or b"{}")
+        raw = self.rfile.read(length)
+        STATE["last_body"] = raw.decode("utf-8", "replace")  # as it arrived (props: fake_last_body)
+        body = json.loads(raw or b"{}")
         if self._loading() or self._refused():
             return
         with LOCK:

@@ -184,6 +184,8 @@ def test_llama_swap_models_args_aliases_ttl_env_and_groups(tmp_path):
         "qwen-chat": {"path": f"{gguf}/qwen-chat.gguf", "args": ["--ctx-size", "16384", "-ngl", "99", "--jinja"],
                       "binary": f"{tmp_path}/llama/bin/llama-server", "aliases": ["gpt-4o-mini", "qwen"],
                       "group": "together", "idle_ttl": 300.0,
+                      "override": {"temperature": 0.6, "chat_template_kwargs": {"enable_thinking": False}},
+                      "strip": ["top_k", "top_p"],
                       "env": {"CUDA_VISIBLE_DEVICES": "0", "GGML_CUDA_FORCE_MMQ": "1"}},
         "embed": {"path": f"{gguf}/embed.gguf", "args": ["--embeddings"], "group": "together", "idle_ttl": 0.0},
         "small": {"path": f"{gguf}/small.gguf", "args": ["-c", "2048", "--temp", "0.2"], "group": "solo"},
@@ -210,7 +212,7 @@ def test_llama_swap_not_converted_lines_end_the_toml_and_go_to_stderr(tmp_path):
     _, out, err = convert_swap(tmp_path)
     lines = not_converted(out)
     assert [line.split(":")[0] for line in lines] == [
-        "logLevel", "startPort", "apiKeys", "groups.solo", "models.qwen-chat.filters", "models.qwen-chat.name",
+        "logLevel", "startPort", "apiKeys", "groups.solo", "models.qwen-chat.name",
         "models.qwen-chat.useModelName", "models.embed.unlisted", "models.coder", "models.coder",
         "models.docker-llama", "peers.openrouter.apiKey", "peers.openrouter.filters"]
     text = "\n".join(lines)
@@ -223,17 +225,13 @@ def test_llama_swap_not_converted_lines_end_the_toml_and_go_to_stderr(tmp_path):
     assert err.splitlines()[1:] == [f"  - {line}" for line in lines]  # the same list, for people
 
 
-def test_request_rewriting_is_written_commented_out_and_valid_once_uncommented(tmp_path):
+def test_filters_become_request_rewriting(tmp_path):
     data, out, _ = convert_swap(tmp_path)
-    assert "override" not in data["models"]["qwen-chat"] and "strip" not in data["models"]["qwen-chat"]
-    section = out[out.index("[models.qwen-chat]"):out.index("[models.qwen-chat.env]")]
-    assert "# request rewriting: needs routerd with models.qwen-chat.override (uncomment then)" in section
-    uncommented = "\n".join(line[2:] if line.startswith(("# override", "# strip")) else line
-                            for line in out.splitlines())
-    model = tomllib.loads(uncommented)["models"]["qwen-chat"]
+    model = data["models"]["qwen-chat"]
     assert model["override"] == {"temperature": 0.6, "chat_template_kwargs": {"enable_thinking": False}}
     assert model["strip"] == ["top_k", "top_p"]
     assert model["env"] == {"CUDA_VISIBLE_DEVICES": "0", "GGML_CUDA_FORCE_MMQ": "1"}  # still its own table
+    assert "models.qwen-chat.filters" not in out.split("# Not converted:")[1]  # converted, not listed
 
 
 def test_macros_expand_nested_and_from_the_environment_keeping_port():

@@ -58,6 +58,8 @@ class ModelStatus:
     build: dict[str, object] | None = None
     #: Its conversations saved when it last stopped (slots, tokens, bytes, saved_at), if any.
     saved_slots: Saved | None = None
+    #: The fields set, forced or removed on every request for it (defaults, override, strip).
+    rewrite: dict[str, object] | None = None
 
 
 @attrs.frozen
@@ -158,6 +160,7 @@ def model_status(seen: Observed, entry: ModelEntry) -> ModelStatus:
         endpoints=pool,
         build=build_view(seen.builds, spec),
         saved_slots=seen.slot_store.saved(entry.name),
+        rewrite=entry.rewrite.view() if entry.rewrite else None,
     )
 
 

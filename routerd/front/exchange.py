@@ -48,6 +48,8 @@ class Exchange:
         self.feedback = False
         #: The virtual model asked for, when a selector chose ``model``; the endpoint that served.
         self.selector: str | None = None
+        #: The body fields its model's rewriting changed (models.NAME.defaults/override/strip).
+        self.rewritten: list[str] = []
         self.endpoint: str | None = None
         #: Said with the answer: which model served (``x-routerd-model``).
         self.routing_headers: list[tuple[bytes, bytes]] = []

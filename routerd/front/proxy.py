@@ -42,6 +42,7 @@ from routerd.front.requested import (
     split_model_path,
     with_slot,
 )
+from routerd.rewriting import rewritten
 
 log = logging.getLogger("routerd.proxy")
 
@@ -104,7 +105,8 @@ class ProxyApp:
             completion_tokens=tokens[1] if tokens else None, bytes_in=client.bytes_in, bytes_out=client.bytes_out,
             client=peer(scope), key=caller.key.name if (caller := caller_of(scope)).key else None,
             cancelled=client.cancelled or not client.finished, stream=client.event_stream,
-            error=client.error, selector=client.selector, endpoint=client.endpoint)
+            error=client.error, selector=client.selector, endpoint=client.endpoint,
+            rewritten=client.rewritten or None)
 
     async def _handle(self, scope: Scope, body_in: RequestBody, client: Exchange, queued: bool) -> None:
         method, path = scope["method"], scope["path"]
@@ -141,6 +143,11 @@ class ProxyApp:
         client.model = entry.name if entry is not None else ""  # a label: never the client's text
         if client.selector is None:
             self.gate.check_model(caller, model, entry)
+        if entry is not None and entry.rewrite is not None and body:
+            body, client.rewritten = rewritten(body, entry.rewrite)
+            if client.rewritten:  # an override may have changed what the proxy reads
+                requested = read_request(body)
+                stream, user = requested.stream, requested.user
         if entry is not None and not self.supervisor.config.scheduler.autoload and not entry.remote \
                 and self.supervisor.running(entry.name) is None:
             raise BadRequest(f"model {entry.name!r} is not loaded, and routerd loads models only when asked "

@@ -27,6 +27,7 @@ from routerd.config import Config
 from routerd.errors import NotWritable, UnknownModel
 from routerd.models.discovery import Found, resolve_collisions
 from routerd.models.gguf_meta import GGUFError, read_meta
+from routerd.rewriting import Rewrite
 
 log = logging.getLogger("routerd.catalog")
 MANUAL_SOURCES = ("config", "import")
@@ -49,6 +50,8 @@ class ModelEntry:
     #: Never stopped for room or idleness (models.NAME.keep_loaded), and its eviction priority.
     keep_loaded: bool = False
     priority: int = 0
+    #: Fields set, forced or removed on every request for it (models.NAME.defaults/override/strip).
+    rewrite: Rewrite | None = None
     #: Environment variables its llama-server gets (the config's models.NAME.env).
     env: tuple[tuple[str, str], ...] = ()
     #: Local replicas kept running once in use, and the most there may be ("auto" scales between).
@@ -123,7 +126,8 @@ class Catalog:
                                       idle_ttl=config.idle_ttl(name), args=tuple(model.args),
                                       env=tuple(sorted(model.env.items())), replicas=keep, max_replicas=most,
                                       remotes=remotes, binary=model.binary, keep_loaded=model.keep_loaded,
-                                      priority=model.priority))
+                                      priority=model.priority,
+                                      rewrite=Rewrite.of(model.defaults, model.override, model.strip)))
         taken = [name for entry in entries for name in (entry.name, *entry.aliases)]
         folders = [f for f in discovered if f.source == "folder"]
         cached = [f for f in discovered if f.source != "folder"]

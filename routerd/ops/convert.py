@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import configparser
 import dataclasses
-import json
 import os
 import re
 import shlex
@@ -70,8 +69,6 @@ class ConvertError(Exception):
 class Conversion:
     kind: str
     config: dict[str, Any]
-    #: Per model, TOML lines written commented out (keys a newer routerd understands).
-    commented: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     #: "what: why", one per thing without an equivalent.
     skipped: list[str] = dataclasses.field(default_factory=list)
 
@@ -186,15 +183,20 @@ def _env_list(name: str, env: Any, skipped: list[str]) -> dict[str, str]:
     return pairs
 
 
-def _filters(name: str, filters: dict[str, Any], commented: list[str], skipped: list[str]) -> None:
+def _filters(name: str, filters: dict[str, Any], model: dict[str, Any], skipped: list[str]) -> None:
+    """llama-swap's filters as routerd's request rewriting: setParams always set (override),
+    stripParams removed (strip)."""
     override, strip = filters.get("setParams") or {}, filters.get("stripParams") or ""
-    if override:
-        commented.append(f"override = {inline(override)}")
-    if strip:
-        commented.append(f"strip = {inline([p.strip() for p in str(strip).split(',') if p.strip()])}")
-    if commented:
-        skipped.append(f"models.{name}.filters: written commented out: request rewriting needs routerd with "
-                       f"models.{name}.override and strip")
+    if isinstance(override, dict) and override:
+        if "model" in override:
+            skipped.append(f"models.{name}.filters.setParams.model: routerd does not rewrite the model a request "
+                           "names")
+        model["override"] = {str(k): v for k, v in override.items() if k != "model"} or None
+    fields = [p.strip() for p in str(strip).split(",") if p.strip() and p.strip() != "model"]
+    if fields:
+        model["strip"] = fields
+    if model.get("override") is None:
+        model.pop("override", None)
     for key in filters:
         if key not in ("setParams", "stripParams"):
             skipped.append(f"models.{name}.filters.{key}: no routerd equivalent (one set of rewrites per model)")
@@ -257,9 +259,7 @@ def _swap_model(name: str, spec: Mapping[str, Any], conv: Conversion) -> dict[st
         model["idle_ttl"] = float(ttl)
     if isinstance(spec.get("sendLoadingState"), bool):
         model["loading_feedback"] = spec["sendLoadingState"]
-    commented: list[str] = []
-    _filters(name, spec.get("filters") or {}, commented, skipped)
-    conv.commented.update({name: commented} if commented else {})
+    _filters(name, spec.get("filters") or {}, model, skipped)
     proxy = str(spec.get("proxy") or "")
     if proxy and not any(f"//{host}" in proxy for host in _LOCAL_HOSTS):
         skipped.append(f"models.{name}.proxy: {proxy} is not this host; routerd relays to its own "
@@ -400,18 +400,6 @@ def convert_preset(text: str) -> Conversion:
     return conv
 
 
-def inline(value: Any) -> str:
-    """A value as an inline TOML value (for the lines written commented out)."""
-    if isinstance(value, dict):
-        keys = [k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k) for k in map(str, value)]
-        return "{ " + ", ".join(f"{k} = {inline(v)}" for k, v in zip(keys, value.values(), strict=True)) + " }"
-    if isinstance(value, list):
-        return "[" + ", ".join(inline(v) for v in value) + "]"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value) if isinstance(value, (int, float)) else json.dumps(str(value), ensure_ascii=False)
-
-
 def render(conv: Conversion, source: str) -> str:
     """The conversion as routerd TOML: data by tomli_w, the notes as comments."""
     out = [f"# routerd config converted by `routerd convert` from the {conv.kind} {source}.\n"
@@ -422,9 +410,6 @@ def render(conv: Conversion, source: str) -> str:
             continue
         for name, model in data.items():
             out.append(tomli_w.dumps({"models": {name: {k: v for k, v in model.items() if k != "env"}}}))
-            if name in conv.commented:
-                out.append(f"# request rewriting: needs routerd with models.{name}.override (uncomment then)\n"
-                           + "".join(f"# {line}\n" for line in conv.commented[name]))
             if "env" in model:
                 out.append(tomli_w.dumps({"models": {name: {"env": model["env"]}}}))
     if conv.skipped:

@@ -37,6 +37,8 @@ def line(model: str, data: dict[str, Any]) -> str:
         parts.append(f"key={data['key']}")
     if data.get("stream"):
         parts.append("stream")
+    if data.get("rewritten"):
+        parts.append(f"rewritten={','.join(data['rewritten'])}")
     if data.get("error"):
         parts.append(f"error={data['error']}")
     if data.get("cancelled"):
