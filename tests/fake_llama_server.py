@@ -159,7 +159,8 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/props":
             self._json(200, {"total_slots": ARGS.parallel, "model_path": ARGS.model, "fake": True,
                              "fake_peak_in_flight": STATE["peak_in_flight"], "fake_id_slots": STATE["id_slots"],
-                             "fake_last_body": STATE.get("last_body")})
+                             "fake_last_body": STATE.get("last_body"),
+                             "fake_upload_started": STATE.get("upload_started", False)})
         elif self.path == "/slots":
             busy = STATE["in_flight"]
             self._json(200, [{"id": i, "n_ctx": ARGS.ctx_size, "is_processing": i < busy,
@@ -196,6 +197,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
+        if self.path.startswith("/v1/audio/"):  # an upload: say it began before it is read whole
+            STATE["upload_started"] = True
+            self._audio(self.rfile.read(length))
+            return
         raw = self.rfile.read(length)
         STATE["last_body"] = raw.decode("utf-8", "replace")  # as it arrived (props: fake_last_body)
         body = json.loads(raw or b"{}")
@@ -212,6 +217,18 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with LOCK:
                 STATE["in_flight"] -= 1
+
+    def _audio(self, raw: bytes) -> None:
+        """A transcription: the form's file size and model (llama-server answers audio-capable
+        models here)."""
+        boundary = self.headers.get("Content-Type", "").partition("boundary=")[2].strip('"').encode()
+        fields = {}
+        for part in raw.split(b"--" + boundary)[1:-1]:
+            head, _, content = part.partition(b"\r\n\r\n")
+            name = head.partition(b'name="')[2].partition(b'"')[0].decode()
+            fields[name] = content[:-2]  # the CRLF before the next delimiter
+        self._json(200, {"text": f"fake transcription of {len(fields.get('file', b''))} bytes",
+                         "model": fields.get("model", b"").decode(), "received": len(raw)})
 
     def _post(self, body: dict) -> None:
         path = self.path

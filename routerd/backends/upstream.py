@@ -16,7 +16,7 @@ import math
 import os
 import select
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 
 import trio
 
@@ -229,19 +229,23 @@ class ConnectionPool:
 
     async def request(self, method: str, target: str, *, headers: Iterable[tuple[bytes, bytes]] = (),
                       body: bytes = b"", read_timeout: float | None = None, limited: bool = True,
-                      on_sent: Callable[[], None] | None = None) -> Response:
+                      on_sent: Callable[[], None] | None = None,
+                      rest: tuple[int, AsyncIterable[bytes]] | None = None) -> Response:
         """Send a request and return once the response's headers arrive (UpstreamError if the
         backend fails before that). ``read_timeout`` bounds each read (the gap between bytes, not
         the whole exchange: bound that with a cancel scope); the pool's default otherwise.
         ``limited``: the request waits for a connection past ``max_open`` (health checks do not:
         they must not queue behind the traffic whose backend they judge). ``on_sent`` is
-        called once the request has gone out whole."""
+        called once the request has gone out whole. ``rest``: (its length, its bytes) still to
+        come after ``body`` (an upload relayed as it arrives: sent on a fresh connection, and
+        never sent twice once a byte of it went)."""
         read_timeout = self.read_timeout if read_timeout is None else read_timeout
-        head = [(b"host", self._host_header), (b"content-length", b"%d" % len(body)),
+        length = len(body) + (rest[0] if rest is not None else 0)
+        head = [(b"host", self._host_header), (b"content-length", b"%d" % length),
                 *self._fixed_headers, *headers]
         encoded = encode_request(method, self._prefix + target, head)
         while True:
-            conn, reused = self._take_idle(), True
+            conn, reused = (self._take_idle(), True) if rest is None else (None, False)
             while (conn is None and limited and self.max_open is not None and self._open >= self.max_open
                    and not self._closed):
                 await self._returned.park()
@@ -258,6 +262,8 @@ class ConnectionPool:
             except BaseException:
                 conn.close()
                 raise
+            if rest is not None:
+                await _send_rest(conn, rest[1])
             if on_sent is not None:
                 on_sent()
             try:
@@ -350,6 +356,20 @@ _BROKEN = (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OS
 
 def _gap(read_timeout: float) -> UpstreamError:
     return UpstreamError(f"no data from the backend for {read_timeout:g} s (server.upstream_read_timeout)")
+
+
+async def _send_rest(conn: _Connection, rest: AsyncIterable[bytes]) -> None:
+    """Relay an upload's remaining bytes as they come; a break is the backend's failure (the
+    request went out in part: it is never sent again)."""
+    try:
+        async for chunk in rest:
+            await conn.stream.send_all(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        conn.close()
+        raise UpstreamError(f"the upload broke off: {_describe(exc)}") from None
+    except BaseException:
+        conn.close()
+        raise
 
 
 def _write_now(sock: trio.socket.SocketType, data: bytes) -> int:

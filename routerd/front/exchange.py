@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable
@@ -19,6 +20,9 @@ from hypercorn.typing import ASGIReceiveCallable
 from routerd.errors import RouterdError
 from routerd.front import usage
 from routerd.front.client_io import ResponseSink
+
+if TYPE_CHECKING:
+    from routerd.front.uploads import Upload
 
 
 def sse_error(error: RouterdError) -> bytes:
@@ -50,6 +54,8 @@ class Exchange:
         self.selector: str | None = None
         #: The body fields its model's rewriting changed (models.NAME.defaults/override/strip).
         self.rewritten: list[str] = []
+        #: An upload relayed as it arrives (its form's first bytes are the request's body).
+        self.upload: Upload | None = None
         self.endpoint: str | None = None
         #: Said with the answer: which model served (``x-routerd-model``).
         self.routing_headers: list[tuple[bytes, bytes]] = []

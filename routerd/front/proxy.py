@@ -33,6 +33,7 @@ from routerd.front.access import Gate, Scope, caller_of, check_request, peer
 from routerd.front.client_io import RequestBody, ResponseSink, drain
 from routerd.front.exchange import Exchange
 from routerd.front.requested import (
+    FORM_POST,
     MODEL_QUERY_GET,
     SLOTTED_POST,
     forward_headers,
@@ -42,6 +43,7 @@ from routerd.front.requested import (
     split_model_path,
     with_slot,
 )
+from routerd.front.uploads import read_upload
 from routerd.rewriting import rewritten
 
 log = logging.getLogger("routerd.proxy")
@@ -112,11 +114,19 @@ class ProxyApp:
         method, path = scope["method"], scope["path"]
         server = self.supervisor.config.server
         user = None
-        if method == "POST":
-            body = await _read_body(scope, body_in, server.max_body_bytes, server.body_timeout)
-            if body is None:
+        if method == "POST" and path in FORM_POST:  # an upload: relayed as it arrives
+            client.upload = await read_upload(scope, body_in, server.max_body_bytes, server.body_timeout)
+            if client.upload is None:
+                client.cancelled = True
+                return
+            body, model, stream, target = client.upload.head, client.upload.model, False, path
+            client.bytes_in = len(body) + client.upload.remaining
+        elif method == "POST":
+            whole = await _read_body(scope, body_in, server.max_body_bytes, server.body_timeout)
+            if whole is None:
                 client.cancelled = True
                 return  # the client left while sending
+            body = whole
             client.bytes_in = len(body)
             requested = read_request(body)
             model, stream, user = requested.model, requested.stream, requested.user
@@ -143,7 +153,7 @@ class ProxyApp:
         client.model = entry.name if entry is not None else ""  # a label: never the client's text
         if client.selector is None:
             self.gate.check_model(caller, model, entry)
-        if entry is not None and entry.rewrite is not None and body:
+        if entry is not None and entry.rewrite is not None and body and client.upload is None:
             body, client.rewritten = rewritten(body, entry.rewrite)
             if client.rewritten:  # an override may have changed what the proxy reads
                 requested = read_request(body)
@@ -226,13 +236,16 @@ class ProxyApp:
             try:
                 if pool is None:
                     raise NotDelivered(f"{endpoint.label} stopped taking requests")
-                sent = body if lease.upstream_model is None or not body else renamed(body, lease.upstream_model)
+                upload = client.upload
+                renaming = lease.upstream_model is not None and body and upload is None  # a form goes as it is
+                sent = renamed(body, lease.upstream_model) if renaming and lease.upstream_model else body
                 if session is not None and sent and target.partition("?")[0] in SLOTTED_POST:
                     slot = endpoint.slot_for_session(session)  # where its saved conversation is
                     if slot is not None:
                         sent = with_slot(sent, slot)
+                rest = (upload.remaining, upload.rest()) if upload is not None and upload.remaining else None
                 return await pool.request(method, target, headers=forward_headers(headers), body=sent,
-                                          on_sent=client.was_sent), endpoint
+                                          on_sent=client.was_sent, rest=rest), endpoint
             except NotDelivered as exc:
                 endpoint.distrust()  # before the slot is freed: nobody else is sent there meanwhile
                 endpoint.release()

@@ -58,6 +58,48 @@ def read_request(body: bytes) -> Requested:
     return Requested(model, payload.get("stream") is True, user if isinstance(user, str) and user else None)
 
 
+#: POST routes whose body is ``multipart/form-data`` (an upload), with ``model`` a form field.
+FORM_POST = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
+
+
+def form_boundary(content_type: bytes) -> bytes | None:
+    """The boundary of a ``multipart/form-data`` content type (pure), or None for another type."""
+    kind, _, params = content_type.partition(b";")
+    if kind.strip().lower() != b"multipart/form-data":
+        return None
+    for param in params.split(b";"):
+        name, _, value = param.strip().partition(b"=")
+        if name.strip().lower() == b"boundary" and value.strip(b' "'):
+            return value.strip(b' "')
+    return None
+
+
+def form_model(data: bytes, boundary: bytes) -> str | None:
+    """The ``model`` field of a multipart body's first bytes ``data`` (pure): None while it has
+    not arrived whole; BadRequest when the form ended without one."""
+    delimiter = b"--" + boundary
+    position = data.find(delimiter)
+    while position >= 0:
+        start = position + len(delimiter)
+        if data[start:start + 2] == b"--":  # the closing delimiter: no model field
+            raise BadRequest("the form has no 'model' field: name the model to use (GET /v1/models lists them)",
+                             code="missing_model")
+        head_end = data.find(b"\r\n\r\n", start)
+        if head_end < 0:
+            return None
+        following = data.find(b"\r\n" + delimiter, head_end + 4)
+        if following < 0:
+            return None
+        headers = data[start:head_end].decode("latin-1").lower()
+        if 'name="model"' in headers.replace(" ", "") or "name=model" in headers.replace(" ", ""):
+            value = data[head_end + 4:following].decode("utf-8", "replace").strip()
+            if not value:
+                raise BadRequest("the form's 'model' field is empty", code="missing_model")
+            return value
+        position = following + 2
+    return None
+
+
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         payload = client_json.loads(body)

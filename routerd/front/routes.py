@@ -96,7 +96,7 @@ PROXIED_POST = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/rerank", "/v1/reranking",
     "/reranking", "/completion", "/completions", "/infill", "/tokenize", "/detokenize", "/apply-template",
     "/embedding", "/embeddings", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
-    "/chat/completions"})
+    "/chat/completions", "/v1/audio/transcriptions", "/v1/audio/translations"})
 #: POST routes llama-server answers on its HTTP threads, without a slot: they skip the queue
 #: (a /tokenize never waits behind a long generation).
 SLOT_FREE_POST = frozenset({"/tokenize", "/detokenize", "/apply-template", "/v1/messages/count_tokens"})
