@@ -15,6 +15,7 @@ from routerd.front import ollama_shapes as shapes
 from routerd.front import routes
 from routerd.front.keys import KeySettings
 from tests.conftest import needs_real_llama
+from tests.fake_hub import FakeHub
 from tests.test_real_llama import MODELS, real_config
 
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -152,6 +153,81 @@ async def test_errors_are_ollamas_shape_with_keys_applying(start_routerd, tmp_pa
     pull = await r.http.post("/api/pull", json={"model": "org/repo:Q4_K_M"},
                              headers={"Authorization": f"Bearer {scoped}"})
     assert pull.status_code in (401, 403) and set(pull.json()) == {"error"}  # pulls need an admin key
+
+
+SMOL_FILE = "SmolLM2-135M-Instruct-Q4_1.gguf"
+
+
+@pytest.fixture
+def smol_hub():
+    """The stand-in hub serving the demo SmolLM2's real bytes, so that a pulled model answers."""
+    hub = FakeHub()
+    hub.repos["org/smol-GGUF"] = {SMOL_FILE: MODELS["smollm2-135m"].read_bytes(), "README.md": b"# smol"}
+    yield hub
+    hub.close()
+
+
+@pytest.mark.real
+@needs_real_llama
+async def test_pull_with_the_ollama_client_then_the_model_answers(start_routerd, tmp_path, smol_hub):
+    r = await start_routerd(real_config(tmp_path), env={**os.environ, "HF_ENDPOINT": smol_hub.url})
+    c = client(r)
+    size = os.path.getsize(MODELS["smollm2-135m"])
+    assert (await c.list()).models == []
+
+    # streamed: Ollama's progress lines, the file's bytes as "downloading" lines
+    lines = [line async for line in await c.pull("hf.co/org/smol-GGUF:Q4_1", stream=True)]
+    statuses = [line.status for line in lines]
+    assert [s for i, s in enumerate(statuses) if i == 0 or s != statuses[i - 1]] == [
+        "pulling manifest", "downloading", "verifying sha256 digest", "writing manifest", "success"]
+    downloading = [line for line in lines if line.status == "downloading"]
+    assert {line.digest for line in downloading} == {"sha256:" + shapes.digest(SMOL_FILE)}
+    assert {line.total for line in downloading} == {size}
+    done = [line.completed for line in downloading]
+    assert done == sorted(done) and done[-1] == size
+    assert smol_hub.downloads == [(f"org/smol-GGUF/{SMOL_FILE}", 0)]
+    raw = await r.http.post("/api/pull", json={"model": "org/smol-GGUF:Q4_1", "stream": True})
+    assert raw.headers["content-type"] == "application/x-ndjson"
+    assert json.loads(raw.text.splitlines()[-1]) == {"status": "success", "model": "org/smol-GGUF:Q4_1"}
+
+    # the pulled model is listed and answers, under Ollama's name for it
+    listed = {m.model: m for m in (await c.list()).models}
+    assert set(listed) == {"org/smol-GGUF:Q4_1"} and listed["org/smol-GGUF:Q4_1"].size == size
+    assert listed["org/smol-GGUF:Q4_1"].details.family == "llama"
+    answer = await c.chat(model="hf.co/org/smol-GGUF:Q4_1", messages=HELLO, options={"num_predict": 4})
+    assert answer.done and answer.message.content and answer.eval_count == 4
+
+    # not streamed: one line; the file is in the hub cache already, so nothing is downloaded again
+    whole = await c.pull("org/smol-GGUF:Q4_1", stream=False)
+    assert whole.status == "success" and len(smol_hub.downloads) == 1
+
+    # a repo the hub does not have: Ollama's error, in both modes, and nothing is listed
+    missing = f"org/nothing-here was not found on {smol_hub.url} (a private repo needs HF_TOKEN)"
+    with pytest.raises(ollama.ResponseError) as refused:
+        await c.pull("org/nothing-here", stream=False)
+    assert refused.value.status_code == 404 and refused.value.error == missing
+    seen = []
+    with pytest.raises(ollama.ResponseError) as refused_stream:
+        async for line in await c.pull("hf.co/org/nothing-here:latest", stream=True):
+            seen.append(line.status)
+    assert seen == ["pulling manifest"] and refused_stream.value.error == missing
+    with pytest.raises(ollama.ResponseError) as malformed:
+        await c.pull("just-a-name", stream=False)
+    assert malformed.value.status_code == 400 and "is not org/repo[:QUANT]" in malformed.value.error
+    assert [m.model for m in (await c.list()).models] == ["org/smol-GGUF:Q4_1"]
+
+    # with keys, a pull needs an admin key
+    admin, _ = r.daemon.gate.add("ops", KeySettings(admin=True))
+    user, _ = r.daemon.gate.add("app")
+    with pytest.raises(ollama.ResponseError) as anonymous:
+        await c.pull("org/smol-GGUF:Q4_1", stream=False)
+    assert anonymous.value.status_code == 401
+    with pytest.raises(ollama.ResponseError) as not_admin:
+        async for _ in await client(r, user).pull("org/smol-GGUF:Q4_1", stream=True):
+            pass
+    assert not_admin.value.status_code == 403 and "admin key" in not_admin.value.error
+    assert len(smol_hub.downloads) == 1
+    assert (await client(r, admin).pull("org/smol-GGUF:Q4_1", stream=False)).status == "success"
 
 
 # -- the translations, without a backend -----------------------------------------------------
