@@ -469,10 +469,13 @@ def test_a_request_from_another_sites_page_is_told_apart(headers, refused):
     ("127.0.0.1", b"127.0.0.1:8082", True), ("127.0.0.1", b"localhost", True), ("::1", b"[::1]:8082", True),
     ("127.0.0.1", b"attacker.example:8082", False),  # a name rebound to 127.0.0.1
     ("127.0.0.1", b"", False), ("0.0.0.0", b"127.0.0.1:8082", False),  # reachable from elsewhere
+    ("127.0.0.1", b"127.0.0.1:8082 via proxy", False),  # a reverse proxy's callers may be anyone
 ])
 def test_the_local_user_is_one_on_loopback_with_no_key_made(tmp_path, listening, host, local):
     g, _ = gate(tmp_path, listening, allow_unauthenticated=True)
-    headers = [(b"host", host)] if host else []
+    proxied = host.endswith(b" via proxy")
+    host = host.removesuffix(b" via proxy")
+    headers = ([(b"host", host)] if host else []) + ([(b"x-forwarded-for", b"203.0.113.9")] if proxied else [])
     assert g.local_user(headers) is local
     if local:
         g.require_admin_key(ANONYMOUS, "POST /models/load", headers)  # acts without a key

@@ -322,3 +322,15 @@ async def test_a_converted_llama_swap_config_serves_its_models_and_aliases(start
         assert response.status_code == 200, (model, response.text)
     listed = (await r.http.get("/v1/models")).json()["data"]
     assert {"qwen-chat", "gpt-4o-mini", "qwen", "embed", "small"} <= {m["id"] for m in listed}
+
+
+def test_an_env_value_taken_from_the_environment_is_not_printed(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x")
+    config = ("models:\n  m:\n    cmd: llama-server --port ${PORT} -m " + str(model) + "\n"
+              "    env:\n      - HF_TOKEN=${env.SECRET_TOKEN}\n      - GGML_X=1\n")
+    status, out, err = run(tmp_path, config, "config.yaml", {"SECRET_TOKEN": "hf_s3cr3t"})
+    assert status == 0 and "hf_s3cr3t" not in out + err
+    data = tomllib.loads(out)
+    assert data["models"]["m"]["env"] == {"GGML_X": "1"}
+    assert any("HF_TOKEN takes its value from the environment" in line for line in not_converted(out))

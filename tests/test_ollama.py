@@ -102,8 +102,21 @@ async def test_keep_alive_zero_unloads_right_after_the_answer(start_routerd, tmp
     loaded = await c.generate(model="smollm2-135m", keep_alive=-1)
     assert loaded.done_reason == "load" and r.supervisor.running("smollm2-135m").idle_ttl == 0
     assert [m.model for m in (await c.ps()).models] == ["smollm2-135m:latest"]
-    await c.generate(model="smollm2-135m", keep_alive=0)
-    assert r.supervisor.running("smollm2-135m").stop_requested
+    # keep_alive 0 decides for every client of the model: never from another site's page, and
+    # with keys only with an admin key (as router mode's unload).
+    forged = await r.http.post("/api/generate", content=b'{"model": "smollm2-135m", "keep_alive": 0}',
+                               headers={"Origin": "http://evil.example", "Content-Type": "text/plain"})
+    assert forged.status_code == 403 and forged.json() == {"error": forged.json()["error"]}
+    assert not r.supervisor.running("smollm2-135m").stop_requested
+    user, _ = r.daemon.gate.add("app", KeySettings())
+    keyed = await r.http.post("/api/generate", json={"model": "smollm2-135m", "keep_alive": 0},
+                              headers={"Authorization": f"Bearer {user}"})
+    assert keyed.status_code == 403 and "admin key" in keyed.json()["error"]
+    assert not r.supervisor.running("smollm2-135m").stop_requested
+    admin, _ = r.daemon.gate.add("ops", KeySettings(admin=True))
+    unloaded = await r.http.post("/api/generate", json={"model": "smollm2-135m", "keep_alive": 0},
+                                 headers={"Authorization": f"Bearer {admin}"})
+    assert unloaded.status_code == 200 and r.supervisor.running("smollm2-135m").stop_requested
 
 
 @pytest.mark.real

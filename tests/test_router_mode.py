@@ -121,24 +121,28 @@ async def test_a_load_that_cannot_fit_is_refused_and_one_behind_a_busy_model_is_
 
 async def test_a_queued_load_given_up_says_so_on_the_event_streams(start_routerd, tmp_path):
     data = real_config(tmp_path, **{SMOL: {}, GEMMA: {}})
-    data["memory"] = {"ram_total": "450MiB", "ram_reserve": "0", "when_busy": "wait", "busy_wait": 2.0}
+    # busy_wait well past the 2 s a load's answer waits to tell "queued" from a start
+    data["memory"] = {"ram_total": "450MiB", "ram_reserve": "0", "when_busy": "wait", "busy_wait": 6.0}
     data["scheduler"] = {"max_turn_wait": 600.0}  # SmolLM2 keeps its turn: Gemma's load runs out of time
     r = await start_routerd(data)
     seen: list[dict] = []
+    subscribed = trio.Event()
     async with trio.open_nursery() as nursery:
         async def follow() -> None:
             async with r.http.stream("GET", "/models/sse") as events:
+                subscribed.set()
                 async for line in events.aiter_lines():
                     if line.startswith("data: "):
                         seen.append(json.loads(line[6:]))
         nursery.start_soon(follow)
+        await subscribed.wait()
         async with r.http.stream("POST", "/v1/chat/completions", json={
                 "model": SMOL, "messages": MESSAGES, "stream": True, "max_tokens": 4000, "ignore_eos": True}) as chat:
             lines = chat.aiter_lines()
             while not (await anext(lines)).startswith("data: "):
                 pass
             assert (await load(r, GEMMA))["status"] == "queued"
-            with trio.fail_after(30):
+            with trio.fail_after(60):
                 while not any(m["model"] == GEMMA and m["data"].get("failed") for m in seen):
                     await trio.sleep(0.05)
         nursery.cancel_scope.cancel()

@@ -138,6 +138,13 @@ class SlotStore:
         return removed
 
 
+def holds_prompt(slot: dict[str, Any]) -> bool:
+    """Whether a slot of llama-server's ``/slots`` holds a conversation worth saving (pure)."""
+    tokens = slot.get("n_prompt_tokens")
+    task = slot.get("id_task")
+    return (isinstance(tokens, int) and tokens > 0) or (isinstance(task, int) and task >= 0 and tokens is None)
+
+
 def keeper_for(store: SlotStore, spec_name: str, model_path: str, flags: Sequence[llama_args.Flag], slots: int,
                build_version: str | None, timeout: float) -> SlotKeeper | None:
     """A backend's keeper when it saves its slots (its flags name the model's folder as
@@ -191,14 +198,21 @@ class SlotKeeper:
         return os.path.join(self.folder, f"{self.key}.json")
 
     async def save(self, pool: ConnectionPool) -> None:
-        """Save every slot that holds a prompt, within ``timeout``; a failure is logged."""
+        """Save every slot that holds a prompt, within ``timeout``; a failure (llama-server's, the
+        disk's) is logged and never stops the stop."""
+        try:
+            await self._save(pool)
+        except Exception as exc:  # noqa: BLE001 - saving is a bonus: nothing may fail because of it
+            log.warning("%s: saving its slots failed (%s: %s); the next turn prefills", self.model,
+                        type(exc).__name__, exc)
+
+    async def _save(self, pool: ConnectionPool) -> None:
         began = trio.current_time()
         saved: dict[str, dict[str, float]] = {}
         with trio.move_on_after(self.timeout) as scope:
             try:
                 status, body = await pool.get("/slots")
-                held = [s for s in json.loads(body) if s.get("n_prompt_tokens") or s.get("id_task") is not None] \
-                    if status == 200 else []
+                held = [s for s in json.loads(body) if holds_prompt(s)] if status == 200 else []
                 for slot in held:
                     number = int(slot["id"])
                     answer = await pool.request("POST", f"/slots/{number}?action=save",
@@ -207,7 +221,7 @@ class SlotKeeper:
                                                 limited=False)
                     result = json.loads(await answer.read() or b"{}")
                     if answer.status != 200 or not result.get("n_saved"):
-                        log.warning("%s: slot %d was not saved: %s", self.model, number, result.get("error", result))
+                        log.info("%s: slot %d was not saved: %s", self.model, number, result.get("error", result))
                         continue
                     path = os.path.join(self.folder, self._file(number))
                     _private(path)
@@ -235,7 +249,15 @@ class SlotKeeper:
 
     async def restore(self, pool: ConnectionPool) -> None:
         """Put back what was saved under this key, within ``timeout``, before requests come; a
-        file that does not match or does not load is removed (the next turn prefills)."""
+        file that does not match or does not load is removed (the next turn prefills), and no
+        failure here keeps the model from starting."""
+        try:
+            await self._restore(pool)
+        except Exception as exc:  # noqa: BLE001 - a restore is a bonus: the model starts regardless
+            log.warning("%s: restoring its slots failed (%s: %s); conversations prefill", self.model,
+                        type(exc).__name__, exc)
+
+    async def _restore(self, pool: ConnectionPool) -> None:
         record = await trio.to_thread.run_sync(self._read_index)
         if not record:
             self.store.note(self.model, None)
@@ -256,7 +278,8 @@ class SlotKeeper:
                     log.warning("%s: restoring slot %d failed (the next turn prefills): %s", self.model, number, exc)
                     continue
                 if answer.status != 200 or not result.get("n_restored"):
-                    message = (result.get("error") or {}).get("message", answer.status)
+                    error = result.get("error")
+                    message = error.get("message", answer.status) if isinstance(error, dict) else error or answer.status
                     _remove(path, f"llama-server could not restore it ({message})")
                     self.store.bus.publish(events.EventType.SLOTS_REMOVED, self.model, files=[path],
                                            reason="unreadable")

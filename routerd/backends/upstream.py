@@ -362,7 +362,7 @@ async def _send_rest(conn: _Connection, rest: AsyncIterable[bytes]) -> None:
     """Relay an upload's remaining bytes as they come; a break is the backend's failure (the
     request went out in part: it is never sent again)."""
     try:
-        async for chunk in rest:
+        async for chunk in rest:  # the proxy's generator ends (or raises) before this returns
             await conn.stream.send_all(chunk)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         conn.close()

@@ -66,6 +66,10 @@ _NO_KEY = ("this routerd requires an API key: send 'Authorization: Bearer KEY' (
            "an operator makes one with `routerctl keys add NAME`")
 
 
+#: Headers a reverse proxy adds: a request carrying one is not the local user's, whatever its Host.
+_FORWARDED = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-real-ip"})
+
+
 def cross_site(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     """Why a request comes from a page on another site than routerd's own, or None (pure).
 
@@ -348,11 +352,17 @@ class Gate:
     def local_user(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
         """Whether a request without a key acts for the machine's own user: routerd listens on
         loopback only, no key exists, and the request names a loopback host (a page on another
-        site that rebinds its name to 127.0.0.1 does not)."""
+        site that rebinds its name to 127.0.0.1 does not) and came through no reverse proxy
+        (``Forwarded``, ``X-Forwarded-For``...: behind one, make a key)."""
         if not self._loopback_only or self.required:
             return False
-        host = next((value for name, value in headers if name == b"host"), b"").decode("latin-1")
-        return is_loopback(_host_name(host))
+        host = b""
+        for name, value in headers:
+            if name in _FORWARDED:  # relayed by a proxy: its callers may be anyone
+                return False
+            if name == b"host":
+                host = value
+        return is_loopback(_host_name(host.decode("latin-1")))
 
     def require_admin_key(self, caller: Caller, action: str, headers: Iterable[tuple[bytes, bytes]]) -> None:
         """State-changing actions over HTTP (the admin API, router mode's): an admin key, or no

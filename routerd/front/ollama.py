@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import trio
 
 from routerd.backends.supervisor import Supervisor
-from routerd.errors import BadRequest, NotFound, PayloadTooLarge, RequestTimeout, RouterdError
+from routerd.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, RequestTimeout, RouterdError
 from routerd.front import ollama_shapes as shapes
-from routerd.front.access import Scope, caller_of
+from routerd.front.access import Scope, caller_of, cross_site
 from routerd.front.client_io import RequestBody, ResponseSink, drain
 
 if TYPE_CHECKING:
@@ -181,6 +181,7 @@ class Ollama:
         began, since = time.monotonic(), trio.current_time()
         name = self._model(scope, request)
         keep = shapes.keep_alive_seconds(request.get("keep_alive"))
+        self._may_keep_alive(scope, keep)
         if kind == "chat":
             path, payload = "/v1/chat/completions", shapes.chat_request(request, name)
             empty = not payload["messages"]
@@ -206,6 +207,7 @@ class Ollama:
         began, since = time.monotonic(), trio.current_time()
         name = self._model(scope, request)
         keep = shapes.keep_alive_seconds(request.get("keep_alive"))
+        self._may_keep_alive(scope, keep)
         legacy = scope["path"] == "/api/embeddings"
         payload = shapes.embed_request(request, name, legacy)
         shown = str(request.get("model") or request.get("name"))
@@ -220,7 +222,8 @@ class Ollama:
                               began: float) -> None:
         supervisor = self.supervisor
         if keep == 0:
-            if name in supervisor.catalog:
+            entry = supervisor.catalog.get(name)
+            if entry is not None and not entry.keep_loaded:
                 supervisor.unload(name)
             reason = "unload"
         else:
@@ -243,11 +246,26 @@ class Ollama:
         ready_at = getattr(backend, "ready_at", None)
         return max(0.0, ready_at - since) if ready_at is not None and ready_at > since else 0.0
 
+    def _may_keep_alive(self, scope: Scope, seconds: float | None) -> None:
+        """``keep_alive`` 0 (unload) or negative (keep loaded) decides for every client of the
+        model: an operator's call, like router mode's unload (an admin key, or the local user),
+        and never from another site's page."""
+        if seconds is None or seconds > 0:
+            return
+        action = f"keep_alive {'0 (unload)' if seconds == 0 else '-1 (keep loaded)'}"
+        refused = cross_site(scope["headers"])
+        if refused is not None:
+            raise Forbidden(f"{action} changes what routerd runs, and this request comes from another site's page "
+                            f"({refused})", code="cross_site_request")
+        if self.operations is not None:
+            self.operations.gate.require_admin_key(caller_of(scope), action, scope["headers"])
+
     def _keep_alive(self, name: str, seconds: float | None) -> None:
         """``keep_alive`` after an answer: 0 unloads the model (once its requests are done), a
         duration is its idle TTL for this load, a negative one keeps it (TTL 0: never idle)."""
         supervisor = self.supervisor
-        if seconds is None or name not in supervisor.catalog:
+        entry = supervisor.catalog.get(name)
+        if seconds is None or entry is None or entry.keep_loaded:  # pinned: its config decides
             return
         if seconds == 0:
             log.info("%s: unloaded after an Ollama request's keep_alive 0", name)

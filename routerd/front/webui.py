@@ -82,6 +82,8 @@ class WebUI:
         if response.status == 200 and response.header(b"content-type").startswith(b"text/html"):
             self._pages[binary] = ([(k, v) for k, v in response.headers if k.lower() in _KEPT_HEADERS], body)
             log.info("serving llama.cpp's web UI from %s at / (%d bytes)", binary, len(body))
+        elif response.status != 404:  # busy, refusing...: not an answer about the build; ask again later
+            log.info("%s: its / answered %d; asking again on the next visit", backend.name, response.status)
         else:
             self._pages[binary] = None
             log.info("%s has no web UI (its / answered %d): / goes to routerd's page /ui/", binary, response.status)

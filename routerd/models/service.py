@@ -194,6 +194,10 @@ class CatalogService:
         except RouterdError as exc:
             bus.publish(events.EventType.PULL_FAILED, ref, error=exc.message, code=exc.code)
             raise
+        except OSError as exc:  # the cache's disk: full, read-only
+            bus.publish(events.EventType.PULL_FAILED, ref, error=str(exc), code="cache_unwritable")
+            raise Unavailable(f"pulling {ref} failed writing to the cache {self.hub_cache}: {exc.strerror or exc}",
+                              code="cache_unwritable") from None
         result = PullResult(model=f"{repo_id}:{plan.tag}", files=list(plan.files), cache=self.hub_cache)
         bus.publish(events.EventType.PULL_DONE, ref, pulled=result.model, files=result.files, cache=result.cache)
         return result
@@ -211,6 +215,9 @@ class CatalogService:
             await self.pull(ref, filename)
         except RouterdError as exc:
             log.warning("pull of %s failed: %s", ref, exc.message)
+        except Exception as exc:  # noqa: BLE001 - a full disk must not take the catalog's nursery down
+            log.exception("pull of %s failed", ref)
+            self.bus.publish(events.EventType.PULL_FAILED, ref, error=f"{type(exc).__name__}: {exc}", code="pull_error")
 
     def check_removable(self, name: str) -> None:
         """BadRequest unless ``name`` is a model pulled into the hub cache: models from the

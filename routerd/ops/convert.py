@@ -170,6 +170,22 @@ def _command_model(name: str, cmd: str, skipped: list[str]) -> dict[str, Any] | 
     return model
 
 
+def _env_without_secrets(name: str, env: Any, skipped: list[str]) -> Any:
+    """A model's ``env`` without the entries that take a value from the environment
+    (``${env.X}``): expanding them would print what may be a secret (HF_TOKEN...) into the TOML."""
+    def secret(text: str) -> bool:
+        if "${env." in text:
+            skipped.append(f"models.{name}.env: {text.split('=')[0]} takes its value from the environment: not "
+                           f"copied; set it in [models.{name}.env] yourself")
+            return True
+        return False
+    if isinstance(env, dict):
+        return {k: v for k, v in env.items() if not secret(f"{k}={v}")}
+    if isinstance(env, list):
+        return [item for item in env if not secret(str(item))]
+    return env
+
+
 def _env_list(name: str, env: Any, skipped: list[str]) -> dict[str, str]:
     if isinstance(env, dict):
         return {str(k): _scalar(v) for k, v in env.items()}
@@ -305,6 +321,7 @@ def convert_llama_swap(data: Mapping[str, Any], environ: Mapping[str, str]) -> C
     for name, raw in models_in.items():
         raw, missing = raw or {}, set[str]()
         macros = {**top_macros, **(raw.get("macros") or {}), "MODEL_ID": name}
+        raw = {**raw, "env": _env_without_secrets(name, raw.get("env"), skipped)}
         spec = expand({k: v for k, v in raw.items() if k != "macros"}, macros, environ, missing)
         skipped += [f"models.{name}: {m} is not defined (left as written)" for m in sorted(missing)]
         model = _swap_model(name, spec, conv)
