@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import cost  # noqa: E402
+import slots  # noqa: E402
 from demo import demo_model_paths  # noqa: E402
 from loadgen import evict_from_page_cache, free_port, process_cpu, resident_fraction, wait_http, write_tiny_ggufs  # noqa: E402
 from routerd import config as config_mod  # noqa: E402
@@ -457,7 +458,8 @@ def write_block(text: str, marker: str, block: str) -> str:
     return head + wrapped + rest.partition(marker)[2]
 
 
-PHASES = ("latency", "streaming", "throughput", "streams", "cold", "cheap", "events", "floor", "scale", "catalog")
+PHASES = ("latency", "streaming", "throughput", "streams", "cold", "cheap", "events", "floor", "slots", "scale",
+          "catalog")
 
 
 async def main(quick: bool, write: bool, routerd_log: Path | None, only: set[str]) -> None:
@@ -500,6 +502,8 @@ async def main(quick: bool, write: bool, routerd_log: Path | None, only: set[str
             await cost.paced_events(bench.row, work / "events", quick, bench.goals)
         if "floor" in only:
             await cost.design_floor(bench.row, work, quick, bench.goals)
+        if "slots" in only and not quick:  # minutes of prefill on a CPU: not in the quick smoke run
+            bench.row(*await slots.bench_row(work / "slots"))
         scale_table = await cost.scale(work, quick) if "scale" in only else []
         catalog = await catalog_scale(work, binary, quick) if "catalog" in only else []
     lines = ["| figure | direct llama-server | llama.cpp router mode | routerd |", "|---|---|---|---|"]
