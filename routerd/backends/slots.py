@@ -241,6 +241,8 @@ class SlotKeeper:
         summary = Saved(len(saved), int(sum(s["tokens"] for s in saved.values())),
                         int(sum(s["bytes"] for s in saved.values())), saved_at)
         self.store.note(self.model, summary)
+        log.info("%s: saved %d conversation(s), %d tokens, %d bytes in %.2f s", self.model, summary.slots,
+                 summary.tokens, summary.bytes, seconds)
         self.store.bus.publish(events.EventType.SLOTS_SAVED, self.model, slots=summary.slots, tokens=summary.tokens,
                                bytes=summary.bytes, seconds=seconds)
         removed = await trio.to_thread.run_sync(self.store.enforce_budget)
@@ -293,6 +295,7 @@ class SlotKeeper:
         for name, slot in record.get("sessions", {}).items():
             self._sessions[name] = int(slot)
         if restored:
+            log.info("%s: restored %d conversation(s), %d tokens", self.model, restored, tokens)
             self.store.bus.publish(events.EventType.SLOTS_RESTORED, self.model, slots=restored, tokens=tokens,
                                    bytes=size, seconds=trio.current_time() - began)
 
