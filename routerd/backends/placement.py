@@ -156,6 +156,9 @@ class PlacementOwner(SupervisorParts, Protocol):
     def builds(self) -> Builds: ...
 
     @property
+    def probes_builds(self) -> bool: ...
+
+    @property
     def slot_store(self) -> SlotStore: ...
 
     @property
@@ -222,6 +225,8 @@ class Placement:
     async def check_build(self, entry: ModelEntry, spec: BackendSpec) -> None:
         """Ask ``spec``'s binary what it knows (once per file), refuse a build that cannot take
         its key safely, and warn once per model for each feature turned off for a missing flag."""
+        if not self._owner.probes_builds:
+            return
         try:
             build = await trio.to_thread.run_sync(self._owner.builds.get, spec.binary)
         except ConfigError as exc:

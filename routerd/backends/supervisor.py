@@ -55,8 +55,10 @@ class Supervisor:
         self.bus = bus if bus is not None else events.Bus()
         self.catalog = catalog
         self.binary = binary
-        #: What each llama-server binary is and knows, asked once per file.
+        #: What each llama-server binary is and knows, asked once per file; not asked when the
+        #: processes are in-process stand-ins (there is no binary to ask).
         self.builds = Builds()
+        self.probes_builds = spawn is None
         #: The saved conversations (KV slots) of every model.
         self.slot_store = SlotStore(config.slots.directory or os.path.join(paths.state_dir(env), "slots"),
                                     parse_size(config.slots.disk_budget), self.bus)
