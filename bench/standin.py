@@ -131,7 +131,26 @@ async def serve(host: str, port: int, interval: float) -> None:
         await pacer.run()
 
 
+#: What it says to --help: routerd asks every binary which of its flags it knows, and where it
+#: reads its API key from, before starting it (routerd/llama_build.py).
+HELP = """--model FNAME       model path (ignored)
+--alias STRING      model name aliases (ignored)
+--port PORT         port to listen
+--fit [on|off]      (ignored)
+--metrics           (ignored)
+--mmproj FILE       (ignored)
+--slot-save-path P  (ignored)
+--api-key KEY       API key (ignored: the stand-in checks none)
+                    (env: LLAMA_API_KEY)"""
+
+
 def main() -> None:
+    if "--version" in sys.argv[1:]:
+        print("version: 0 (bench stand-in)", flush=True)
+        return
+    if "--help" in sys.argv[1:]:
+        print(HELP, flush=True)
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", "-m", default="")
     parser.add_argument("--host", default="127.0.0.1")
