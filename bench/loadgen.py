@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -43,6 +43,18 @@ async def wait_http(url: str, path: str = "/health", timeout: float = 60) -> Non
                 pass
             await trio.sleep(0.02)
     raise RuntimeError(f"{url}{path} never answered")
+
+
+def router_mode(binary: str, work: Path, files: Mapping[str, Path], port: int,
+                args: Sequence[str]) -> subprocess.Popen[bytes]:
+    """llama.cpp's router mode over ``files`` (model name -> GGUF, symlinked into a folder under
+    ``work``), one model at a time, on ``port``: the peer the benches compare with."""
+    models_dir = work / "models"
+    models_dir.mkdir()
+    for name, path in files.items():
+        (models_dir / f"{name}.gguf").symlink_to(path)
+    return subprocess.Popen([binary, "--models-dir", str(models_dir), "--models-max", "1", "--port", str(port),
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def write_tiny_ggufs(folder: Path, stems: Sequence[str]) -> list[Path]:

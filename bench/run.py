@@ -38,7 +38,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 import cost  # noqa: E402
 import slots  # noqa: E402
 from demo import demo_model_paths  # noqa: E402
-from loadgen import evict_from_page_cache, free_port, process_cpu, resident_fraction, wait_http, write_tiny_ggufs  # noqa: E402
+from loadgen import (  # noqa: E402
+    evict_from_page_cache,
+    free_port,
+    process_cpu,
+    resident_fraction,
+    router_mode,
+    wait_http,
+    write_tiny_ggufs,
+)
 from routerd import config as config_mod  # noqa: E402
 from routerd.models import discovery  # noqa: E402
 
@@ -74,12 +82,7 @@ def start_all(work: Path, binary: str, models: dict[str, Path], routerd_log: Pat
     files = {SMALL: models["smollm2-135m"], OTHER: models["gemma3-270m"]}
     if COLD in models:
         files[COLD] = models[COLD]
-    models_dir = work / "models"
-    models_dir.mkdir()
-    for name, path in files.items():
-        (models_dir / f"{name}.gguf").symlink_to(path)
-    router = subprocess.Popen([binary, "--models-dir", str(models_dir), "--models-max", "1", "--port",
-                               str(router_port), *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    router = router_mode(binary, work, files, router_port, common)
     config = {"server": {"port": routerd_port}, "control": {"socket": str(work / "control.sock")},
               "backend": {"binary": binary, "args": common, "max_loaded_models": 1, "idle_ttl": 0},
               "catalog": {"hf_cache": False},

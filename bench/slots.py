@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from demo import demo_model_paths  # noqa: E402
-from loadgen import wait_http  # noqa: E402
+from loadgen import router_mode, wait_http  # noqa: E402
 from routerd import config as config_mod  # noqa: E402
 
 SMALL, OTHER = "smollm2", "gemma3"
@@ -112,12 +112,7 @@ def start(work: Path, binary: str, models: dict[str, Path], base_port: int | Non
                                  str(folder / "routerd.toml"), "--log-level", "INFO"], cwd=ROOT,
                                 env={**os.environ, "STATE_DIRECTORY": str(folder / "state")}, stdout=log, stderr=log)
         setups.append(Setup(name, f"http://127.0.0.1:{port}", proc))
-    models_dir = work / "models"
-    models_dir.mkdir()
-    for m, path in files.items():
-        (models_dir / f"{m}.gguf").symlink_to(path)
-    router = subprocess.Popen([binary, "--models-dir", str(models_dir), "--models-max", "1", "--port",
-                               str(router_port), *ARGS], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    router = router_mode(binary, work, files, router_port, ARGS)
     setups.append(Setup(ROUTER, f"http://127.0.0.1:{router_port}", router))
     return setups
 
