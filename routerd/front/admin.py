@@ -91,7 +91,7 @@ def register(app: QuartTrio, operations: Operations) -> None:
 
     @app.post("/admin/models/<path:model>/<action>")
     async def act(model: str, action: str) -> Response:
-        caller = _admin(gate, f"POST /admin/models/{{model}}/{action}")
+        caller = acting_caller(gate, f"POST /admin/models/{{model}}/{action}")
         entry = supervisor.catalog.resolve(model)
         log.info("admin: %s %s by key %r", action, entry.name, caller.name)
         if action == "load":
@@ -104,12 +104,14 @@ def register(app: QuartTrio, operations: Operations) -> None:
 
     @app.post("/admin/rescan")
     async def rescan_models() -> Response:
-        caller = _admin(gate, "POST /admin/rescan")
+        caller = acting_caller(gate, "POST /admin/rescan")
         log.info("admin: rescan by key %r", caller.name)
         return _json(await operations.rescan())
 
 
-def _admin(gate: Gate, action: str) -> Caller:
+def acting_caller(gate: Gate, action: str) -> Caller:
+    """The caller of a state-changing request, once it may act (an admin key, or the local
+    user): the admin API's and router mode's one check."""
     caller = caller_of(request.scope)
     gate.require_admin_key(caller, action, request.scope["headers"])
     return caller

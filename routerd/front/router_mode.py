@@ -31,6 +31,7 @@ from routerd.backends.supervisor import Supervisor
 from routerd.errors import BadRequest
 from routerd.events import EventType
 from routerd.front.access import Caller, Gate, Receive, Scope, Send, caller_of
+from routerd.front.admin import acting_caller
 from routerd.front.api import EVENTS_KEEPALIVE
 from routerd.front.exchange import cancel_on_disconnect
 from routerd.front.operations import Operations, json_default, unstructure
@@ -152,7 +153,7 @@ def register(app: QuartTrio, operations: Operations) -> None:
 
     @app.delete("/models")
     async def router_remove() -> Response:
-        caller = _acting(gate, "DELETE /models")
+        caller = acting_caller(gate, "DELETE /models")
         model = request.args.get("model", "")
         if not model:
             raise BadRequest("name the model to remove: DELETE /models?model=NAME", code="missing_model")
@@ -208,16 +209,10 @@ def _args(supervisor: Supervisor, status: ModelStatus) -> list[str]:
     return argv[:port] + argv[port + 2:]  # chosen when it starts
 
 
-def _acting(gate: Gate, action: str) -> Caller:
-    caller = caller_of(request.scope)
-    gate.require_admin_key(caller, action, request.scope["headers"])
-    return caller
-
-
 async def _model_of_body(gate: Gate, action: str, supervisor: Supervisor | None = None) -> str:
     """The ``model`` of a router-mode action's JSON body, once its caller may act; with
     ``supervisor``, one of its models the caller's key may see."""
-    caller = _acting(gate, action)
+    caller = acting_caller(gate, action)
     try:
         body = json.loads(await request.get_data(as_text=False) or b"{}")
     except ValueError as exc:
